@@ -135,27 +135,27 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+  """A leaf of `param_axes` (names) or `param_shapes` (sizes)."""
+  return isinstance(x, tuple) and all(isinstance(a, (str, int)) for a in x)
 
 
 def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
   """Random parameters: normal(stddev) matrices, unit norms, zero biases."""
   shapes = param_shapes(cfg)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_axes)
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_axes)[0]]
-  rngs = jax.random.split(rng, len(leaves))
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_axes)
+  rngs = jax.random.split(rng, len(with_paths))
   dtype = jnp.dtype(cfg.param_dtype)
 
   def one(path, shape, key):
-    if "norm" in path:
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
       return jnp.ones(shape, dtype)
-    if "bias" in path:
+    if "bias" in name:
       return jnp.zeros(shape, dtype)
     return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
   return jax.tree.unflatten(
-      treedef, [one(p, s, k) for p, s, k in zip(paths, leaves, rngs)])
+      treedef, [one(p, s, k) for (p, s), k in zip(with_paths, rngs)])
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny Hugging Face checkpoints and a parity report."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+_PARITY: list[tuple[str, float, float]] = []
+
+
+def report_parity(name: str, max_abs_diff: float, tolerance: float) -> None:
+  """Records a parity number; all of them are printed at the end of the run."""
+  _PARITY.append((name, float(max_abs_diff), tolerance))
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not _PARITY:
+    return
+  terminalreporter.section("parity (max abs diff vs reference)")
+  for name, diff, tol in _PARITY:
+    terminalreporter.write_line(f"{name:<60s} {diff:.3e}  (tolerance {tol:.0e})")
+
+
+def require_torch():
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("PyTorch is not installed: parity tests against transformers need "
+                "`pip install torch==2.13.0 accelerate`")
+  import torch
+
+  return torch
+
+
+def require_embedded():
+  from jaxscore import pretrained
+
+  try:
+    return pretrained.resolve(pretrained.DEFAULT_MODEL)
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+  from jaxscore import pretrained
+
+  require_embedded()
+  return pretrained.load(pretrained.DEFAULT_MODEL)
+
+
+def shared_data(*parts: str) -> pathlib.Path:
+  path = SHARED_DATA.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"{path} is absent (benchmark data lives beside the repository)")
+  return path

@@ -1,0 +1,207 @@
+"""Weights in and out against transformers (PyTorch) and the gguf package."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import report_parity, require_torch
+from hf_tiny import FAMILIES, hf_logits, make_hf_model, padded_batch
+from jaxscore import model as model_lib
+from jaxscore import weights
+
+
+def _jax_logits(cfg, params, tokens, mask):
+  logits, _ = model_lib.apply(jax.tree.map(np.asarray, params), tokens, cfg, mask_BxT=mask)
+  return np.asarray(logits)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_matches_transformers_on_padded_batch(family, tmp_path):
+  require_torch()
+  hf = make_hf_model(family)
+  # A small shard size exercises model.safetensors.index.json.
+  hf.save_pretrained(tmp_path, max_shard_size="100KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  cfg, params = weights.load_hf(tmp_path)
+  assert (cfg.rope_scaling is not None) == (family == "llama3-rope")
+  assert (cfg.sliding_window is not None) == (family == "mistral")
+  tokens, mask = padded_batch(cfg.vocab_size)
+  ours = _jax_logits(cfg, params, tokens, mask)
+  ref = hf_logits(hf, tokens, mask)
+  valid = mask.astype(bool)
+  diff = np.abs(ours - ref)[valid].max()
+  report_parity(f"import {family} (fp32, padded batch)", diff, 1e-4)
+  assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "llama3-rope"])
+def test_export_round_trip_through_transformers(family, tmp_path):
+  torch = require_torch()
+  import transformers
+
+  cfg, _ = weights.load_hf(_saved(family, tmp_path / "src"))
+  params = jax.tree.map(np.asarray, model_lib.init(cfg, jax.random.key(3), stddev=0.2))
+  weights.save_hf(tmp_path / "out", cfg, params)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
+  tokens, mask = padded_batch(cfg.vocab_size, seed=1)
+  ours = _jax_logits(cfg, params, tokens, mask)
+  ref = hf_logits(hf, tokens, mask)
+  diff = np.abs(ours - ref)[mask.astype(bool)].max()
+  report_parity(f"export {family} -> transformers", diff, 1e-4)
+  assert diff <= 1e-4
+  cfg2, params2 = weights.load_hf(tmp_path / "out")
+  assert cfg2 == cfg
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_export_bfloat16_loads_in_transformers(tmp_path):
+  torch = require_torch()
+  import transformers
+
+  cfg = model_lib.ModelConfig(vocab_size=50, num_layers=1, embed_dim=16, num_heads=2,
+                              num_kv_heads=1, mlp_dim=24)
+  params = jax.tree.map(np.asarray, model_lib.init(cfg, jax.random.key(0)))
+  weights.save_hf(tmp_path, cfg, params, dtype="bfloat16")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+  assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def _saved(family, path):
+  make_hf_model(family).save_pretrained(path)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Bad input.
+
+
+def _tiny_dir(tmp_path):
+  require_torch()
+  return _saved("llama", tmp_path / "ckpt")
+
+
+def test_missing_tensor_is_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  path = _tiny_dir(tmp_path)
+  tensors = load_file(path / "model.safetensors")
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  save_file(tensors, path / "model.safetensors")
+  with pytest.raises(weights.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+    weights.load_hf(path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  path = _tiny_dir(tmp_path)
+  tensors = load_file(path / "model.safetensors")
+  tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 64), np.float32)
+  save_file(tensors, path / "model.safetensors")
+  with pytest.raises(weights.CheckpointError,
+                     match=r"k_proj\.weight' has shape \(3, 64\), expected \(32, 64\)"):
+    weights.load_hf(path)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+  path = _tiny_dir(tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  config["model_type"] = "gpt_neox"
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(weights.CheckpointError, match=r"config\.json: model_type='gpt_neox'"):
+    weights.load_hf(path)
+
+
+def test_index_listing_a_missing_shard_is_named(tmp_path):
+  require_torch()
+  make_hf_model("llama").save_pretrained(tmp_path, max_shard_size="100KB")
+  shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+  shard.unlink()
+  with pytest.raises(weights.CheckpointError, match=shard.name):
+    weights.load_hf(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# GGUF, written here with llama.cpp's Q/K row permutation.
+
+
+def _llama_cpp_permute(w, n_head):
+  """llama.cpp's convert_hf_to_gguf.py permutation of Q/K rows."""
+  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+def _write_gguf(path, cfg, params, drop=()):
+  import gguf
+
+  hf = weights.params_to_tensors(params, cfg)
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(cfg.num_layers)
+  writer.add_context_length(cfg.max_position_embeddings)
+  writer.add_embedding_length(cfg.embed_dim)
+  writer.add_feed_forward_length(cfg.mlp_dim)
+  writer.add_head_count(cfg.num_heads)
+  writer.add_head_count_kv(cfg.num_kv_heads)
+  writer.add_rope_freq_base(cfg.rope_theta)
+  writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  writer.add_vocab_size(cfg.vocab_size)
+  names = {"model.embed_tokens.weight": "token_embd.weight",
+           "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+  layer = {"input_layernorm.weight": "attn_norm.weight",
+           "post_attention_layernorm.weight": "ffn_norm.weight",
+           "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+           "self_attn.v_proj.weight": "attn_v.weight",
+           "self_attn.o_proj.weight": "attn_output.weight",
+           "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+           "mlp.down_proj.weight": "ffn_down.weight"}
+  for name, w in hf.items():
+    if name in names:
+      gname = names[name]
+    else:
+      _, _, i, rest = name.split(".", 3)
+      gname = f"blk.{i}.{layer[rest]}"
+      if rest == "self_attn.q_proj.weight":
+        w = _llama_cpp_permute(w, cfg.num_heads)
+      elif rest == "self_attn.k_proj.weight":
+        w = _llama_cpp_permute(w, cfg.num_kv_heads)
+    if gname not in drop:
+      writer.add_tensor(gname, np.ascontiguousarray(w, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+GGUF_CFG = model_lib.ModelConfig(vocab_size=61, num_layers=2, embed_dim=32, num_heads=4,
+                                 num_kv_heads=2, mlp_dim=40, rope_theta=10_000.0,
+                                 max_position_embeddings=128)
+
+
+def test_gguf_import_undoes_the_qk_permutation(tmp_path):
+  params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
+  _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params)
+  cfg, loaded = weights.load_gguf(tmp_path / "m.gguf")
+  # GGUF stores the epsilon as float32.
+  assert cfg == GGUF_CFG.replace(rms_norm_eps=float(np.float32(GGUF_CFG.rms_norm_eps)))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_gguf_missing_tensor_is_named_by_its_gguf_name(tmp_path):
+  params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
+  _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params, drop=("blk.1.ffn_up.weight",))
+  with pytest.raises(weights.CheckpointError, match=r"m\.gguf: missing tensor 'blk\.1\.ffn_up\.weight'"):
+    weights.load_gguf(tmp_path / "m.gguf")
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "garbage"])
+def test_corrupt_gguf_is_named(tmp_path, corruption):
+  params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
+  path = tmp_path / "m.gguf"
+  _write_gguf(path, GGUF_CFG, params)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 3] if corruption == "truncated" else b"NOPE" + data[4:])
+  with pytest.raises(weights.CheckpointError, match=r"m\.gguf: not a readable GGUF file"):
+    weights.load_gguf(path)
