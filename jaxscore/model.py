@@ -348,27 +348,33 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq):
   s = cache.max_len
   slots_BxT = cache.end_B[:, None] + jnp.arange(t)[None, :]
   slot_idx_S = jnp.arange(s)
-  k_valid_BxS = jnp.ones((b, s), jnp.bool_)
   k_pos_BxS = jnp.broadcast_to(slot_idx_S, (b, s))
-  visible = _visible(slots_BxT, k_pos_BxS, k_valid_BxS, slots_BxT, slot_idx_S,
-                     cfg.sliding_window)
+  visible = _visible(slots_BxT, k_pos_BxS, jnp.ones((b, s), jnp.bool_), slots_BxT,
+                     slot_idx_S, cfg.sliding_window)
   rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  kv_axes = cache_axes().k_LxBxSxKxH
 
-  def layer(x, inputs):
-    lp, k_cache, v_cache = inputs
+  def layer(carry, inputs):
+    # The whole cache rides in the carry and is updated in place at layer i;
+    # returning per-layer caches as scan outputs would copy all of it every call.
+    x, k_all, v_all = carry
+    lp, i = inputs
+    new_kv = []
 
     def attend(q, k, v):
       # Slots past the cache end are dropped; only padding can land there.
-      k_cache_new = k_cache.at[rows_BxT, slots_BxT].set(k.astype(k_cache.dtype), mode="drop")
-      v_cache_new = v_cache.at[rows_BxT, slots_BxT].set(v.astype(v_cache.dtype), mode="drop")
-      k_cache_new = nn.with_logical_constraint(k_cache_new, cache_axes().k_LxBxSxKxH[1:])
-      v_cache_new = nn.with_logical_constraint(v_cache_new, cache_axes().v_LxBxSxKxH[1:])
-      out = attention(q, k_cache_new, v_cache_new, visible)
-      return out, (k_cache_new, v_cache_new)
+      layer_BxT = jnp.full_like(rows_BxT, i)
+      k_new = k_all.at[layer_BxT, rows_BxT, slots_BxT].set(k.astype(k_all.dtype), mode="drop")
+      v_new = v_all.at[layer_BxT, rows_BxT, slots_BxT].set(v.astype(v_all.dtype), mode="drop")
+      new_kv.extend([nn.with_logical_constraint(k_new, kv_axes),
+                     nn.with_logical_constraint(v_new, kv_axes)])
+      return attention(q, k_new[i], v_new[i], visible), None
 
-    return _block(x, lp, cfg, slots_BxT, inv_freq, attend)
+    x, _ = _block(x, lp, cfg, slots_BxT, inv_freq, attend)
+    return (x, *new_kv), None
 
-  x_BxTxD, (k_new, v_new) = jax.lax.scan(
-      layer, x_BxTxD, (params["layers"], cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
+  (x_BxTxD, k_new, v_new), _ = jax.lax.scan(
+      layer, (x_BxTxD, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH),
+      (params["layers"], jnp.arange(cfg.num_layers)))
   end_B = cache.end_B + jnp.sum(mask_BxT, axis=1, dtype=jnp.int32)
   return x_BxTxD, Cache(k_LxBxSxKxH=k_new, v_LxBxSxKxH=v_new, end_B=end_B)

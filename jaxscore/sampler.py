@@ -1,0 +1,272 @@
+"""Jitted multi-turn sampler over a KV cache that carries across turns.
+
+The state holds one token buffer per row: prompt, attempt 1, instruction, attempt 2, ...
+laid out contiguously from slot 0, with the same slots in the KV cache. A turn is
+
+  1. prefill: feed each row's tokens that the cache has not seen yet (the previous
+     turn's last sampled token and the new message) at the row's own cache end;
+  2. decode: a `lax.while_loop` that samples a token per row, appends it, and feeds it,
+     until every row hit a stop token, `max_new_tokens`, or the buffer's end.
+
+So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks are
+padded to power-of-two buckets, so a batch of the same bucket never traces again.
+
+  sampler = Sampler(cfg, max_len=512, stop_ids=[eos])
+  state = sampler.start(prompts, rng)
+  state = sampler.generate(params, state, SamplingConfig(max_new_tokens=128))
+  state = sampler.add_message(state, instruction_ids)      # per-row token lists
+  state = sampler.generate(params, state, SamplingConfig(max_new_tokens=128))
+  episode = sampler.episode(state)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How one turn is sampled. temperature 0 is greedy."""
+
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no top-k filter.
+  top_p: float = 1.0  # 1.0: no nucleus filter.
+  max_new_tokens: int = 256
+
+
+@flax.struct.dataclass
+class SamplerState:
+  tokens_BxL: jax.Array  # int32 episode tokens, slots >= length are padding.
+  logp_BxL: jax.Array  # float32 log pi(token) of sampled tokens, 0 elsewhere.
+  turn_BxL: jax.Array  # int32: t for tokens sampled in turn t (1-based), 0 otherwise.
+  length_B: jax.Array  # int32 tokens in the buffer.
+  done_B: jax.Array  # bool: the row's current turn has ended.
+  turn: jax.Array  # int32 turns sampled so far.
+  cache: model_lib.Cache
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class Episode:
+  """What a trainer consumes: tokens and, per turn, which slots that turn sampled."""
+
+  tokens_BxL: jax.Array
+  logp_BxL: jax.Array
+  turn_BxL: jax.Array
+  length_B: jax.Array
+
+  @property
+  def mask_BxL(self) -> jax.Array:
+    """Sampled (trainable) tokens of every turn."""
+    return self.turn_BxL > 0
+
+  def turn_masks_NxBxL(self, num_turns: int) -> jax.Array:
+    return self.turn_BxL[None] == jnp.arange(1, num_turns + 1)[:, None, None]
+
+  def response_ids(self, turn: int) -> list[list[int]]:
+    """Token ids each row sampled in `turn` (1-based), on the host."""
+    tokens, turns = np.asarray(self.tokens_BxL), np.asarray(self.turn_BxL)
+    return [row[t == turn].tolist() for row, t in zip(tokens, turns)]
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Smallest power of two >= n (and >= minimum)."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Masks logits outside the top-k and the top-p nucleus with -inf."""
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  if top_k > 0:
+    kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, neg_inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token while the mass strictly before it is below top_p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_B1 = jnp.min(jnp.where(before < top_p, sorted_BxV, jnp.inf), axis=-1,
+                        keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B1, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig):
+  """(token_B, log pi(token_B)) where log pi is the unfiltered model log-prob."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  if sampling.temperature == 0.0:
+    token_B = jnp.argmax(logits_BxV, axis=-1)
+  else:
+    scaled = filter_logits(logits_BxV.astype(jnp.float32) / sampling.temperature,
+                           sampling.top_k, sampling.top_p)
+    token_B = jax.random.categorical(rng, scaled, axis=-1)
+  token_B = token_B.astype(jnp.int32)
+  return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+class Sampler:
+  """Compiled prefill and decode for one model config and buffer size."""
+
+  def __init__(self, cfg: model_lib.ModelConfig, *, max_len: int,
+               stop_ids: Sequence[int], end_of_turn_id: int | None = None,
+               pad_id: int = 0):
+    """
+    Args:
+      cfg: the model.
+      max_len: slots per row for the whole episode (all turns).
+      stop_ids: tokens that end a turn (EOS, the chat template's end of turn).
+      end_of_turn_id: closes a reply that stopped at the length limit before the next
+        message is added (chat formats); None for plain concatenation.
+      pad_id: filler for unused slots.
+    """
+    if not stop_ids:
+      raise ValueError("stop_ids is empty: at least EOS is needed")
+    self.cfg = cfg
+    self.max_len = max_len
+    self.stop_ids = tuple(int(i) for i in stop_ids)
+    self.end_of_turn_id = end_of_turn_id
+    self.pad_id = pad_id
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
+                            donate_argnames=("state",))
+    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
+                           donate_argnames=("state",))
+    self._append = jax.jit(self._append_impl, donate_argnames=("state",))
+
+  # -- Host-side entry points. ----------------------------------------------
+
+  def start(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SamplerState:
+    """A fresh state holding each row's prompt."""
+    b = len(prompts)
+    tokens = np.full((b, self.max_len), self.pad_id, np.int32)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() == 0:
+      raise ValueError("empty prompt")
+    if lengths.max() > self.max_len:
+      raise ValueError(f"prompt of {lengths.max()} tokens exceeds max_len={self.max_len}")
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    return SamplerState(
+        tokens_BxL=jnp.asarray(tokens),
+        logp_BxL=jnp.zeros((b, self.max_len), jnp.float32),
+        turn_BxL=jnp.zeros((b, self.max_len), jnp.int32),
+        length_B=jnp.asarray(lengths),
+        done_B=jnp.zeros((b,), bool),
+        turn=jnp.zeros((), jnp.int32),
+        cache=model_lib.init_cache(self.cfg, b, self.max_len),
+        rng=rng,
+    )
+
+  def generate(self, params: model_lib.Params, state: SamplerState,
+               sampling: SamplingConfig, pending: int | None = None) -> SamplerState:
+    """Samples one turn for every row.
+
+    Args:
+      pending: an upper bound on tokens per row the cache has not seen yet (the
+        prompt on the first turn; 1 + the message later). Computed if None (one
+        small device-to-host copy).
+    """
+    if pending is None:
+      pending = int(jnp.max(state.length_B - state.cache.end_B))
+    # max_new_tokens is traced, so changing it does not recompile.
+    static = dataclasses.replace(sampling, max_new_tokens=0)
+    state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
+    return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
+                        sampling=static)
+
+  def add_message(self, state: SamplerState,
+                  messages: Sequence[Sequence[int]]) -> SamplerState:
+    """Appends each row's next message (e.g. the instruction) after its last token."""
+    b = len(messages)
+    width = bucket(max(len(m) for m in messages))
+    msg = np.full((b, width), self.pad_id, np.int32)
+    for i, m in enumerate(messages):
+      msg[i, :len(m)] = m
+    return self._append(state, jnp.asarray(msg),
+                        jnp.asarray([len(m) for m in messages], jnp.int32))
+
+  def episode(self, state: SamplerState) -> Episode:
+    return Episode(tokens_BxL=state.tokens_BxL, logp_BxL=state.logp_BxL,
+                   turn_BxL=state.turn_BxL, length_B=state.length_B)
+
+  # -- Jitted pieces. -------------------------------------------------------
+
+  def _write(self, buf_BxL, values_BxT, start_B, count_B):
+    """buf[b, start_b + j] = values[b, j] for j < count_b."""
+    t = values_BxT.shape[1]
+    slots_BxT = start_B[:, None] + jnp.arange(t)
+    slots_BxT = jnp.where(jnp.arange(t) < count_B[:, None], slots_BxT, self.max_len)
+    rows_BxT = jnp.broadcast_to(jnp.arange(buf_BxL.shape[0])[:, None], slots_BxT.shape)
+    return buf_BxL.at[rows_BxT, slots_BxT].set(values_BxT.astype(buf_BxL.dtype), mode="drop")
+
+  def _append_impl(self, state: SamplerState, msg_BxM, msg_len_B):
+    last_B = jnp.take_along_axis(state.tokens_BxL, state.length_B[:, None] - 1, axis=1)[:, 0]
+    ended_B = jnp.isin(last_B, jnp.asarray(self.stop_ids))
+    tokens, length = state.tokens_BxL, state.length_B
+    if self.end_of_turn_id is not None:
+      # A reply cut at the length limit is closed before the next user turn.
+      close_B = (~ended_B).astype(jnp.int32)
+      eot_Bx1 = jnp.full((msg_BxM.shape[0], 1), self.end_of_turn_id, jnp.int32)
+      tokens = self._write(tokens, eot_Bx1, length, close_B)
+      length = jnp.minimum(length + close_B, self.max_len)
+    tokens = self._write(tokens, msg_BxM, length, msg_len_B)
+    length = jnp.minimum(length + msg_len_B, self.max_len)
+    # A row with no room left cannot take another turn.
+    return state.replace(tokens_BxL=tokens, length_B=length,
+                         done_B=length >= self.max_len)
+
+  def _prefill_impl(self, params, state: SamplerState, chunk: int, sampling):
+    del sampling  # Unused; kept so prefill and decode are keyed alike.
+    end_B = state.cache.end_B
+    count_B = state.length_B - end_B
+    idx_BxC = jnp.minimum(end_B[:, None] + jnp.arange(chunk), self.max_len - 1)
+    tokens_BxC = jnp.take_along_axis(state.tokens_BxL, idx_BxC, axis=1)
+    mask_BxC = jnp.arange(chunk) < count_B[:, None]
+    logits_BxCxV, cache = model_lib.apply(params, tokens_BxC, self.cfg,
+                                          mask_BxT=mask_BxC, cache=state.cache)
+    last_B = jnp.maximum(count_B - 1, 0)
+    logits_BxV = jnp.take_along_axis(logits_BxCxV, last_B[:, None, None], axis=1)[:, 0]
+    return state.replace(cache=cache, turn=state.turn + 1), logits_BxV
+
+  def _decode_impl(self, params, state: SamplerState, logits_BxV, max_new_tokens,
+                   sampling: SamplingConfig):
+    stop_ids = jnp.asarray(self.stop_ids)
+    turn_rng = jax.random.fold_in(state.rng, state.turn)
+
+    def cond(carry):
+      state, _, step = carry
+      return (step < max_new_tokens) & ~jnp.all(state.done_B)
+
+    def body(carry):
+      state, logits_BxV, step = carry
+      token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(turn_rng, step), sampling)
+      live_B = ~state.done_B
+      write = lambda buf, v: self._write(buf, v[:, None], state.length_B,
+                                         live_B.astype(jnp.int32))
+      length_B = state.length_B + live_B
+      done_B = (state.done_B | jnp.isin(token_B, stop_ids)
+                | (step + 1 >= max_new_tokens) | (length_B >= self.max_len))
+      state = state.replace(
+          tokens_BxL=write(state.tokens_BxL, token_B),
+          logp_BxL=write(state.logp_BxL, logp_B),
+          turn_BxL=write(state.turn_BxL, jnp.broadcast_to(state.turn, token_B.shape)),
+          length_B=length_B, done_B=done_B)
+      # Feed the new token for rows that go on; a finished row's last token stays
+      # pending and is prefilled with its next message.
+      logits_Bx1xV, cache = model_lib.apply(params, token_B[:, None], self.cfg,
+                                            mask_BxT=~done_B[:, None], cache=state.cache)
+      return state.replace(cache=cache), logits_Bx1xV[:, 0], step + 1
+
+    state = state.replace(done_B=state.done_B | (state.length_B >= self.max_len))
+    state, _, _ = jax.lax.while_loop(cond, body, (state, logits_BxV, jnp.int32(0)))
+    return state.replace(done_B=jnp.ones_like(state.done_B))

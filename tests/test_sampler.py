@@ -1,0 +1,163 @@
+"""Sampler: transformers parity, multi-turn on the carried cache, log-probs, retracing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import require_torch
+from hf_tiny import make_hf_model
+from jaxscore import model as model_lib
+from jaxscore import sampler as sampler_lib
+from jaxscore import weights
+
+GREEDY = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=8)
+EOS, EOT = 100, 99
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = model_lib.ModelConfig(vocab_size=101, num_layers=2, embed_dim=32, num_heads=4,
+                              num_kv_heads=2, mlp_dim=48)
+  return cfg, model_lib.init(cfg, jax.random.key(0), stddev=0.3)
+
+
+def _greedy_from_scratch(cfg, params, ids, n):
+  """Reference: re-run the full forward on the growing sequence, no cache."""
+  ids = list(ids)
+  for _ in range(n):
+    logits, _ = model_lib.apply(params, jnp.array([ids]), cfg)
+    ids.append(int(jnp.argmax(logits[0, -1])))
+  return ids
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+  torch = require_torch()
+  hf = make_hf_model("qwen2")
+  hf.save_pretrained(tmp_path)
+  cfg, params = weights.load_hf(tmp_path)
+  smp = sampler_lib.Sampler(cfg, max_len=48, stop_ids=[EOS])
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)),
+                       sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=12))
+  ours = smp.episode(state).response_ids(1)
+  for row, prompt in enumerate(PROMPTS):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                      eos_token_id=EOS, pad_token_id=0)
+    assert ours[row] == out[0, len(prompt):].tolist()
+
+
+def test_two_turns_on_carried_cache_equal_sampling_from_scratch(tiny):
+  cfg, params = tiny
+  instruction = [[40, 41, 42], [43, 44], [45]]
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)), GREEDY)
+  state = smp.add_message(state, instruction)
+  state = smp.generate(params, state, GREEDY)
+  state = smp.add_message(state, [[50, 51]] * 3)
+  state = smp.generate(params, state, GREEDY)
+  ep = smp.episode(state)
+  tokens, lengths = np.asarray(ep.tokens_BxL), np.asarray(ep.length_B)
+  # A reply cut at the length limit is closed with EOT; one that stopped is not.
+  close = lambda y: y + ([] if y[-1] == EOS else [EOT])
+  cut = 0
+  for row, prompt in enumerate(PROMPTS):
+    y1, y2, y3 = (ep.response_ids(t)[row] for t in (1, 2, 3))
+    cut += sum(y[-1] != EOS for y in (y1, y2))
+    expected = prompt + close(y1) + instruction[row] + close(y2) + [50, 51] + y3
+    assert tokens[row, :lengths[row]].tolist() == expected
+    ctx = prompt + close(y1) + instruction[row]
+    assert _greedy_from_scratch(cfg, params, ctx, 8)[len(ctx):len(ctx) + len(y2)] == y2
+    ctx = ctx + close(y2) + [50, 51]
+    assert _greedy_from_scratch(cfg, params, ctx, 8)[len(ctx):len(ctx) + len(y3)] == y3
+  assert cut > 0
+
+
+def test_stop_token_ends_the_turn_and_stays_in_the_response(tiny):
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS])
+  free = smp.episode(smp.generate(params, smp.start(PROMPTS, jax.random.key(0)), GREEDY))
+  # Make the third greedy token of row 0 a stop token.
+  stop = free.response_ids(1)[0][2]
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS, stop], end_of_turn_id=stop)
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)), GREEDY)
+  ep = smp.episode(state)
+  y1 = ep.response_ids(1)[0]
+  assert y1 == free.response_ids(1)[0][:y1.index(stop) + 1] and y1[-1] == stop
+  # A row that stopped on its own gets no extra end-of-turn token.
+  state = smp.add_message(state, [[60]] * 3)
+  n = int(state.length_B[0])
+  assert np.asarray(state.tokens_BxL)[0, n - 2:n].tolist() == [stop, 60]
+
+
+def test_sampled_logprobs_equal_teacher_forced_logprobs(tiny):
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)
+  sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=10)
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(1)), sampling)
+  state = smp.generate(params, smp.add_message(state, [[7, 8]] * 3), sampling)
+  ep = smp.episode(state)
+  mask = jnp.arange(64)[None] < ep.length_B[:, None]
+  logits, _ = model_lib.apply(params, ep.tokens_BxL, cfg, mask_BxT=mask)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  teacher = jnp.take_along_axis(logp, ep.tokens_BxL[:, 1:, None], axis=-1)[..., 0]
+  sampled = ep.mask_BxL[:, 1:]
+  assert int(sampled.sum()) > 30
+  np.testing.assert_allclose(np.where(sampled, ep.logp_BxL[:, 1:], 0),
+                             np.where(sampled, teacher, 0), atol=1e-4)
+
+
+def test_each_row_of_a_ragged_batch_equals_running_it_alone(tiny):
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)
+
+  def run(prompts, messages):
+    state = smp.generate(params, smp.start(prompts, jax.random.key(0)), GREEDY)
+    state = smp.generate(params, smp.add_message(state, messages), GREEDY)
+    ep = smp.episode(state)
+    return [np.asarray(ep.tokens_BxL)[i, :int(ep.length_B[i])].tolist()
+            for i in range(len(prompts))]
+
+  messages = [[40, 41, 42, 43, 44, 45], [43], [45, 46]]
+  together = run(PROMPTS, messages)
+  for row in range(3):
+    assert run([PROMPTS[row]], [messages[row]])[0] == together[row]
+
+
+def test_same_bucket_batches_never_retrace(tiny):
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)
+  for seed, prompts in enumerate([PROMPTS, [[1] * 3, [2] * 12, [3] * 7], [[4] * 16] * 3]):
+    state = smp.start(prompts, jax.random.key(seed))
+    state = smp.generate(params, state, sampler_lib.SamplingConfig(max_new_tokens=4 + seed))
+    state = smp.add_message(state, [[9, 9], [8], [7, 7, 7]])
+    state = smp.generate(params, state, sampler_lib.SamplingConfig(max_new_tokens=3))
+  # One prefill per chunk bucket (16 for prompts, 16 for 1 + message), one decode,
+  # one append: calls with new lengths and max_new_tokens reuse them.
+  assert smp._prefill._cache_size() == 1
+  assert smp._decode._cache_size() == 1
+  assert smp._append._cache_size() == 1
+
+
+def test_top_k_and_top_p_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  k2 = sampler_lib.filter_logits(logits, top_k=2, top_p=1.0)
+  assert (np.asarray(k2)[0, 2:] < -1e30).all() and (np.asarray(k2)[0, :2] > -1e30).all()
+  p = sampler_lib.filter_logits(logits, top_k=0, top_p=0.7)  # 0.5 + 0.3 reach 0.7.
+  assert (np.asarray(p)[0, :2] > -1e30).all() and (np.asarray(p)[0, 2:] < -1e30).all()
+  # Sampling only ever returns tokens inside the filter, and logp is unfiltered.
+  cfg = sampler_lib.SamplingConfig(temperature=1.0, top_k=2)
+  batch = jnp.repeat(logits, 256, axis=0)
+  tokens, logp = sampler_lib.sample_token(batch, jax.random.key(0), cfg)
+  assert set(np.asarray(tokens).tolist()) == {0, 1}
+  np.testing.assert_allclose(np.exp(logp), np.array([0.5, 0.3])[np.asarray(tokens)], rtol=1e-5)
+
+
+def test_row_at_max_len_is_done_and_prompt_too_long_is_an_error(tiny):
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=16, stop_ids=[EOS])
+  state = smp.generate(params, smp.start([[1] * 12, [2] * 3], jax.random.key(0)),
+                       sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=10))
+  np.testing.assert_array_equal(state.length_B, [16, 13])
+  with pytest.raises(ValueError, match="exceeds max_len=16"):
+    smp.start([[1] * 17], jax.random.key(0))
