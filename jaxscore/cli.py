@@ -1,0 +1,65 @@
+"""The `jaxscore` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from jaxscore import chat as chat_lib
+from jaxscore import pretrained
+from jaxscore import prompts
+from jaxscore import sampler as sampler_lib
+
+DEMO_QUESTION = "What is 27 + 58? Give the final answer as a number."
+
+
+def two_turn_chat(model: pretrained.Pretrained, question: str, instruction: str,
+                  max_new_tokens: int, seed: int = 0) -> tuple[str, str]:
+  """Greedy attempt, then the self-correction instruction, then a second attempt."""
+  import jax
+
+  fmt = chat_lib.ChatFormat(model.tokenizer)
+  tok = model.tokenizer
+  stop_ids = sorted({tok.eos_token_id, fmt.end_of_turn_id} - {None})
+  prompt = fmt.prompt_ids(question)
+  smp = sampler_lib.Sampler(model.cfg, max_len=len(prompt) + 3 * max_new_tokens + 64,
+                            stop_ids=stop_ids, end_of_turn_id=fmt.end_of_turn_id,
+                            pad_id=tok.pad_token_id or 0)
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+  state = smp.generate(model.params, smp.start([prompt], jax.random.key(seed)), greedy)
+  state = smp.add_message(state, [fmt.instruction_ids(instruction)])
+  state = smp.generate(model.params, state, greedy)
+  ep = smp.episode(state)
+  return tuple(tok.decode(ep.response_ids(t)[0], skip_special_tokens=True).strip()
+               for t in (1, 2))
+
+
+def _chat(args) -> int:
+  t0 = time.time()
+  model = pretrained.load(args.model)
+  print(f"loaded {args.model} ({model.path.name}) in {time.time() - t0:.1f}s")
+  t0 = time.time()
+  first, second = two_turn_chat(model, args.question, args.instruction, args.max_new_tokens)
+  print(f"\n[user]\n{args.question}\n\n[assistant, attempt 1]\n{first}\n")
+  print(f"[user]\n{args.instruction}\n\n[assistant, attempt 2]\n{second}\n")
+  print(f"two turns sampled in {time.time() - t0:.1f}s")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="jaxscore", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+  chat = sub.add_parser("chat", help="two-turn self-correction chat with a model")
+  chat.add_argument("--model", default=pretrained.DEFAULT_MODEL,
+                    help="embedded model name, GGUF file or Hugging Face directory")
+  chat.add_argument("--question", default=DEMO_QUESTION)
+  chat.add_argument("--instruction", default=prompts.MATH_SELF_CORRECTION)
+  chat.add_argument("--max_new_tokens", type=int, default=128)
+  chat.set_defaults(run=_chat)
+  args = parser.parse_args(argv)
+  return args.run(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
