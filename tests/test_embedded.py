@@ -95,3 +95,25 @@ def test_missing_embedded_model_says_how_to_install(monkeypatch):
 def test_unknown_name_is_an_error():
   with pytest.raises(FileNotFoundError, match="neither an embedded model"):
     pretrained.resolve("no-such-model-7b")
+
+
+def test_greedy_sampling_matches_transformers_generate(embedded_model, hf_gguf):
+  import torch
+
+  from jaxscore import chat as chat_lib
+  from jaxscore import sampler as sampler_lib
+
+  hf_tok, hf_model = hf_gguf
+  fmt = chat_lib.ChatFormat(embedded_model.tokenizer)
+  prompts = [fmt.prompt_ids(q) for q in ("What is 7 + 5?", "Name a prime number larger than 10.")]
+  stop = [embedded_model.tokenizer.eos_token_id, fmt.end_of_turn_id]
+  smp = sampler_lib.Sampler(embedded_model.cfg, max_len=128, stop_ids=stop,
+                            end_of_turn_id=fmt.end_of_turn_id)
+  state = smp.generate(embedded_model.params, smp.start(prompts, jax.random.key(0)),
+                       sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=24))
+  ours = smp.episode(state).response_ids(1)
+  for row, prompt in enumerate(prompts):
+    with torch.no_grad():
+      out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                              eos_token_id=stop, pad_token_id=hf_tok.pad_token_id)
+    assert ours[row] == out[0, len(prompt):].tolist()
