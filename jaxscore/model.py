@@ -26,6 +26,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict[str, Any]
 
@@ -82,13 +83,15 @@ class ModelConfig:
 class Cache:
   """Per-layer keys and values, and how many slots each row has filled."""
 
-  k_LxBxSxKxH: jax.Array
-  v_LxBxSxKxH: jax.Array
+  # kv heads before slots: attention is then a plain batched matmul over (B, K),
+  # which XLA runs much faster than with K between S and H.
+  k_LxBxKxSxH: jax.Array
+  v_LxBxKxSxH: jax.Array
   end_B: jax.Array  # int32
 
   @property
   def max_len(self) -> int:
-    return self.k_LxBxSxKxH.shape[2]
+    return self.k_LxBxKxSxH.shape[3]
 
 
 # Logical axis names. A sharding rules table maps them to mesh axes; see
@@ -119,8 +122,8 @@ def param_axes(cfg: ModelConfig) -> Params:
 
 
 def cache_axes() -> Cache:
-  kv = ("layers", "batch", "cache_sequence", "kv_heads", "head_dim")
-  return Cache(k_LxBxSxKxH=kv, v_LxBxSxKxH=kv, end_B=("batch",))
+  kv = ("layers", "batch", "kv_heads", "cache_sequence", "head_dim")
+  return Cache(k_LxBxKxSxH=kv, v_LxBxKxSxH=kv, end_B=("batch",))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -159,10 +162,10 @@ def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
-  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   return Cache(
-      k_LxBxSxKxH=jnp.zeros(shape, cfg.dtype),
-      v_LxBxSxKxH=jnp.zeros(shape, cfg.dtype),
+      k_LxBxKxSxH=jnp.zeros(shape, cfg.dtype),
+      v_LxBxKxSxH=jnp.zeros(shape, cfg.dtype),
       end_B=jnp.zeros((batch_size,), jnp.int32),
   )
 
@@ -214,20 +217,23 @@ def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array,
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+def attention(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
               visible_BxTxS: jax.Array) -> jax.Array:
   """Grouped-query attention; softmax in float32."""
   b, t, n, h = q_BxTxNxH.shape
-  k = k_BxSxKxH.shape[2]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-  logits_BxKxGxTxS = jnp.einsum(
-      "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-      preferred_element_type=jnp.float32) * h**-0.5
-  logits_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None],
-                               logits_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-  out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-  return out_BxTxKxGxH.reshape(b, t, n, h)
+  k = k_BxKxSxH.shape[1]
+  g = n // k
+  # Queries of a kv group side by side: one (T*G x S) matmul per (row, kv head).
+  q_BxKxQxH = (q_BxTxNxH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4)
+               .reshape(b, k, t * g, h))
+  logits_BxKxQxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, k_BxKxSxH,
+                              preferred_element_type=jnp.float32) * h**-0.5
+  visible_Bx1xQxS = jnp.repeat(visible_BxTxS, g, axis=1)[:, None]
+  logits_BxKxQxS = jnp.where(visible_Bx1xQxS, logits_BxKxQxS, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits_BxKxQxS, axis=-1).astype(v_BxKxSxH.dtype)
+  out_BxKxQxH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BxKxSxH)
+  return (out_BxKxQxH.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4)
+          .reshape(b, t, n, h))
 
 
 def _visible(q_pos_BxT, k_pos_BxS, k_valid_BxS, q_idx_BxT, k_idx_S, window):
@@ -329,7 +335,8 @@ def apply(
 
     def layer(x, lp):
       return _block(x, lp, cfg, positions_BxT, inv_freq,
-                    lambda q, k, v: (attention(q, k, v, visible), None))
+                    lambda q, k, v: (attention(q, k.transpose(0, 2, 1, 3),
+                                               v.transpose(0, 2, 1, 3), visible), None))
 
     x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, params["layers"])
     new_cache = None
@@ -344,37 +351,69 @@ def apply(
 
 
 def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq):
+  """Attends to the row's cached slots and to the new chunk, then writes the chunk.
+
+  Inside the layer scan the cache is only read; each layer's new keys and values come
+  out of the scan and are written with one scatter at the end. Updating the cache in
+  the scan instead makes XLA copy large buffers every layer.
+  """
   b, t = mask_BxT.shape
   s = cache.max_len
-  slots_BxT = cache.end_B[:, None] + jnp.arange(t)[None, :]
-  slot_idx_S = jnp.arange(s)
-  k_pos_BxS = jnp.broadcast_to(slot_idx_S, (b, s))
-  visible = _visible(slots_BxT, k_pos_BxS, jnp.ones((b, s), jnp.bool_), slots_BxT,
-                     slot_idx_S, cfg.sliding_window)
-  rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-  kv_axes = cache_axes().k_LxBxSxKxH
+  end_B = cache.end_B
+  slots_BxT = end_B[:, None] + jnp.arange(t)[None, :]
+  idx_S = jnp.arange(s)
+  # Cached slots: the row's own earlier tokens. New chunk: causal within itself.
+  old_BxTxS = jnp.broadcast_to((idx_S[None, :] < end_B[:, None])[:, None, :], (b, t, s))
+  new_BxTxT = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), jnp.bool_)), (b, t, t))
+  if cfg.sliding_window is not None:
+    old_BxTxS &= (slots_BxT[:, :, None] - idx_S[None, None, :]) < cfg.sliding_window
+    new_BxTxT &= (jnp.arange(t)[:, None] - jnp.arange(t)[None, :]) < cfg.sliding_window
+  visible_BxTxR = jnp.concatenate([old_BxTxS, new_BxTxT], axis=-1)
 
-  def layer(carry, inputs):
-    # The whole cache rides in the carry and is updated in place at layer i;
-    # returning per-layer caches as scan outputs would copy all of it every call.
-    x, k_all, v_all = carry
-    lp, i = inputs
-    new_kv = []
+  def layer(x, inputs):
+    lp, k_cache, v_cache = inputs
 
     def attend(q, k, v):
-      # Slots past the cache end are dropped; only padding can land there.
-      layer_BxT = jnp.full_like(rows_BxT, i)
-      k_new = k_all.at[layer_BxT, rows_BxT, slots_BxT].set(k.astype(k_all.dtype), mode="drop")
-      v_new = v_all.at[layer_BxT, rows_BxT, slots_BxT].set(v.astype(v_all.dtype), mode="drop")
-      new_kv.extend([nn.with_logical_constraint(k_new, kv_axes),
-                     nn.with_logical_constraint(v_new, kv_axes)])
-      return attention(q, k_new[i], v_new[i], visible), None
+      k_BxKxTxH, v_BxKxTxH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+      out = _attention_two_blocks(q, (k_cache, k_BxKxTxH), (v_cache, v_BxKxTxH),
+                                  visible_BxTxR)
+      return out, (k_BxKxTxH, v_BxKxTxH)
 
-    x, _ = _block(x, lp, cfg, slots_BxT, inv_freq, attend)
-    return (x, *new_kv), None
+    return _block(x, lp, cfg, slots_BxT, inv_freq, attend)
 
-  (x_BxTxD, k_new, v_new), _ = jax.lax.scan(
-      layer, (x_BxTxD, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH),
-      (params["layers"], jnp.arange(cfg.num_layers)))
-  end_B = cache.end_B + jnp.sum(mask_BxT, axis=1, dtype=jnp.int32)
-  return x_BxTxD, Cache(k_LxBxSxKxH=k_new, v_LxBxSxKxH=v_new, end_B=end_B)
+  x_BxTxD, (k_LxBxKxTxH, v_LxBxKxTxH) = jax.lax.scan(
+      layer, x_BxTxD, (params["layers"], cache.k_LxBxKxSxH, cache.v_LxBxKxSxH))
+  rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+
+  def write(cache_LxBxKxSxH, new_LxBxKxTxH):
+    # Indices split by slices put (B, T) first: the update block is (B, T, L, K, H).
+    update = new_LxBxKxTxH.transpose(1, 3, 0, 2, 4).astype(cache_LxBxKxSxH.dtype)
+    # Slots past the cache end are dropped; only padding can land there.
+    out = cache_LxBxKxSxH.at[:, rows_BxT, :, slots_BxT].set(update, mode="drop")
+    return nn.with_logical_constraint(out, cache_axes().k_LxBxKxSxH)
+
+  new_cache = Cache(k_LxBxKxSxH=write(cache.k_LxBxKxSxH, k_LxBxKxTxH),
+                    v_LxBxKxSxH=write(cache.v_LxBxKxSxH, v_LxBxKxTxH),
+                    end_B=end_B + jnp.sum(mask_BxT, axis=1, dtype=jnp.int32))
+  return x_BxTxD, new_cache
+
+
+def _attention_two_blocks(q_BxTxNxH, ks, vs, visible_BxTxR):
+  """`attention` over keys split in blocks along the sequence, without concatenating
+  them (one softmax over all blocks)."""
+  b, t, n, h = q_BxTxNxH.shape
+  k = ks[0].shape[1]
+  g = n // k
+  q_BxKxQxH = (q_BxTxNxH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4)
+               .reshape(b, k, t * g, h))
+  logits = jnp.concatenate(
+      [jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, kb, preferred_element_type=jnp.float32)
+       for kb in ks], axis=-1) * h**-0.5
+  visible_Bx1xQxR = jnp.repeat(visible_BxTxR, g, axis=1)[:, None]
+  logits = jnp.where(visible_Bx1xQxR, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(vs[0].dtype)
+  sizes = [kb.shape[2] for kb in ks]
+  parts = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1)
+  out_BxKxQxH = sum(jnp.einsum("bkqs,bksh->bkqh", p, vb) for p, vb in zip(parts, vs))
+  return (out_BxKxQxH.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4)
+          .reshape(b, t, n, h))

@@ -1,0 +1,219 @@
+"""Sampler throughput on the embedded SmolLM2-135M, float32, side by side with transformers.
+
+  python benchmarks/sampler.py [--batches 1,16,64] [--new_tokens 64] [--out benchmarks/results]
+
+Measures, in one run on this machine:
+  * decode tokens/s of jaxscore's sampler vs transformers `generate` (PyTorch, same
+    weights dequantized from the same GGUF, same prompts, greedy, no early stop);
+  * the fraction of the memory-bandwidth roofline reached by jaxscore's decode steps
+    (weight + KV-cache bytes read per step / read bandwidth measured here);
+  * turn-2 time with the carried KV cache vs re-prefilling the whole conversation.
+Writes `sampler.md` and `sampler.json` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore import chat as chat_lib
+from jaxscore import pretrained, prompts
+from jaxscore import sampler as sampler_lib
+
+QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
+             [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
+NEVER = -1  # A stop id no token matches, so every row decodes all new tokens.
+
+
+def timed(fn, repeats=3):
+  """Best-of-n wall time of fn() (after one warm-up call that compiles)."""
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def read_bandwidth_bytes_per_s() -> float:
+  """Best of numpy and XLA reductions over a 1 GiB float32 array."""
+  x = np.ones(256 * 1024 * 1024, np.float32)
+  t_np = timed(lambda: x.sum(), repeats=3)
+  xj = jnp.asarray(x)
+  f = jax.jit(jnp.sum)
+  t_jax = timed(lambda: f(xj).block_until_ready(), repeats=3)
+  return x.nbytes / min(t_np, t_jax)
+
+
+def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
+  tok = model.tokenizer
+  b = len(prompts_ids)
+  max_len = sampler_lib.bucket(max(map(len, prompts_ids)) + 2 * new_tokens
+                               + len(instruction_ids) + 1)
+  smp = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[NEVER],
+                            pad_id=tok.pad_token_id or 0)
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+  params = jax.device_put(model.params)
+  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
+  chunk = sampler_lib.bucket(max(map(len, prompts_ids)))
+
+  def prefill():
+    state = smp.start(prompts_ids, jax.random.key(0))
+    state, logits = smp._prefill(params, state, chunk=chunk, sampling=static)
+    jax.block_until_ready(logits)
+    return state, logits
+
+  def turn1():
+    state = smp.generate(params, smp.start(prompts_ids, jax.random.key(0)), greedy,
+                         pending=max(map(len, prompts_ids)))
+    return jax.block_until_ready(state)
+
+  t_prefill = timed(prefill)
+  t_turn1 = timed(turn1)
+  state1 = turn1()
+
+  # Turn 2 on the carried cache: prefill 1 + instruction tokens, decode.
+  def carried():
+    state = smp.add_message(jax.tree.map(jnp.copy, state1), [instruction_ids] * b)
+    return jax.block_until_ready(
+        smp.generate(params, state, greedy, pending=1 + len(instruction_ids)))
+
+  # Turn 2 from scratch: prefill the whole conversation, decode.
+  ep = smp.episode(state1)
+  conv = [np.asarray(ep.tokens_BxL)[i, :int(ep.length_B[i])].tolist() + instruction_ids
+          for i in range(b)]
+
+  def reprefill():
+    state = smp.start(conv, jax.random.key(0))
+    return jax.block_until_ready(smp.generate(params, state, greedy,
+                                              pending=max(map(len, conv))))
+
+  t_carried, t_reprefill = timed(carried), timed(reprefill)
+  # Turn 2's tokens must not depend on how the context got into the cache.
+  same = (smp.episode(carried()).response_ids(2)
+          == smp.episode(reprefill()).response_ids(1))
+  return dict(prefill_s=t_prefill, turn1_s=t_turn1, decode_s=t_turn1 - t_prefill,
+              turn2_carried_s=t_carried, turn2_reprefill_s=t_reprefill,
+              turn2_tokens_identical=bool(same), max_len=max_len,
+              responses=ep.response_ids(1))
+
+
+def hf_run(hf_model, tok, prompts_ids, new_tokens):
+  import torch
+
+  width = max(map(len, prompts_ids))
+  pad = tok.pad_token_id or 0
+  ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
+  mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
+  out = {}
+
+  def gen():
+    with torch.no_grad():
+      out["ids"] = hf_model.generate(
+          input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+
+  t = timed(gen, repeats=2)
+  return t, [row[width:].tolist() for row in out["ids"]]
+
+
+def _same_until_eos(ours, theirs, eos):
+  """transformers' min_new_tokens masks EOS, so rows agree only up to our first EOS."""
+  cut = ours.index(eos) if eos in ours else len(ours)
+  return ours[:cut] == theirs[:cut]
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--batches", default="1,16,64")
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+  parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+  args = parser.parse_args()
+
+  model = pretrained.load(pretrained.DEFAULT_MODEL)
+  fmt = chat_lib.ChatFormat(model.tokenizer)
+  instruction_ids = fmt.instruction_ids(prompts.MATH_SELF_CORRECTION)
+  bandwidth = read_bandwidth_bytes_per_s()
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+  cfg = model.cfg
+  hf_model = None
+  if not args.no_hf:
+    import torch
+    import transformers
+
+    path = model.path
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+  rows = []
+  for b in map(int, args.batches.split(",")):
+    prompts_ids = [fmt.prompt_ids(QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
+    r = jax_runs(model, prompts_ids, args.new_tokens, instruction_ids)
+    steps = args.new_tokens
+    # Bytes one decode step reads: every weight once (the tied embedding is the LM head)
+    # and both K and V of the whole fixed-size cache in every layer.
+    kv_bytes = 2 * cfg.num_layers * b * r["max_len"] * cfg.num_kv_heads * cfg.head_dim * 4
+    step_s = r["decode_s"] / steps
+    row = dict(
+        batch=b, jax_decode_tok_s=b * steps / r["decode_s"],
+        jax_total_s=r["turn1_s"], jax_prefill_s=r["prefill_s"],
+        roofline_weights=(param_bytes / bandwidth) / step_s,
+        roofline_weights_and_kv=((param_bytes + kv_bytes) / bandwidth) / step_s,
+        turn2_carried_s=r["turn2_carried_s"], turn2_reprefill_s=r["turn2_reprefill_s"],
+        turn2_speedup=r["turn2_reprefill_s"] / r["turn2_carried_s"],
+        turn2_tokens_identical=r["turn2_tokens_identical"])
+    if hf_model is not None:
+      hf_s, hf_out = hf_run(hf_model, model.tokenizer, prompts_ids, steps)
+      row |= dict(hf_total_s=hf_s, hf_tok_s=b * steps / hf_s,
+                  speedup_end_to_end=hf_s / r["turn1_s"],
+                  greedy_rows_identical=sum(
+                      _same_until_eos(a, h, model.tokenizer.eos_token_id)
+                      for a, h in zip(r["responses"], hf_out)))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+  meta = dict(device=str(jax.devices()[0]), cpus=os.cpu_count(), jax=jax.__version__,
+              machine=platform.machine(), read_bandwidth_GBps=bandwidth / 1e9,
+              param_MB=param_bytes / 1e6, new_tokens=args.new_tokens)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "sampler.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+  (out / "sampler.md").write_text(render(meta, rows))
+  print(render(meta, rows))
+
+
+def render(meta, rows) -> str:
+  lines = [
+      "# Sampler benchmark (generated by benchmarks/sampler.py)", "",
+      f"SmolLM2-135M-Instruct (embedded GGUF, dequantized), float32, greedy, "
+      f"{meta['new_tokens']} new tokens per row, no early stop. {meta['device']}, "
+      f"{meta['cpus']} CPUs, jax {meta['jax']}. Measured read bandwidth "
+      f"{meta['read_bandwidth_GBps']:.1f} GB/s; weights {meta['param_MB']:.0f} MB.", "",
+      "| batch | jaxscore tok/s (turn 1) | transformers tok/s | ratio | greedy rows identical "
+      "| decode tok/s | roofline (weights) | roofline (weights + KV) | turn 2 carried s "
+      "| turn 2 re-prefill s | ratio |",
+      "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    hf = (f"{r['hf_tok_s']:.1f} | {r['speedup_end_to_end']:.2f}x | "
+          f"{r['greedy_rows_identical']}/{r['batch']}") if "hf_tok_s" in r else "- | - | -"
+    total_tok_s = r["batch"] * meta["new_tokens"] / r["jax_total_s"]
+    lines.append(
+        f"| {r['batch']} | {total_tok_s:.1f} | {hf} | {r['jax_decode_tok_s']:.1f} | "
+        f"{100 * r['roofline_weights']:.0f}% | {100 * r['roofline_weights_and_kv']:.0f}% | "
+        f"{r['turn2_carried_s']:.2f} | {r['turn2_reprefill_s']:.2f} | "
+        f"{r['turn2_speedup']:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  main()
