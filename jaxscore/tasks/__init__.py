@@ -1,0 +1,22 @@
+"""Tasks: problems, prompts, and rewards from answer checkers or sandboxed tests."""
+
+from jaxscore.tasks.arithmetic import ArithmeticTask
+from jaxscore.tasks.base import Problem, Score, Task
+from jaxscore.tasks.code_tasks import HumanEvalTask, MBPPTask
+from jaxscore.tasks.math_tasks import GSM8KTask, MathTask
+from jaxscore.tasks.records import DataError
+
+TASKS = {
+    "arithmetic": ArithmeticTask,
+    "gsm8k": GSM8KTask,
+    "math": MathTask,
+    "mbpp": MBPPTask,
+    "humaneval": HumanEvalTask,
+}
+
+
+def make_task(name: str, **kwargs) -> Task:
+  """A task by name; kwargs are the task's fields (sources, prompt_template, ...)."""
+  if name not in TASKS:
+    raise ValueError(f"task={name!r}: expected one of {', '.join(TASKS)}")
+  return TASKS[name](**kwargs)

