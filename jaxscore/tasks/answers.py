@@ -84,7 +84,9 @@ def numbers_equal(gold: str, predicted: str | None) -> bool:
   a, b = parse_number(gold), parse_number(predicted)
   if a is None or b is None:
     return False
-  return abs(a - b) <= Decimal("1e-6") * max(Decimal(1), abs(a))
+  # Decimal is exact, so only written-out rounding needs slack; a relative
+  # tolerance would equate 1450000 and 1450001.
+  return abs(a - b) <= Decimal("1e-6")
 
 
 def math_equal(gold: str, predicted: str | None, timeout_s: int = 5) -> bool:

@@ -90,7 +90,8 @@ class MBPPTask:
 
   @staticmethod
   def program(problem: base.Problem, code: str) -> str:
-    return "\n".join([problem.metadata.get("setup", ""), code, "", *problem.tests, ""])
+    # Setup after the code: some of it builds objects of classes the code defines.
+    return "\n".join([code, "", problem.metadata.get("setup", ""), *problem.tests, ""])
 
   def score(self, problems, responses) -> list[base.Score]:
     base.check_lengths(problems, responses)

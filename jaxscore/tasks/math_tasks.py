@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import multiprocessing
 from concurrent import futures
@@ -112,6 +113,13 @@ def _score_one(gold: str, response: str, kind: str, fallback: bool) -> base.Scor
 
 
 _POOLS: dict[int, futures.ProcessPoolExecutor] = {}
+
+
+@atexit.register
+def _shutdown_pools():
+  for pool in _POOLS.values():
+    pool.shutdown(wait=True, cancel_futures=True)
+  _POOLS.clear()
 
 
 def _pool(workers: int) -> futures.ProcessPoolExecutor:

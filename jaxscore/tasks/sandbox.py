@@ -33,7 +33,7 @@ CHILD = pathlib.Path(__file__).with_name("sandbox_child.py")
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  timeout_s: float = 10.0  # Wall clock.
+  timeout_s: float = 20.0  # Wall clock; generous, since CPU seconds bound busy loops.
   cpu_seconds: int = 10
   memory_bytes: int = 1 << 30
   file_bytes: int = 16 << 20
