@@ -67,6 +67,13 @@ def turn_weights(turn_BxL: jax.Array, per_turn_N: jax.Array) -> jax.Array:
   return padded[jnp.clip(turn_BxL, 0, per_turn_N.shape[0])]
 
 
+def turn_values(turn_BxL: jax.Array, x_BxN: jax.Array) -> jax.Array:
+  """Per-token value: x[b, t - 1] on row b's tokens of turn t, 0 elsewhere."""
+  padded_Bx1N = jnp.pad(x_BxN, ((0, 0), (1, 0)))
+  idx = jnp.clip(turn_BxL, 0, x_BxN.shape[1])
+  return jnp.take_along_axis(padded_Bx1N, idx, axis=1)
+
+
 def turn_sums(x_BxL: jax.Array, turn_BxL: jax.Array, num_turns: int) -> jax.Array:
   """sum of x over the tokens of each turn: x_BxN."""
   masks_NxBxL = turn_BxL[None] == jnp.arange(1, num_turns + 1)[:, None, None]

@@ -91,6 +91,7 @@ class PolicyLossConfig:
   policy_loss: str = "reinforce"  # reinforce | clipped
   clip_eps: float = 0.2
   aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
+  num_turns: int = 2  # Turns reported in per-turn metrics.
 
 
 def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
@@ -98,25 +99,31 @@ def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
   """Policy-gradient loss plus per-token, per-turn-weighted KL to the reference."""
   del rng
   logp, logits = rl.token_logprobs(params, batch.tokens_BxL, batch.mask_BxL, cfg)
-  response = (batch.turn_BxL > 0) & batch.mask_BxL.astype(bool)
-  pg = rl.pick(rl.POLICY_LOSSES, loss_cfg.policy_loss, "policy_loss")(
-      logp, batch.advantages_BxL, batch.old_logp_BxL, loss_cfg.clip_eps)
-  kl_fn = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")
   ref_logits = None
-  if loss_cfg.kl_estimator == "exact":
+  if loss_cfg.kl_estimator == "exact" and not loss_cfg.kl_in_reward:
     if ref_params is None:
       raise ValueError("the exact KL needs ref_params")
     ref_logits, _ = model_lib.apply(jax.lax.stop_gradient(ref_params), batch.tokens_BxL,
                                     cfg, mask_BxT=batch.mask_BxL)
-  kl = kl_fn(logp, batch.ref_logp_BxL, logits, ref_logits)
-  weighted_kl = 0.0 if loss_cfg.kl_in_reward else batch.kl_coef_BxL * kl
+  return token_objective(logp, batch, loss_cfg, logits, ref_logits)
+
+
+def token_objective(logp_BxL, batch: RLBatch, loss_cfg: PolicyLossConfig,
+                    logits=None, ref_logits=None):
+  """The loss as a function of the policy's per-token log-probs (and logits for the
+  exact KL). Only sampled tokens of real turns enter it."""
+  response = (batch.turn_BxL > 0) & batch.mask_BxL.astype(bool)
+  pg = rl.pick(rl.POLICY_LOSSES, loss_cfg.policy_loss, "policy_loss")(
+      logp_BxL, batch.advantages_BxL, batch.old_logp_BxL, loss_cfg.clip_eps)
+  kl = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")(
+      logp_BxL, batch.ref_logp_BxL, logits, ref_logits)
+  weighted_kl = jnp.zeros_like(pg) if loss_cfg.kl_in_reward else batch.kl_coef_BxL * kl
   loss = rl.aggregate(pg + weighted_kl, response, loss_cfg.aggregation)
-  agg = functools.partial(rl.aggregate, mask_BxL=response, how="token_mean")
-  metrics = {"loss/pg": agg(pg), "loss/kl_term": agg(jnp.broadcast_to(weighted_kl, pg.shape)),
-             "kl/mean": agg(kl), "tokens/response": jnp.sum(response)}
-  for t in range(1, 3):
-    turn = batch.turn_BxL == t
-    metrics[f"kl/t{t}"] = rl.aggregate(kl, turn, "token_mean")
+  mean = functools.partial(rl.aggregate, how="token_mean")
+  metrics = {"loss/pg": mean(pg, response), "loss/kl_term": mean(weighted_kl, response),
+             "kl/mean": mean(kl, response), "tokens/response": jnp.sum(response)}
+  for t in range(1, loss_cfg.num_turns + 1):
+    metrics[f"kl/t{t}"] = mean(kl, response & (batch.turn_BxL == t))
   return loss, metrics
 
 
@@ -132,7 +139,7 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
         state.params, batch, rng, ref_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

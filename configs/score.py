@@ -1,0 +1,130 @@
+"""SCoRe: two-stage multi-turn RL for intrinsic self-correction.
+
+  python -m jaxscore.main --config=configs/score.py:cpu --workdir=runs/score-cpu
+  python -m jaxscore.main --config=configs/score.py:math --workdir=... \
+      --config.model.name=/path/to/hf_checkpoint --config.optim.learning_rate=5e-6
+
+Variants (`:name`): cpu (embedded SmolLM2 on built-in arithmetic, minutes on a laptop),
+gsm8k, math (the paper's MATH hyperparameters), code (MBPP -> HumanEval).
+Every field is commented; the keys mirror the keyword arguments they feed.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds sampling, data order and nothing else: runs are reproducible.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "smollm2-135m-instruct"  # Embedded name, GGUF file or HF directory.
+  c.model.param_dtype = "float32"  # float32 | bfloat16
+  c.model.dtype = "float32"  # Compute dtype; softmax, norms and log-probs stay float32.
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = "arithmetic"  # arithmetic | gsm8k | math | mbpp | humaneval
+  c.task.kwargs = ml_collections.ConfigDict({"level": "add1"})  # Task fields (sources, level...).
+  c.task.train_split = "train"
+  c.task.eval_name = ""  # Evaluate on another task (e.g. humaneval); "" = the same task.
+  c.task.eval_kwargs = ml_collections.ConfigDict()  # Fields of the evaluation task.
+  c.task.eval_split = "test"
+  c.task.num_eval = 0  # Evaluation problems; 0 = the whole split.
+  c.format = "chat"  # chat (tokenizer's chat template) | plain (concatenation, base models)
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.num_turns = 2  # Attempts per episode.
+  c.sampler.max_new_tokens = 256  # Per attempt.
+  c.sampler.temperature = 1.0  # Training samples (the paper: 1.0). Evaluation is greedy.
+  c.sampler.top_k = 0  # 0 = off.
+  c.sampler.top_p = 1.0  # 1.0 = off.
+  c.sampler.eval_batch_size = 32  # Rows per evaluation sampler call.
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.stages = "I:300,II:2700"  # Stage schedule, e.g. "I:10,II:10" or "I:5,II:5,I:5,II:5".
+  c.rl.alpha = 10.0  # Progress bonus alpha * (r2 - r1) on the last attempt (stage II).
+  c.rl.beta1 = 0.01  # KL to the reference on every attempt.
+  c.rl.beta2 = 0.1  # Extra KL on attempt 1 in stage I.
+  c.rl.gamma = 0.0  # Discount across turns; 0: each attempt gets its own return.
+  c.rl.advantage = "rloo"  # rloo (leave-one-out, the paper) | grpo (group-normalised)
+  c.rl.group_size = 4  # Samples per prompt (k); RLOO needs >= 2.
+  c.rl.prompts_per_step = 128  # Prompts per update; batch = prompts_per_step * group_size.
+  c.rl.kl_estimator = "k3"  # k1 | k3 | exact (full vocabulary)
+  c.rl.kl_in_reward = False  # Fold sequence KL into returns instead of the loss.
+  c.rl.policy_loss = "reinforce"  # reinforce (on-policy, no clipping) | clipped
+  c.rl.clip_eps = 0.2  # For the clipped loss only.
+  c.rl.aggregation = "token_mean"  # token_mean | sequence_mean | sum
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adam"  # adam (the paper) | adamw
+  c.optim.learning_rate = 5e-6
+  c.optim.warmup_steps = 0
+  c.optim.schedule = "constant"  # constant | cosine
+  c.optim.total_steps = 3000  # Cosine schedule length.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0  # adamw only.
+  c.optim.max_grad_norm = 1.0  # 0 disables clipping.
+  c.optim.grad_accum_steps = 1  # Micro-batches per optimizer update.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50  # Also saved at the end and on SIGTERM.
+  c.checkpoint.keep = 2  # The last `keep`, plus the best training reward.
+  c.checkpoint.async_save = True
+
+  c.log = ml_collections.ConfigDict()
+  c.log.transcripts_every = 25  # Steps between transcript samples (0 = never).
+  c.log.num_transcripts = 4
+
+  c.evaluate_before = True  # Evaluate the initial model too (before/after table).
+
+  variant, *options = arg.split(",") if arg else ["cpu"]
+  if variant == "cpu":
+    # The embedded model on 1-digit addition, trained and evaluated on disjoint
+    # problems (60 train, 40 test): about 15 minutes on a 2-core CPU.
+    c.task.kwargs = ml_collections.ConfigDict({"level": "add1", "test_fraction": 0.4})
+    c.sampler.max_new_tokens = 32
+    c.sampler.eval_batch_size = 20
+    c.rl.stages = "I:6,II:12"
+    c.rl.group_size = 4
+    c.rl.prompts_per_step = 4
+    c.optim.learning_rate = 2e-5
+    c.checkpoint.every_steps = 6
+    c.log.transcripts_every = 6
+  elif variant == "gsm8k":
+    c.task.name = "gsm8k"
+    c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path, "test": path} or hub.
+    c.sampler.max_new_tokens = 512
+    c.rl.stages = "I:300,II:1200"
+    c.optim.learning_rate = 5e-6
+  elif variant == "math":
+    # The paper's MATH setup: Adam, lr 5e-6, 3000 steps, batch 512, alpha 10,
+    # beta1 0.01, beta2 0.1. Train on MATH, evaluate on MATH-500.
+    c.task.name = "math"
+    c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path-to-MATH-train}
+    c.sampler.max_new_tokens = 1024
+    c.rl.stages = "I:300,II:2700"
+    c.rl.prompts_per_step = 128  # x group_size 4 = 512 episodes.
+    c.optim.learning_rate = 5e-6
+  elif variant == "code":
+    # MBPP training, HumanEval evaluation: lr 1e-5, 1500 steps, batch 128, beta2 0.25.
+    c.task.name = "mbpp"
+    c.task.kwargs = ml_collections.ConfigDict()
+    c.task.eval_name = "humaneval"
+    c.sampler.max_new_tokens = 768
+    c.rl.stages = "I:150,II:1350"
+    c.rl.beta2 = 0.25
+    c.rl.prompts_per_step = 32  # x group_size 4 = 128 episodes.
+    c.optim.learning_rate = 1e-5
+  else:
+    raise ValueError(f"unknown variant {variant!r}: cpu, gsm8k, math or code")
+  for option in options:
+    if option == "runlocal":  # Tiny smoke-test sizes of any variant.
+      c.rl.stages = "I:1,II:1"
+      c.rl.prompts_per_step = 2
+      c.rl.group_size = 2
+      c.sampler.max_new_tokens = 8
+      c.task.num_eval = 4
+    else:
+      raise ValueError(f"unknown option {option!r} (runlocal)")
+  c.lock()
+  return c

@@ -1,0 +1,144 @@
+"""Multi-turn evaluation: Acc@t per turn, Delta(t1, t2), Delta i->c, Delta c->i, and the
+edit-distance ratio between attempts (SPEC.md section 4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jaxscore import sampler as sampler_lib
+from jaxscore.tasks import base
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """Texts and token ids per turn of a batch of episodes, and their scores."""
+
+  problems: list[base.Problem]
+  texts: list[list[str]]  # [turn][row]
+  ids: list[list[list[int]]]  # [turn][row]
+  scores: list[list[base.Score]]  # [turn][row]
+  episode: sampler_lib.Episode
+
+  def rewards_BxN(self) -> np.ndarray:
+    return np.array([[s.reward for s in turn] for turn in self.scores], np.float32).T
+
+
+def make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens, instruction_len):
+  stop_ids = sorted({tokenizer.eos_token_id, fmt.end_of_turn_id} - {None})
+  max_len = sampler_lib.bucket(max(prompt_lens) + num_turns * (max_new_tokens + 1)
+                               + (num_turns - 1) * (instruction_len + 1), minimum=64)
+  return sampler_lib.Sampler(cfg, max_len=max_len, stop_ids=stop_ids,
+                             end_of_turn_id=fmt.end_of_turn_id,
+                             pad_id=tokenizer.pad_token_id or 0)
+
+
+def rollout(params, smp: sampler_lib.Sampler, fmt, tokenizer, task, problems: Sequence[base.Problem],
+            num_turns: int, sampling: sampler_lib.SamplingConfig, rng, score_pool=None) -> Rollouts:
+  """Samples `num_turns` attempts per problem, scoring each turn while the next samples."""
+  instruction = fmt.instruction_ids(task.instruction)
+  state = smp.start([fmt.prompt_ids(p.prompt) for p in problems], rng)
+  texts, ids, pending = [], [], []
+  for turn in range(1, num_turns + 1):
+    if turn > 1:
+      state = smp.add_message(state, [instruction] * len(problems))
+    state = smp.generate(params, state, sampling)
+    turn_ids = smp.episode(state).response_ids(turn)
+    turn_texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in turn_ids]
+    texts.append(turn_texts)
+    ids.append(turn_ids)
+    # Rewards run on the host (or in worker processes) while the device samples on.
+    if score_pool is not None:
+      pending.append(score_pool.submit(task.score, list(problems), turn_texts))
+    else:
+      pending.append(task.score(list(problems), turn_texts))
+  scores = [p.result() if hasattr(p, "result") else p for p in pending]
+  return Rollouts(list(problems), texts, ids, scores, smp.episode(state))
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+  prev = list(range(len(b) + 1))
+  for i, x in enumerate(a, 1):
+    cur = [i] + [0] * len(b)
+    for j, y in enumerate(b, 1):
+      cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+    prev = cur
+  return prev[-1]
+
+
+def metrics(rewards_BxN: np.ndarray, ids: list[list[list[int]]] | None = None) -> dict:
+  """SCoRe's metrics from per-turn 0/1 rewards (fractions of all problems)."""
+  r = np.asarray(rewards_BxN, bool)
+  out = {f"acc@t{t + 1}": float(r[:, t].mean()) for t in range(r.shape[1])}
+  if r.shape[1] >= 2:
+    out["delta(t1,t2)"] = out["acc@t2"] - out["acc@t1"]
+    out["delta_i->c"] = float((~r[:, 0] & r[:, 1]).mean())
+    out["delta_c->i"] = float((r[:, 0] & ~r[:, 1]).mean())
+    if ids is not None:
+      ratios = [edit_distance(a, b) / max(len(a) + len(b), 1) for a, b in zip(ids[0], ids[1])]
+      out["edit_distance_ratio"] = float(np.mean(ratios))
+  out["pass@turns"] = float(r.any(axis=1).mean())
+  return out
+
+
+def evaluate(params, cfg, tokenizer, fmt, task, problems: Sequence[base.Problem], *,
+             num_turns: int = 2, max_new_tokens: int = 256, batch_size: int = 32,
+             seed: int = 0) -> tuple[dict, list[dict]]:
+  """Greedy multi-turn evaluation; returns (metrics, per-problem transcripts)."""
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+  instruction_len = len(fmt.instruction_ids(task.instruction))
+  prompt_lens = [len(fmt.prompt_ids(p.prompt)) for p in problems]
+  smp = make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens,
+                     instruction_len)
+  rewards, ids, records = [], [[] for _ in range(num_turns)], []
+  for start in range(0, len(problems), batch_size):
+    chunk = list(problems[start:start + batch_size])
+    # A fixed batch size keeps one compiled sampler: pad the last chunk.
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    ro = rollout(params, smp, fmt, tokenizer, task, padded, num_turns, greedy,
+                 jax.random.key(seed))
+    rewards.append(ro.rewards_BxN()[:len(chunk)])
+    for t in range(num_turns):
+      ids[t] += ro.ids[t][:len(chunk)]
+    for i, p in enumerate(chunk):
+      records.append({"id": p.id, "prompt": p.prompt, "answer": p.answer,
+                      "attempts": [ro.texts[t][i] for t in range(num_turns)],
+                      "extracted": [ro.scores[t][i].extracted for t in range(num_turns)],
+                      "reasons": [ro.scores[t][i].reason for t in range(num_turns)]})
+  result = metrics(np.concatenate(rewards), ids)
+  result["num_problems"] = len(problems)
+  return result, records
+
+
+def write_report(directory: str | pathlib.Path, name: str, result: dict, records: list[dict]):
+  """`<name>.json` (metrics + transcripts) and `<name>.png` (accuracy per turn)."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / f"{name}.json").write_text(json.dumps({"metrics": result, "transcripts": records},
+                                                     indent=1))
+  plot_accuracy({name: result}, directory / f"{name}.png")
+
+
+def plot_accuracy(results: dict[str, dict], path: str | pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, result in results.items():
+    turns = sorted(int(k[5:]) for k in result if k.startswith("acc@t"))
+    ax.plot(turns, [100 * result[f"acc@t{t}"] for t in turns], marker="o", label=label)
+    ax.set_xticks(turns)
+  ax.set_xlabel("turn")
+  ax.set_ylabel("accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,264 @@
+"""The multi-turn RL loop: rollout -> rewards -> reference log-probs -> advantages ->
+update -> checkpoint, each a named function. SCoRe's stages are a schedule over it.
+
+Everything a step does is a function of (config, step): problems come from a seeded
+permutation of the train split, randomness from `fold_in(seed, step)`. A checkpoint
+therefore needs only the train state and the step to resume exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore import checkpoint as checkpoint_lib
+from jaxscore import evaluate as evaluate_lib
+from jaxscore import model as model_lib
+from jaxscore import objectives, rl
+from jaxscore import sampler as sampler_lib
+from jaxscore import train as train_lib
+
+
+def parse_stages(spec: str) -> list[tuple[str, int]]:
+  """`"I:10,II:20"` -> [("I", 10), ("II", 20)]; stages may repeat (I, II, I, II)."""
+  stages = []
+  for part in spec.split(","):
+    name, _, steps = part.strip().partition(":")
+    if name not in ("I", "II") or not steps.isdigit():
+      raise ValueError(f"stages={spec!r}: expected e.g. 'I:10,II:20'")
+    stages.append((name, int(steps)))
+  return stages
+
+
+def stage_at(stages: list[tuple[str, int]], step: int) -> str:
+  for name, steps in stages:
+    if step < steps:
+      return name
+    step -= steps
+  return stages[-1][0]
+
+
+@dataclasses.dataclass
+class RLSetup:
+  """What the loop needs besides the config: model pieces and the task."""
+
+  cfg: model_lib.ModelConfig
+  tokenizer: Any
+  fmt: Any
+  task: Any
+  ref_params: Any
+
+
+def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
+  """The prompts of `step`: consecutive slices of per-epoch seeded permutations."""
+  n = len(problems)
+  start = step * prompts_per_step
+  out = []
+  for i in range(start, start + prompts_per_step):
+    epoch, pos = divmod(i, n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    out.append(problems[order[pos]])
+  return out
+
+
+def to_batch(ro: evaluate_lib.Rollouts, ref_logp_fn, ref_params, stage: str,
+             score_cfg: objectives.ScoreConfig, group_size: int, kl_estimator: str):
+  """Rollouts -> (RLBatch, returns_BxN): reference log-probs and advantages."""
+  ep = ro.episode
+  length = int(np.max(np.asarray(ep.length_B)))
+  # Multiples of 64: few distinct shapes (few compiles) without doubling the work.
+  width = min(-(-length // 64) * 64, ep.tokens_BxL.shape[1])
+  tokens = ep.tokens_BxL[:, :width]
+  turn = ep.turn_BxL[:, :width]
+  mask = jnp.arange(width)[None] < ep.length_B[:, None]
+  old_logp = ep.logp_BxL[:, :width]
+  ref_logp = ref_logp_fn(ref_params, tokens, mask)
+  kl_BxL = None
+  if score_cfg.kl_in_reward:
+    # Sequence KL of the samples themselves: log pi_old - log pi_ref per token.
+    kl_fn = rl.pick(rl.KL_ESTIMATORS, kl_estimator if kl_estimator != "exact" else "k1",
+                    "kl_estimator")
+    kl_BxL = jnp.where(turn > 0, kl_fn(old_logp, ref_logp), 0.0)
+  adv_BxN, returns_BxN, coef_N = objectives.advantages(
+      jnp.asarray(ro.rewards_BxN()), stage, score_cfg, group_size, turn, kl_BxL)
+  batch = train_lib.RLBatch(
+      tokens_BxL=tokens, mask_BxL=mask, turn_BxL=turn,
+      advantages_BxL=rl.turn_values(turn, adv_BxN),
+      kl_coef_BxL=rl.turn_weights(turn, coef_N),
+      ref_logp_BxL=ref_logp, old_logp_BxL=old_logp)
+  return batch, returns_BxN
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+  """JSONL metrics and TensorBoard scalars, written by process 0 only."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+    try:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    if self.tb is not None:
+      for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+          self.tb.add_scalar(k, v, step)
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def train(c, setup: RLSetup, params, workdir: str | pathlib.Path, *, stop_after: int | None = None):
+  """Runs (or resumes) the SCoRe stage schedule of config `c`; returns (state, info).
+
+  Args:
+    c: the experiment config (see configs/score.py).
+    setup: model config, tokenizer, episode format, task, reference params.
+    params: initial policy params (ignored when resuming from a checkpoint).
+    workdir: checkpoints, metrics.jsonl, tensorboard/, transcripts.jsonl.
+    stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
+  """
+  workdir = pathlib.Path(workdir)
+  stages = parse_stages(c.rl.stages)
+  total = sum(s for _, s in stages)
+  score_cfg = objectives.ScoreConfig(
+      alpha=c.rl.alpha, beta1=c.rl.beta1, beta2=c.rl.beta2, gamma=c.rl.gamma,
+      advantage=c.rl.advantage, kl_in_reward=c.rl.kl_in_reward)
+  loss_cfg = train_lib.PolicyLossConfig(
+      kl_estimator=c.rl.kl_estimator, kl_in_reward=c.rl.kl_in_reward,
+      policy_loss=c.rl.policy_loss, clip_eps=c.rl.clip_eps, aggregation=c.rl.aggregation,
+      num_turns=c.sampler.num_turns)
+  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+  loss_fn = lambda *a: train_lib.policy_gradient_loss(*a, cfg=setup.cfg, loss_cfg=loss_cfg)
+  train_step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=(0,))
+  ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, setup.cfg)[0])
+
+  # The state owns its buffers: train_step donates them, and `params` may be the
+  # very arrays the reference uses.
+  state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep,
+                                     async_save=c.checkpoint.async_save)
+  restored = ckpt.restore(checkpoint_lib.abstract_like(state))
+  if restored is not None:
+    state, meta = restored
+    print(f"resumed from step {meta['step']} ({workdir / 'checkpoints'})")
+
+  problems = setup.task.problems(c.task.train_split)
+  group = c.rl.group_size
+  prompts = [len(setup.fmt.prompt_ids(p.prompt)) for p in problems]
+  smp = evaluate_lib.make_sampler(setup.cfg, setup.fmt, setup.tokenizer, prompts,
+                                  c.sampler.num_turns, c.sampler.max_new_tokens,
+                                  len(setup.fmt.instruction_ids(setup.task.instruction)))
+  sampling = sampler_lib.SamplingConfig(temperature=c.sampler.temperature, top_k=c.sampler.top_k,
+                                        top_p=c.sampler.top_p,
+                                        max_new_tokens=c.sampler.max_new_tokens)
+  writer = MetricsWriter(workdir)
+  base_rng = jax.random.key(c.seed)
+  running: dict[str, float] = {}
+  step = int(state.step)
+  first = step
+  from tqdm import tqdm
+
+  bar = tqdm(total=total, initial=step, desc="SCoRe", dynamic_ncols=True, disable=None)
+  with _Preemption() as preempt, concurrent.futures.ThreadPoolExecutor(2) as pool:
+    while step < total:
+      stage = stage_at(stages, step)
+      t0 = time.perf_counter()
+      rows = [p for p in batch_problems(problems, step, c.rl.prompts_per_step, c.seed)
+              for _ in range(group)]
+      rng = jax.random.fold_in(base_rng, step)
+      ro = evaluate_lib.rollout(state.params, smp, setup.fmt, setup.tokenizer, setup.task,
+                                rows, c.sampler.num_turns, sampling, rng, score_pool=pool)
+      t_rollout = time.perf_counter() - t0
+      batch, returns = to_batch(ro, ref_logp_fn, setup.ref_params, stage, score_cfg, group,
+                                c.rl.kl_estimator)
+      state, m = train_step(state, batch, rng, setup.ref_params)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      step = int(state.step)
+      rewards = ro.rewards_BxN()
+      m |= {f"reward/t{t + 1}": float(rewards[:, t].mean()) for t in range(rewards.shape[1])}
+      m |= {"reward/return": float(np.asarray(returns).sum(1).mean()), "stage": stage,
+            "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+      m["reward"] = float(rewards.sum(1).mean())
+      if not np.isfinite(m["loss"]):
+        ckpt.close()
+        raise FloatingPointError(f"step {step}: loss is {m['loss']}; last good checkpoint "
+                                 f"is step {ckpt.latest_step()} in {workdir / 'checkpoints'}")
+      for k in ("reward/t1", "reward/t2"):
+        if k in m:
+          running[k] = m[k] if k not in running else 0.9 * running[k] + 0.1 * m[k]
+      writer.write(step, m)
+      bar.update(1)
+      bar.set_postfix(stage=stage, reward=f"{m['reward']:.2f}",
+                      **{f"acc{k[-2:]}": f"{v:.2f}" for k, v in running.items()})
+      if c.log.transcripts_every and step % c.log.transcripts_every == 0:
+        _write_transcripts(workdir, step, ro, c.log.num_transcripts)
+      done = step >= total or preempt.requested or (
+          stop_after is not None and step - first >= stop_after)
+      if step % c.checkpoint.every_steps == 0 or done:
+        ckpt.save(step, state, {"step": step, "stage": stage},
+                  metrics={"reward": m["reward"]})
+      if done:
+        break
+  bar.close()
+  writer.close()
+  ckpt.wait()
+  info = {"step": step, "best_step": ckpt.best_step(), "preempted": preempt.requested}
+  ckpt.close()
+  if preempt.requested:
+    print(f"SIGTERM: saved step {step}; rerun the same command to resume")
+  return state, info
+
+
+def _write_transcripts(workdir: pathlib.Path, step: int, ro, n: int) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(workdir / "transcripts.jsonl", "a", encoding="utf-8") as f:
+    for i in range(min(n, len(ro.problems))):
+      f.write(json.dumps({
+          "step": step, "id": ro.problems[i].id, "prompt": ro.problems[i].prompt,
+          "answer": ro.problems[i].answer,
+          "attempts": [ro.texts[t][i] for t in range(len(ro.texts))],
+          "rewards": [ro.scores[t][i].reward for t in range(len(ro.scores))]}) + "\n")
