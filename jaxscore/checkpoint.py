@@ -35,6 +35,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Starts an async save of `state` (a pytree) and `meta` (JSON) at `step`."""
+    # The metrics also go into the JSON record: orbax keeps them only for `best_fn`.
+    meta = dict(meta, metrics=metrics or {})
     self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
@@ -44,7 +46,16 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self.manager.best_step() if self.best_metric else None
+    """The kept step with the highest `best_metric`."""
+    if not self.best_metric:
+      return None
+    scored = []
+    for step in self.manager.all_steps():
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      value = meta["meta"].get("metrics", {}).get(self.best_metric)
+      if value is not None:
+        scored.append((value, step))
+    return max(scored)[1] if scored else None
 
   def restore(self, abstract_state: Any, step: int | None = None):
     """(state, meta) at `step` (default: latest), restored into the abstract state's

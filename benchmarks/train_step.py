@@ -1,0 +1,142 @@
+"""Train-step and full RL-iteration throughput on the embedded SmolLM2-135M (float32, CPU).
+
+  python benchmarks/train_step.py [--prompts 4] [--group 4] [--new_tokens 32]
+
+Measures, in one run:
+  * a float32 matmul peak of this machine (XLA dot of 2048^3, best of several);
+  * tokens/s of the SCoRe train step (forward + backward + Adam) on real episodes, and
+    its achieved FLOP/s (6 * params * tokens + attention) as a fraction of that peak;
+  * one full RL iteration (two-turn rollout, rewards, reference log-probs, advantages,
+    update) with the share of time in each stage.
+Writes `train_step.md` and `train_step.json` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import score as score_config  # pylint: disable=g-import-not-at-top
+from jaxscore import evaluate as evaluate_lib
+from jaxscore import main as main_lib
+from jaxscore import objectives, rl, trainer
+from jaxscore import sampler as sampler_lib
+from jaxscore import train as train_lib
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--prompts", type=int, default=4)
+  parser.add_argument("--group", type=int, default=4)
+  parser.add_argument("--new_tokens", type=int, default=32)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  args = parser.parse_args()
+
+  c = score_config.get_config("cpu")
+  c.rl.prompts_per_step, c.rl.group_size = args.prompts, args.group
+  c.sampler.max_new_tokens = args.new_tokens
+  setup, params, _ = main_lib.build(c)
+  cfg = setup.cfg
+  peak = matmul_peak_flops()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+
+  score_cfg = objectives.ScoreConfig()
+  loss_cfg = train_lib.PolicyLossConfig()
+  opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
+  step_fn = jax.jit(train_lib.make_train_step(
+      lambda *a: train_lib.policy_gradient_loss(*a, cfg=cfg, loss_cfg=loss_cfg), opt),
+      donate_argnums=(0,))
+  ref_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
+  state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)
+  problems = setup.task.problems("train")
+  smp = evaluate_lib.make_sampler(
+      cfg, setup.fmt, setup.tokenizer, [len(setup.fmt.prompt_ids(p.prompt)) for p in problems],
+      2, args.new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)))
+  sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+
+  iterations = []
+  for i in range(args.steps + 1):  # The first iteration compiles.
+    rows = [p for p in trainer.batch_problems(problems, i, args.prompts, 0)
+            for _ in range(args.group)]
+    t0 = time.perf_counter()
+    ro = evaluate_lib.rollout(state.params, smp, setup.fmt, setup.tokenizer, setup.task, rows, 2,
+                              sampling, jax.random.key(i))
+    t1 = time.perf_counter()
+    # Scoring ran inside the rollout; time it again on the same texts to split it out.
+    for texts in ro.texts:
+      setup.task.score(ro.problems, texts)
+    score_s = time.perf_counter() - t1
+    t1 -= score_s
+    t2 = time.perf_counter()
+    batch, _ = trainer.to_batch(ro, ref_fn, setup.ref_params, "II", score_cfg, args.group, "k3")
+    jax.block_until_ready(batch)
+    t3 = time.perf_counter()
+    state, m = step_fn(state, batch, jax.random.key(i), setup.ref_params)
+    jax.block_until_ready(m)
+    t4 = time.perf_counter()
+    tokens = int(batch.tokens_BxL.size)
+    iterations.append(dict(rollout=t1 - t0, rewards=score_s, reference_and_advantages=t3 - t2,
+                           update=t4 - t3, tokens=tokens, total=t4 - t0 - score_s))
+  timed = iterations[1:]
+  mean = {k: float(np.mean([it[k] for it in timed])) for k in timed[0]}
+  b, l = batch.tokens_BxL.shape
+  # Forward + backward: 6 FLOPs per parameter per token, plus attention (QK^T and PV,
+  # forward and backward: 12 * layers * heads * head_dim * L per token).
+  flops = 6 * n_params * b * l + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * l * b * l
+  result = dict(
+      device=str(jax.devices()[0]), cpus=os.cpu_count(), params=n_params, batch=b, length=l,
+      matmul_peak_gflops=peak / 1e9, update_s=mean["update"],
+      update_tokens_per_s=mean["tokens"] / mean["update"],
+      update_gflops=flops / mean["update"] / 1e9,
+      update_fraction_of_peak=flops / mean["update"] / peak,
+      iteration_s=mean["total"], iteration_tokens_per_s=mean["tokens"] / mean["total"],
+      shares={k: mean[k] / mean["total"] for k in
+              ("rollout", "rewards", "reference_and_advantages", "update")})
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "train_step.json").write_text(json.dumps(result, indent=2))
+  lines = [
+      "# Train-step benchmark (generated by benchmarks/train_step.py)", "",
+      f"Embedded SmolLM2-135M ({n_params / 1e6:.1f}M params), float32, {result['device']}, "
+      f"{result['cpus']} CPUs. Batch {b} episodes ({args.prompts} prompts x {args.group}), "
+      f"{l} tokens each (two turns of up to {args.new_tokens} new tokens). Mean of "
+      f"{args.steps} iterations after a compiling one.", "",
+      "| measure | value |", "|---|---|",
+      f"| float32 matmul peak (XLA, 2048^3) | {result['matmul_peak_gflops']:.1f} GFLOP/s |",
+      f"| train step time | {result['update_s']:.2f} s |",
+      f"| train step tokens/s | {result['update_tokens_per_s']:.0f} |",
+      f"| train step achieved | {result['update_gflops']:.1f} GFLOP/s "
+      f"({100 * result['update_fraction_of_peak']:.0f}% of peak) |",
+      f"| full RL iteration | {result['iteration_s']:.2f} s "
+      f"({result['iteration_tokens_per_s']:.0f} tokens/s) |"]
+  lines += [f"| share: {k} | {100 * v:.0f}% |" for k, v in result["shares"].items()]
+  (out / "train_step.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,154 @@
+"""Checkpoints: exact resume, latest-K plus best, kill -9 mid-save, SIGTERM."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import require_embedded
+from jaxscore import checkpoint as checkpoint_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_keeps_latest_and_best(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=1)
+  for step, reward in ((1, 5.0), (2, 1.0), (3, 2.0), (4, 0.5)):
+    ckpt.save(step, {"w": jnp.full((3,), float(step))}, {"step": step}, {"reward": reward})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [1, 4]
+  assert ckpt.best_step() == 1
+  state, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, step=1)
+  np.testing.assert_array_equal(state["w"], 1.0)
+  assert meta == {"step": 1, "metrics": {"reward": 5.0}}
+  ckpt.close()
+
+
+_KILL_MID_SAVE = textwrap.dedent("""
+    import sys, time, numpy as np, jax.numpy as jnp
+    from jaxscore import checkpoint
+    ckpt = checkpoint.Checkpointer(sys.argv[1], keep=3, best_metric=None)
+    ckpt.save(1, {"w": jnp.full((8,), 1.0), "big": jnp.zeros((4,))}, {"step": 1})
+    ckpt.wait()
+    big = np.random.default_rng(0).standard_normal(96 * 1024 * 1024).astype(np.float32)
+    ckpt.save(2, {"w": jnp.full((8,), 2.0), "big": jnp.asarray(big[:4])}, {"step": 2})
+    ckpt.wait()
+    ckpt.save(3, {"w": jnp.full((8,), 3.0), "big": jnp.asarray(big)}, {"step": 3})
+    print("SAVING", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_kill_9_during_a_save_leaves_previous_checkpoint_restorable(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-c", _KILL_MID_SAVE, str(tmp_path)],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  assert proc.stdout.readline().strip() == "SAVING"
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  assert ckpt.latest_step() == 2, "the interrupted save must not be visible"
+  abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32),
+              "big": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  state, meta = ckpt.restore(abstract)
+  np.testing.assert_array_equal(state["w"], 2.0)
+  assert meta["step"] == 2
+  ckpt.close()
+
+
+# ---------------------------------------------------------------------------
+# The full loop on a tiny random model with the embedded tokenizer.
+
+
+def _tiny_setup():
+  from jaxscore import chat, model as model_lib, tasks, tokenizer as tokenizer_lib, trainer
+
+  tok = tokenizer_lib.load_tokenizer(require_embedded())
+  cfg = model_lib.ModelConfig(vocab_size=len(tok), num_layers=1, embed_dim=16, num_heads=2,
+                              num_kv_heads=1, mlp_dim=32, tie_embeddings=True)
+  params = model_lib.init(cfg, jax.random.key(0), stddev=0.5)
+  task = tasks.make_task("arithmetic", level="add1")
+  setup = trainer.RLSetup(cfg=cfg, tokenizer=tok, fmt=chat.ChatFormat(tok), task=task,
+                          ref_params=jax.tree.map(jnp.copy, params))
+  return setup, params
+
+
+def _config(**rl):
+  import sys as _sys
+
+  _sys.path.insert(0, str(ROOT))
+  from configs import score
+
+  c = score.get_config("cpu,runlocal")
+  c.rl.stages = "I:2,II:2"
+  c.rl.prompts_per_step, c.rl.group_size = 2, 2
+  c.sampler.max_new_tokens = 4
+  c.checkpoint.every_steps = 1
+  c.log.transcripts_every = 1
+  for k, v in rl.items():
+    setattr(c.rl, k, v)
+  return c
+
+
+def _metrics(workdir):
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in lines]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_where_training_stopped(tmp_path):
+  from jaxscore import trainer
+
+  setup, params = _tiny_setup()
+  c = _config()
+  straight, _ = trainer.train(c, setup, params, tmp_path / "a")
+  half, info = trainer.train(c, setup, params, tmp_path / "b", stop_after=2)
+  assert info["step"] == 2 and int(half.step) == 2
+  resumed, info = trainer.train(c, setup, params, tmp_path / "b")
+  assert info["step"] == 4
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+  assert len(_metrics(tmp_path / "a")) == 4
+  transcripts = (tmp_path / "a" / "transcripts.jsonl").read_text().splitlines()
+  assert len(transcripts) == 4 * 4 and "attempts" in json.loads(transcripts[0])
+
+
+_SIGTERM = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+    import test_checkpoint as t
+    from jaxscore import trainer
+    setup, params = t._tiny_setup()
+    c = t._config()
+    c.rl.stages = "I:50,II:50"
+    c.checkpoint.every_steps = 1000
+    state, info = trainer.train(c, setup, params, sys.argv[1])
+    print("EXIT", info, flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exit(tmp_path):
+  require_embedded()
+  proc = subprocess.Popen([sys.executable, "-c", _SIGTERM, str(tmp_path), str(ROOT)],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    assert time.time() < deadline and proc.poll() is None
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and "'preempted': True" in out
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] >= 2  # Saved although every_steps is 1000.
