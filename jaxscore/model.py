@@ -121,9 +121,15 @@ def param_axes(cfg: ModelConfig) -> Params:
   return axes
 
 
+# Activations and the cache have names of their own, so a rules table can shard a
+# parameter's `embed` over fsdp while keeping activations' embed whole.
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+
+
 def cache_axes() -> Cache:
-  kv = ("layers", "batch", "kv_heads", "cache_sequence", "head_dim")
-  return Cache(k_LxBxKxSxH=kv, v_LxBxKxSxH=kv, end_B=("batch",))
+  kv = ("layers", "cache_batch", "cache_kv_heads", "cache_sequence", "head_dim")
+  return Cache(k_LxBxKxSxH=kv, v_LxBxKxSxH=kv, end_B=("cache_batch",))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -248,7 +254,7 @@ def _mlp(x_BxTxD, lp, dtype):
   gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["gate"].astype(dtype))
   up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["up"].astype(dtype))
   h_BxTxF = nn.with_logical_constraint(jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                                       ("batch", "sequence", "mlp"))
+                                       ACT_MLP)
   return jnp.einsum("btf,fd->btd", h_BxTxF, lp["down"].astype(dtype))
 
 
@@ -273,7 +279,7 @@ def _block(x_BxTxD, lp, cfg, positions_BxT, inv_freq, attend):
   x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", attn_BxTxNxH, lp["o"].astype(dtype))
   h = rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_norm_eps)
   x_BxTxD = x_BxTxD + _mlp(h, lp, dtype)
-  return nn.with_logical_constraint(x_BxTxD, ("batch", "sequence", "embed")), extra
+  return nn.with_logical_constraint(x_BxTxD, ACT_EMBED), extra
 
 
 def embed(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -325,7 +331,7 @@ def apply(
   mask_BxT = mask_BxT.astype(jnp.bool_)
   inv_freq = rope_inv_freq(cfg)
   x_BxTxD = nn.with_logical_constraint(embed(params, tokens_BxT, cfg),
-                                       ("batch", "sequence", "embed"))
+                                       ACT_EMBED)
   if cache is None:
     if positions_BxT is None:
       positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)

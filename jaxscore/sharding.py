@@ -1,0 +1,151 @@
+"""Device meshes and the rules that map logical axis names to mesh axes.
+
+The model names every parameter, cache and large-activation axis (see
+`model.param_axes`, `model.cache_axes`, `model.ACT_EMBED`); a topology is a small rules
+table from those names to the mesh axes `data`, `fsdp` and `tensor`:
+
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  with activate(mesh, RULES["fsdp_tp"]):
+    params = init_sharded(cfg, rng, mesh, RULES["fsdp_tp"])    # created in place
+    state, metrics = jax.jit(train_step)(state, shard_batch(batch, mesh, rules), rng)
+
+Outside `activate`, the model's constraints are no-ops and everything runs on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxscore import model as model_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
+
+_BATCH = ("data", "fsdp")
+RULES: dict[str, Rules] = {
+    # Replicated weights, batch split over every device.
+    "data_parallel": (
+        ("activation_batch", _BATCH), ("cache_batch", _BATCH), ("batch", _BATCH)),
+    # Weights split over fsdp along `embed`; gathered per layer by XLA.
+    "fsdp": (
+        ("activation_batch", _BATCH), ("cache_batch", _BATCH), ("batch", _BATCH),
+        ("embed", "fsdp")),
+    # fsdp plus Megatron-style tensor parallelism of heads, mlp and vocab.
+    "fsdp_tp": (
+        ("activation_batch", _BATCH), ("cache_batch", _BATCH), ("batch", _BATCH),
+        ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"),
+        ("cache_kv_heads", "tensor"), ("mlp", "tensor"), ("activation_mlp", "tensor"),
+        ("vocab", "tensor")),
+}
+
+
+class ShardingError(ValueError):
+  """A mesh that does not fit the devices, or an axis that does not divide a dimension."""
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ShardingError("at most one mesh axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide "
+                          f"{len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                        f"devices, but there are {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules):
+  """Makes the model's logical constraints shard over `mesh` by `rules`."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(a, str) for a in x)
+
+
+def spec(axes: Sequence[str], rules: Rules) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(tuple(axes), rules)
+
+
+def shardings(axes_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a pytree of logical-axis tuples."""
+  return jax.tree.map(lambda a: NamedSharding(mesh, spec(a, rules)), axes_tree,
+                      is_leaf=_is_axes)
+
+
+def check_divisible(shapes_tree: Any, axes_tree: Any, mesh: Mesh, rules: Rules) -> None:
+  """Raises ShardingError naming the first dimension a mesh axis does not divide."""
+  flat_axes = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)[0]
+  flat_shapes = jax.tree.leaves(shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+  for (path, axes), shape in zip(flat_axes, flat_shapes):
+    for dim, (name, mesh_axes) in enumerate(zip(axes, spec(axes, rules))):
+      if mesh_axes is None:
+        continue
+      mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      size = math.prod(mesh.shape[a] for a in mesh_axes)
+      if shape[dim] % size:
+        raise ShardingError(
+            f"{jax.tree_util.keystr(path)}: dimension {dim} ({name}={shape[dim]}) is not "
+            f"divisible by mesh axes {mesh_axes} of size {size}")
+
+
+def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+  """Shardings of every parameter, after checking each sharded dimension divides."""
+  axes = model_lib.param_axes(cfg)
+  check_divisible(model_lib.param_shapes(cfg), axes, mesh, rules)
+  return shardings(axes, mesh, rules)
+
+
+def init_sharded(cfg: model_lib.ModelConfig, rng: jax.Array, mesh: Mesh, rules: Rules,
+                 stddev: float = 0.02) -> Any:
+  """Random params created directly in their shardings (no full host copy)."""
+  out = param_shardings(cfg, mesh, rules)
+  return jax.jit(functools.partial(model_lib.init, cfg, stddev=stddev), out_shardings=out)(rng)
+
+
+def put_params(params: Any, cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+  """Places host params (e.g. just imported) into their shardings."""
+  return jax.device_put(params, param_shardings(cfg, mesh, rules))
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+  """Splits every array of a batch along its leading (batch) axis."""
+  batch_axes = dict(rules).get("batch")
+  sharding = NamedSharding(mesh, PartitionSpec(batch_axes))
+  size = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str)
+                                           else batch_axes or ()))
+
+  def put(x):
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    if x.ndim == 0:
+      return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    if x.shape[0] % size:
+      raise ShardingError(f"batch dimension {x.shape[0]} is not divisible by the "
+                          f"{size} devices of mesh axes {batch_axes}")
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, batch)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
