@@ -128,3 +128,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       raise ValueError(f"unknown option {option!r} (runlocal)")
   c.lock()
   return c
+
+
+def get_sweep(arg: str = "cpu") -> list[dict]:
+  """Overrides swept by `python -m jaxscore.sweep --config=configs/score.py:<arg>`."""
+  del arg
+  return [{"rl.alpha": alpha, "optim.learning_rate": lr}
+          for alpha in (1.0, 10.0) for lr in (1e-5, 2e-5)]
