@@ -123,6 +123,20 @@ def init_sharded(cfg: model_lib.ModelConfig, rng: jax.Array, mesh: Mesh, rules: 
   return jax.jit(functools.partial(model_lib.init, cfg, stddev=stddev), out_shardings=out)(rng)
 
 
+def state_shardings(optimizer, params_abstract: Any, params_shardings: Any, mesh: Mesh):
+  """Shardings of a TrainState: optimizer moments follow their parameters; counters
+  and other scalars are replicated."""
+  import optax
+
+  from jaxscore import train as train_lib
+
+  state = jax.eval_shape(lambda p: train_lib.TrainState.create(p, optimizer), params_abstract)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, params_shardings,
+                              transform_non_params=lambda _: replicated)
+  return train_lib.TrainState(step=replicated, params=params_shardings, opt_state=opt)
+
+
 def put_params(params: Any, cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
   """Places host params (e.g. just imported) into their shardings."""
   return jax.device_put(params, param_shardings(cfg, mesh, rules))
