@@ -66,6 +66,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.optim.max_grad_norm = 1.0  # 0 disables clipping.
   c.optim.grad_accum_steps = 1  # Micro-batches per optimizer update.
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices along each mesh axis; -1 takes the rest.
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = "data_parallel"  # data_parallel | fsdp | fsdp_tp (jaxscore.sharding.RULES)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50  # Also saved at the end and on SIGTERM.
   c.checkpoint.keep = 2  # The last `keep`, plus the best training reward.

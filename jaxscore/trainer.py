@@ -25,6 +25,7 @@ from jaxscore import evaluate as evaluate_lib
 from jaxscore import model as model_lib
 from jaxscore import objectives, rl
 from jaxscore import sampler as sampler_lib
+from jaxscore import sharding
 from jaxscore import train as train_lib
 
 
@@ -160,96 +161,125 @@ def train(c, setup: RLSetup, params, workdir: str | pathlib.Path, *, stop_after:
     workdir: checkpoints, metrics.jsonl, tensorboard/, transcripts.jsonl.
     stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
   """
-  workdir = pathlib.Path(workdir)
-  stages = parse_stages(c.rl.stages)
-  total = sum(s for _, s in stages)
-  score_cfg = objectives.ScoreConfig(
-      alpha=c.rl.alpha, beta1=c.rl.beta1, beta2=c.rl.beta2, gamma=c.rl.gamma,
-      advantage=c.rl.advantage, kl_in_reward=c.rl.kl_in_reward)
-  loss_cfg = train_lib.PolicyLossConfig(
-      kl_estimator=c.rl.kl_estimator, kl_in_reward=c.rl.kl_in_reward,
-      policy_loss=c.rl.policy_loss, clip_eps=c.rl.clip_eps, aggregation=c.rl.aggregation,
-      num_turns=c.sampler.num_turns)
-  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
-  loss_fn = lambda *a: train_lib.policy_gradient_loss(*a, cfg=setup.cfg, loss_cfg=loss_cfg)
-  train_step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=(0,))
-  ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, setup.cfg)[0])
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+  rules = sharding.RULES[c.mesh.rules]
+  with sharding.activate(mesh, rules):
+    run = Run(c, setup, pathlib.Path(workdir), mesh, rules)
+    state, ref_params = run.initial_state(params)
+    return run.loop(state, ref_params, stop_after)
 
-  # The state owns its buffers: train_step donates them, and `params` may be the
-  # very arrays the reference uses.
-  state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep,
-                                     async_save=c.checkpoint.async_save)
-  restored = ckpt.restore(checkpoint_lib.abstract_like(state))
-  if restored is not None:
-    state, meta = restored
-    print(f"resumed from step {meta['step']} ({workdir / 'checkpoints'})")
 
-  problems = setup.task.problems(c.task.train_split)
-  group = c.rl.group_size
-  prompts = [len(setup.fmt.prompt_ids(p.prompt)) for p in problems]
-  smp = evaluate_lib.make_sampler(setup.cfg, setup.fmt, setup.tokenizer, prompts,
-                                  c.sampler.num_turns, c.sampler.max_new_tokens,
-                                  len(setup.fmt.instruction_ids(setup.task.instruction)))
-  sampling = sampler_lib.SamplingConfig(temperature=c.sampler.temperature, top_k=c.sampler.top_k,
-                                        top_p=c.sampler.top_p,
-                                        max_new_tokens=c.sampler.max_new_tokens)
-  writer = MetricsWriter(workdir)
-  base_rng = jax.random.key(c.seed)
-  running: dict[str, float] = {}
-  step = int(state.step)
-  first = step
-  from tqdm import tqdm
+class Run:
+  """The compiled functions and fixed inputs of one training run."""
 
-  bar = tqdm(total=total, initial=step, desc="SCoRe", dynamic_ncols=True, disable=None)
-  with _Preemption() as preempt, concurrent.futures.ThreadPoolExecutor(2) as pool:
-    while step < total:
-      stage = stage_at(stages, step)
-      t0 = time.perf_counter()
-      rows = [p for p in batch_problems(problems, step, c.rl.prompts_per_step, c.seed)
-              for _ in range(group)]
-      rng = jax.random.fold_in(base_rng, step)
-      ro = evaluate_lib.rollout(state.params, smp, setup.fmt, setup.tokenizer, setup.task,
-                                rows, c.sampler.num_turns, sampling, rng, score_pool=pool)
-      t_rollout = time.perf_counter() - t0
-      batch, returns = to_batch(ro, ref_logp_fn, setup.ref_params, stage, score_cfg, group,
-                                c.rl.kl_estimator)
-      state, m = train_step(state, batch, rng, setup.ref_params)
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      step = int(state.step)
-      rewards = ro.rewards_BxN()
-      m |= {f"reward/t{t + 1}": float(rewards[:, t].mean()) for t in range(rewards.shape[1])}
-      m |= {"reward/return": float(np.asarray(returns).sum(1).mean()), "stage": stage,
-            "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
-      m["reward"] = float(rewards.sum(1).mean())
-      if not np.isfinite(m["loss"]):
-        ckpt.close()
-        raise FloatingPointError(f"step {step}: loss is {m['loss']}; last good checkpoint "
-                                 f"is step {ckpt.latest_step()} in {workdir / 'checkpoints'}")
-      for k in ("reward/t1", "reward/t2"):
-        if k in m:
-          running[k] = m[k] if k not in running else 0.9 * running[k] + 0.1 * m[k]
-      writer.write(step, m)
-      bar.update(1)
-      bar.set_postfix(stage=stage, reward=f"{m['reward']:.2f}",
-                      **{f"acc{k[-2:]}": f"{v:.2f}" for k, v in running.items()})
-      if c.log.transcripts_every and step % c.log.transcripts_every == 0:
-        _write_transcripts(workdir, step, ro, c.log.num_transcripts)
-      done = step >= total or preempt.requested or (
-          stop_after is not None and step - first >= stop_after)
-      if step % c.checkpoint.every_steps == 0 or done:
-        ckpt.save(step, state, {"step": step, "stage": stage},
-                  metrics={"reward": m["reward"]})
-      if done:
-        break
-  bar.close()
-  writer.close()
-  ckpt.wait()
-  info = {"step": step, "best_step": ckpt.best_step(), "preempted": preempt.requested}
-  ckpt.close()
-  if preempt.requested:
-    print(f"SIGTERM: saved step {step}; rerun the same command to resume")
-  return state, info
+  def __init__(self, c, setup: RLSetup, workdir: pathlib.Path, mesh, rules):
+    self.c, self.setup, self.workdir, self.mesh, self.rules = c, setup, workdir, mesh, rules
+    self.stages = parse_stages(c.rl.stages)
+    self.total = sum(s for _, s in self.stages)
+    self.score_cfg = objectives.ScoreConfig(
+        alpha=c.rl.alpha, beta1=c.rl.beta1, beta2=c.rl.beta2, gamma=c.rl.gamma,
+        advantage=c.rl.advantage, kl_in_reward=c.rl.kl_in_reward)
+    loss_cfg = train_lib.PolicyLossConfig(
+        kl_estimator=c.rl.kl_estimator, kl_in_reward=c.rl.kl_in_reward,
+        policy_loss=c.rl.policy_loss, clip_eps=c.rl.clip_eps, aggregation=c.rl.aggregation,
+        num_turns=c.sampler.num_turns)
+    self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    loss_fn = lambda *a: train_lib.policy_gradient_loss(*a, cfg=setup.cfg, loss_cfg=loss_cfg)
+    self.train_step = jax.jit(train_lib.make_train_step(loss_fn, self.optimizer),
+                              donate_argnums=(0,))
+    self.ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, setup.cfg)[0])
+    self.problems = setup.task.problems(c.task.train_split)
+    self.sampler = evaluate_lib.make_sampler(
+        setup.cfg, setup.fmt, setup.tokenizer,
+        [len(setup.fmt.prompt_ids(p.prompt)) for p in self.problems], c.sampler.num_turns,
+        c.sampler.max_new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)))
+    self.sampling = sampler_lib.SamplingConfig(
+        temperature=c.sampler.temperature, top_k=c.sampler.top_k, top_p=c.sampler.top_p,
+        max_new_tokens=c.sampler.max_new_tokens)
+    self.ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep,
+                                            async_save=c.checkpoint.async_save)
+
+  def initial_state(self, params):
+    """(state, reference params) in their shardings; the state restored if a checkpoint
+    exists. The state owns fresh buffers: train_step donates them, and `params` may be
+    the very arrays the reference uses."""
+    param_sh = sharding.param_shardings(self.setup.cfg, self.mesh, self.rules)
+    ref_params = jax.device_put(self.setup.ref_params, param_sh)
+    create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)
+    state_sh = sharding.state_shardings(self.optimizer, params, param_sh, self.mesh)
+    state = jax.jit(create, out_shardings=state_sh)(jax.device_put(params, param_sh))
+    restored = self.ckpt.restore(checkpoint_lib.abstract_like(state))
+    if restored is not None:
+      state, meta = restored
+      print(f"resumed from step {meta['step']} ({self.workdir / 'checkpoints'})")
+    return state, ref_params
+
+  def rl_step(self, state, ref_params, pool):
+    """rollout -> rewards -> reference log-probs -> advantages -> update."""
+    c, setup = self.c, self.setup
+    step = int(state.step)
+    stage = stage_at(self.stages, step)
+    t0 = time.perf_counter()
+    rows = [p for p in batch_problems(self.problems, step, c.rl.prompts_per_step, c.seed)
+            for _ in range(c.rl.group_size)]
+    rng = jax.random.fold_in(jax.random.key(c.seed), step)
+    ro = evaluate_lib.rollout(state.params, self.sampler, setup.fmt, setup.tokenizer,
+                              setup.task, rows, c.sampler.num_turns, self.sampling, rng,
+                              score_pool=pool)
+    t_rollout = time.perf_counter() - t0
+    batch, returns = to_batch(ro, self.ref_logp_fn, ref_params, stage, self.score_cfg,
+                              c.rl.group_size, c.rl.kl_estimator)
+    state, m = self.train_step(state, sharding.shard_batch(batch, self.mesh, self.rules), rng,
+                               ref_params)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    rewards = ro.rewards_BxN()
+    m |= {f"reward/t{t + 1}": float(rewards[:, t].mean()) for t in range(rewards.shape[1])}
+    m |= {"reward": float(rewards.sum(1).mean()), "stage": stage,
+          "reward/return": float(np.asarray(returns).sum(1).mean()),
+          "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+    if not np.isfinite(m["loss"]):
+      self.ckpt.close()
+      raise FloatingPointError(
+          f"step {step + 1}: loss is {m['loss']}; the last good checkpoint is step "
+          f"{self.ckpt.latest_step()} in {self.workdir / 'checkpoints'}")
+    return state, m, ro
+
+  def loop(self, state, ref_params, stop_after):
+    from tqdm import tqdm
+
+    c = self.c
+    writer = MetricsWriter(self.workdir)
+    step = first = int(state.step)
+    running: dict[str, float] = {}
+    bar = tqdm(total=self.total, initial=step, desc="SCoRe", dynamic_ncols=True, disable=None)
+    with _Preemption() as preempt, concurrent.futures.ThreadPoolExecutor(2) as pool:
+      while step < self.total:
+        state, m, ro = self.rl_step(state, ref_params, pool)
+        step = int(state.step)
+        for k in ("reward/t1", "reward/t2"):
+          if k in m:
+            running[k] = m[k] if k not in running else 0.9 * running[k] + 0.1 * m[k]
+        writer.write(step, m)
+        bar.update(1)
+        bar.set_postfix(stage=m["stage"], reward=f"{m['reward']:.2f}",
+                        **{f"acc{k[-2:]}": f"{v:.2f}" for k, v in running.items()})
+        if c.log.transcripts_every and step % c.log.transcripts_every == 0:
+          _write_transcripts(self.workdir, step, ro, c.log.num_transcripts)
+        done = step >= self.total or preempt.requested or (
+            stop_after is not None and step - first >= stop_after)
+        if step % c.checkpoint.every_steps == 0 or done:
+          self.ckpt.save(step, state, {"step": step, "stage": m["stage"]},
+                         metrics={"reward": m["reward"]})
+        if done:
+          break
+    bar.close()
+    writer.close()
+    self.ckpt.wait()
+    info = {"step": step, "best_step": self.ckpt.best_step(), "preempted": preempt.requested}
+    self.ckpt.close()
+    if preempt.requested:
+      print(f"SIGTERM: saved step {step}; rerun the same command to resume")
+    return state, info
 
 
 def _write_transcripts(workdir: pathlib.Path, step: int, ro, n: int) -> None:

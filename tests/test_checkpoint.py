@@ -152,3 +152,44 @@ def test_sigterm_saves_before_exit(tmp_path):
   assert proc.returncode == 0 and "'preempted': True" in out
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] >= 2  # Saved although every_steps is 1000.
+
+
+_MESH_RUN = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+    import jax
+    import test_checkpoint as t
+    from jaxscore import trainer
+    assert jax.device_count() == 4
+    setup, params = t._tiny_setup()
+    c = t._config()
+    c.rl.stages = "I:1,II:1"
+    c.mesh.data = 4
+    state, info = trainer.train(c, setup, params, sys.argv[1])
+    print("SHARDS", len(jax.tree.leaves(state.params)[0].sharding.device_set))
+""")
+
+
+@pytest.mark.slow
+def test_training_loop_on_4_devices_matches_one_device(tmp_path):
+  from jaxscore import trainer
+
+  setup, params = _tiny_setup()
+  c = _config()
+  c.rl.stages = "I:1,II:1"
+  trainer.train(c, setup, params, tmp_path / "one")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _MESH_RUN, str(tmp_path / "four"), str(ROOT)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "SHARDS 4" in out.stdout
+  one, four = _metrics(tmp_path / "one"), _metrics(tmp_path / "four")
+  assert len(one) == len(four) == 2
+  for a, b in zip(one, four):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(a[k], float):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+      else:
+        assert a[k] == b[k], k
