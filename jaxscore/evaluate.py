@@ -12,53 +12,68 @@ import jax
 import numpy as np
 
 from jaxscore import sampler as sampler_lib
+from jaxscore import sharding
 from jaxscore.tasks import base
 
 
 @dataclasses.dataclass
 class Rollouts:
-  """Texts and token ids per turn of a batch of episodes, and their scores."""
+  """Texts and token ids per turn of a batch of episodes, and their rewards.
+
+  With several processes, each scores the rows it holds (`rows`, a slice); `scores`
+  covers those rows and `rewards` all rows, gathered.
+  """
 
   problems: list[base.Problem]
   texts: list[list[str]]  # [turn][row]
   ids: list[list[list[int]]]  # [turn][row]
-  scores: list[list[base.Score]]  # [turn][row]
+  scores: list[list[base.Score]]  # [turn][row in `rows`]
+  rewards: np.ndarray  # B x N
+  rows: slice
   episode: sampler_lib.Episode
 
   def rewards_BxN(self) -> np.ndarray:
-    return np.array([[s.reward for s in turn] for turn in self.scores], np.float32).T
+    return self.rewards
 
 
-def make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens, instruction_len):
+def make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens, instruction_len,
+                 batch_sharding=None):
   stop_ids = sorted({tokenizer.eos_token_id, fmt.end_of_turn_id} - {None})
   max_len = sampler_lib.bucket(max(prompt_lens) + num_turns * (max_new_tokens + 1)
                                + (num_turns - 1) * (instruction_len + 1), minimum=64)
   return sampler_lib.Sampler(cfg, max_len=max_len, stop_ids=stop_ids,
                              end_of_turn_id=fmt.end_of_turn_id,
-                             pad_id=tokenizer.pad_token_id or 0)
+                             pad_id=tokenizer.pad_token_id or 0, batch_sharding=batch_sharding)
 
 
 def rollout(params, smp: sampler_lib.Sampler, fmt, tokenizer, task, problems: Sequence[base.Problem],
             num_turns: int, sampling: sampler_lib.SamplingConfig, rng, score_pool=None) -> Rollouts:
-  """Samples `num_turns` attempts per problem, scoring each turn while the next samples."""
+  """Samples `num_turns` attempts per problem, scoring each turn while the next samples.
+
+  With a multi-process sampler, each process tokenizes, feeds and scores only its rows.
+  """
   instruction = fmt.instruction_ids(task.instruction)
-  state = smp.start([fmt.prompt_ids(p.prompt) for p in problems], rng)
+  mine = slice(*sharding.process_rows(len(problems)))
+  feed = problems[mine] if smp.batch_sharding is not None else problems
+  state = smp.start([fmt.prompt_ids(p.prompt) for p in feed], rng)
   texts, ids, pending = [], [], []
   for turn in range(1, num_turns + 1):
     if turn > 1:
-      state = smp.add_message(state, [instruction] * len(problems))
+      state = smp.add_message(state, [instruction] * len(feed))
     state = smp.generate(params, state, sampling)
     turn_ids = smp.episode(state).response_ids(turn)
     turn_texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in turn_ids]
     texts.append(turn_texts)
     ids.append(turn_ids)
-    # Rewards run on the host (or in worker processes) while the device samples on.
-    if score_pool is not None:
-      pending.append(score_pool.submit(task.score, list(problems), turn_texts))
-    else:
-      pending.append(task.score(list(problems), turn_texts))
+    # Rewards run on the host (or in worker processes) while the device samples on;
+    # each process scores the rows it holds.
+    args = (list(problems[mine]), turn_texts[mine])
+    pending.append(score_pool.submit(task.score, *args) if score_pool is not None
+                   else task.score(*args))
   scores = [p.result() if hasattr(p, "result") else p for p in pending]
-  return Rollouts(list(problems), texts, ids, scores, smp.episode(state))
+  local = np.array([[s.reward for s in turn] for turn in scores], np.float32).T
+  return Rollouts(list(problems), texts, ids, scores, sharding.gather_rows(local), mine,
+                  smp.episode(state))
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
@@ -106,10 +121,14 @@ def evaluate(params, cfg, tokenizer, fmt, task, problems: Sequence[base.Problem]
     for t in range(num_turns):
       ids[t] += ro.ids[t][:len(chunk)]
     for i, p in enumerate(chunk):
+      # Another process scored rows outside ours: their rewards arrive, not the details.
+      local = ro.rows.start <= i < ro.rows.stop
+      detail = lambda t, f: getattr(ro.scores[t][i - ro.rows.start], f) if local else None
       records.append({"id": p.id, "prompt": p.prompt, "answer": p.answer,
                       "attempts": [ro.texts[t][i] for t in range(num_turns)],
-                      "extracted": [ro.scores[t][i].extracted for t in range(num_turns)],
-                      "reasons": [ro.scores[t][i].reason for t in range(num_turns)]})
+                      "rewards": [float(ro.rewards[i, t]) for t in range(num_turns)],
+                      "extracted": [detail(t, "extracted") for t in range(num_turns)],
+                      "reasons": [detail(t, "reason") for t in range(num_turns)]})
   result = metrics(np.concatenate(rewards), ids)
   result["num_problems"] = len(problems)
   return result, records

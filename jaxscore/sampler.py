@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscore import model as model_lib
+from jaxscore import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Episode:
 
   def response_ids(self, turn: int) -> list[list[int]]:
     """Token ids each row sampled in `turn` (1-based), on the host."""
-    tokens, turns = np.asarray(self.tokens_BxL), np.asarray(self.turn_BxL)
+    tokens, turns = sharding.to_host(self.tokens_BxL), sharding.to_host(self.turn_BxL)
     return [row[t == turn].tolist() for row, t in zip(tokens, turns)]
 
 
@@ -120,7 +121,7 @@ class Sampler:
 
   def __init__(self, cfg: model_lib.ModelConfig, *, max_len: int,
                stop_ids: Sequence[int], end_of_turn_id: int | None = None,
-               pad_id: int = 0):
+               pad_id: int = 0, batch_sharding: jax.sharding.Sharding | None = None):
     """
     Args:
       cfg: the model.
@@ -129,6 +130,8 @@ class Sampler:
       end_of_turn_id: closes a reply that stopped at the length limit before the next
         message is added (chat formats); None for plain concatenation.
       pad_id: filler for unused slots.
+      batch_sharding: how rows are split over devices. With several processes each
+        passes only its own rows to `start` and `add_message`, in process order.
     """
     if not stop_ids:
       raise ValueError("stop_ids is empty: at least EOS is needed")
@@ -137,6 +140,7 @@ class Sampler:
     self.stop_ids = tuple(int(i) for i in stop_ids)
     self.end_of_turn_id = end_of_turn_id
     self.pad_id = pad_id
+    self.batch_sharding = batch_sharding
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
                             donate_argnames=("state",))
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
@@ -145,10 +149,17 @@ class Sampler:
 
   # -- Host-side entry points. ----------------------------------------------
 
+  def _rows(self, local: np.ndarray) -> jax.Array:
+    """This process's rows -> the global batch array."""
+    if self.batch_sharding is None:
+      return jnp.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+    return jax.make_array_from_process_local_data(self.batch_sharding, local, global_shape)
+
   def start(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SamplerState:
-    """A fresh state holding each row's prompt."""
-    b = len(prompts)
-    tokens = np.full((b, self.max_len), self.pad_id, np.int32)
+    """A fresh state holding each row's prompt (this process's rows)."""
+    b = len(prompts) * jax.process_count() if self.batch_sharding is not None else len(prompts)
+    tokens = np.full((len(prompts), self.max_len), self.pad_id, np.int32)
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() == 0:
       raise ValueError("empty prompt")
@@ -157,10 +168,10 @@ class Sampler:
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
     return SamplerState(
-        tokens_BxL=jnp.asarray(tokens),
+        tokens_BxL=self._rows(tokens),
         logp_BxL=jnp.zeros((b, self.max_len), jnp.float32),
         turn_BxL=jnp.zeros((b, self.max_len), jnp.int32),
-        length_B=jnp.asarray(lengths),
+        length_B=self._rows(lengths),
         done_B=jnp.zeros((b,), bool),
         turn=jnp.zeros((), jnp.int32),
         cache=model_lib.init_cache(self.cfg, b, self.max_len),
@@ -186,14 +197,15 @@ class Sampler:
 
   def add_message(self, state: SamplerState,
                   messages: Sequence[Sequence[int]]) -> SamplerState:
-    """Appends each row's next message (e.g. the instruction) after its last token."""
+    """Appends each row's next message (e.g. the instruction) after its last token
+    (this process's rows)."""
     b = len(messages)
     width = bucket(max(len(m) for m in messages))
     msg = np.full((b, width), self.pad_id, np.int32)
     for i, m in enumerate(messages):
       msg[i, :len(m)] = m
-    return self._append(state, jnp.asarray(msg),
-                        jnp.asarray([len(m) for m in messages], jnp.int32))
+    return self._append(state, self._rows(msg),
+                        self._rows(np.array([len(m) for m in messages], np.int32)))
 
   def episode(self, state: SamplerState) -> Episode:
     return Episode(tokens_BxL=state.tokens_BxL, logp_BxL=state.logp_BxL,

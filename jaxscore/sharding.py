@@ -163,3 +163,29 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def to_host(x: Any) -> np.ndarray:
+  """A numpy copy of a whole array, gathering shards held by other processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def process_rows(num_rows: int) -> tuple[int, int]:
+  """[start, stop) of the rows this process owns (contiguous blocks in process order)."""
+  n, i = jax.process_count(), jax.process_index()
+  if num_rows % n:
+    raise ShardingError(f"{num_rows} rows do not split over {n} processes")
+  return i * num_rows // n, (i + 1) * num_rows // n
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """Concatenates every process's rows, in process order."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(local, tiled=True))

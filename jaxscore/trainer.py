@@ -75,7 +75,7 @@ def to_batch(ro: evaluate_lib.Rollouts, ref_logp_fn, ref_params, stage: str,
              score_cfg: objectives.ScoreConfig, group_size: int, kl_estimator: str):
   """Rollouts -> (RLBatch, returns_BxN): reference log-probs and advantages."""
   ep = ro.episode
-  length = int(np.max(np.asarray(ep.length_B)))
+  length = int(np.max(sharding.to_host(ep.length_B)))
   # Multiples of 64: few distinct shapes (few compiles) without doubling the work.
   width = min(-(-length // 64) * 64, ep.tokens_BxL.shape[1])
   tokens = ep.tokens_BxL[:, :width]
@@ -192,7 +192,9 @@ class Run:
     self.sampler = evaluate_lib.make_sampler(
         setup.cfg, setup.fmt, setup.tokenizer,
         [len(setup.fmt.prompt_ids(p.prompt)) for p in self.problems], c.sampler.num_turns,
-        c.sampler.max_new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)))
+        c.sampler.max_new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)),
+        batch_sharding=sharding.NamedSharding(
+            mesh, sharding.PartitionSpec(dict(rules)["batch"])))
     self.sampling = sampler_lib.SamplingConfig(
         temperature=c.sampler.temperature, top_k=c.sampler.top_k, top_p=c.sampler.top_p,
         max_new_tokens=c.sampler.max_new_tokens)
@@ -291,4 +293,4 @@ def _write_transcripts(workdir: pathlib.Path, step: int, ro, n: int) -> None:
           "step": step, "id": ro.problems[i].id, "prompt": ro.problems[i].prompt,
           "answer": ro.problems[i].answer,
           "attempts": [ro.texts[t][i] for t in range(len(ro.texts))],
-          "rewards": [ro.scores[t][i].reward for t in range(len(ro.scores))]}) + "\n")
+          "rewards": ro.rewards[i].tolist()}) + "\n")

@@ -1,0 +1,36 @@
+"""One process of a two-process run on 127.0.0.1 (see test_multihost.py).
+
+  python tests/multihost_check.py PORT PROCESS_ID WORKDIR
+"""
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from jaxscore import distributed, sharding, trainer  # pylint: disable=g-import-not-at-top
+
+port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+
+import test_checkpoint as t  # pylint: disable=g-import-not-at-top
+
+setup, params = t._tiny_setup()
+c = t._config()
+c.rl.stages = "I:2,II:1"
+state, info = trainer.train(c, setup, params, workdir, stop_after=2)
+assert info["step"] == 2, info
+state, info = trainer.train(c, setup, params, workdir)  # Resumes from step 2.
+assert info["step"] == 3, info
+leaves = jax.tree.leaves(state.params)
+assert any(not x.is_fully_addressable for x in leaves)  # Really spread over both hosts.
+digest = float(sum(np.abs(sharding.to_host(x)).sum() for x in leaves))
+print("RESULT", json.dumps({"process": jax.process_index(), "step": info["step"],
+                            "digest": digest}), flush=True)
