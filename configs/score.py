@@ -72,6 +72,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.rules = "data_parallel"  # data_parallel | fsdp | fsdp_tp (jaxscore.sharding.RULES)
 
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = environment/auto.
+  c.distributed.num_processes = 0  # 0 = from the environment.
+  c.distributed.process_id = -1  # -1 = from the environment.
+  c.distributed.auto = False  # True on Cloud TPU VM slices: JAX finds everything itself.
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50  # Also saved at the end and on SIGTERM.
   c.checkpoint.keep = 2  # The last `keep`, plus the best training reward.

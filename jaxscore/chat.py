@@ -33,7 +33,18 @@ class Segments:
     return out
 
 
-class ChatFormat:
+class _Format:
+  """What both formats share: an episode from its pieces."""
+
+  def encode_episode(self, problem: str, attempts: Sequence[str],
+                     instructions: Sequence[str]) -> Segments:
+    return Segments(
+        prompt=self.prompt_ids(problem),
+        attempts=[self.attempt_ids(a) for a in attempts],
+        instructions=[self.instruction_ids(p) for p in instructions[:len(attempts)]])
+
+
+class ChatFormat(_Format):
   """Episodes through a tokenizer's chat template (user / assistant alternation)."""
 
   def __init__(self, tokenizer: Any, system: str | None = None):
@@ -86,20 +97,13 @@ class ChatFormat:
     ids = self.tokenizer.encode(attempt, add_special_tokens=False)
     return ids + ([self.end_of_turn_id] if self.end_of_turn_id is not None else [])
 
-  def encode_episode(self, problem: str, attempts: Sequence[str],
-                     instructions: Sequence[str]) -> Segments:
-    return Segments(
-        prompt=self.prompt_ids(problem),
-        attempts=[self.attempt_ids(a) for a in attempts],
-        instructions=[self.instruction_ids(p) for p in instructions[:len(attempts)]])
-
   def render(self, problem: str, attempts: Sequence[str], instructions: Sequence[str]) -> str:
     """The template's own rendering of the episode (for transcripts and checks)."""
     gen = len(instructions) >= len(attempts)
     return self._render(self._messages(problem, list(attempts), list(instructions)), gen)
 
 
-class PlainFormat:
+class PlainFormat(_Format):
   """Episodes of a base model: plain concatenation with a separator."""
 
   end_of_turn_id = None
@@ -117,13 +121,6 @@ class PlainFormat:
 
   def attempt_ids(self, attempt: str) -> list[int]:
     return self.tokenizer.encode(attempt, add_special_tokens=False)
-
-  def encode_episode(self, problem: str, attempts: Sequence[str],
-                     instructions: Sequence[str]) -> Segments:
-    return Segments(
-        prompt=self.prompt_ids(problem),
-        attempts=[self.attempt_ids(a) for a in attempts],
-        instructions=[self.instruction_ids(p) for p in instructions[:len(attempts)]])
 
 
 def make_format(tokenizer: Any, kind: str = "chat", **kwargs) -> ChatFormat | PlainFormat:

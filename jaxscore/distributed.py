@@ -8,12 +8,12 @@ import jax
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, auto: bool = False) -> None:
   """Calls `jax.distributed.initialize` when running on more than one process.
 
-  Arguments default to JAXSCORE_COORDINATOR, JAXSCORE_NUM_PROCESSES and
-  JAXSCORE_PROCESS_ID; on a Cloud TPU VM pod slice JAX finds them itself
-  (JAXSCORE_DISTRIBUTED=auto). A single process needs nothing.
+  Arguments (from the config's `distributed` group) default to JAXSCORE_COORDINATOR,
+  JAXSCORE_NUM_PROCESSES and JAXSCORE_PROCESS_ID; on a Cloud TPU VM slice JAX finds them
+  itself (`auto`, or JAXSCORE_DISTRIBUTED=auto). A single process needs nothing.
   """
   coordinator_address = coordinator_address or os.environ.get("JAXSCORE_COORDINATOR")
   if num_processes is None and "JAXSCORE_NUM_PROCESSES" in os.environ:
@@ -23,5 +23,5 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  elif os.environ.get("JAXSCORE_DISTRIBUTED") == "auto":
+  elif auto or os.environ.get("JAXSCORE_DISTRIBUTED") == "auto":
     jax.distributed.initialize()

@@ -43,6 +43,8 @@ def build(c):
 
 
 def run_eval(c, setup, params, eval_task, workdir: pathlib.Path, name: str) -> dict:
+  import jax
+
   from jaxscore import evaluate
 
   problems = eval_task.problems(c.task.eval_split)
@@ -54,7 +56,8 @@ def run_eval(c, setup, params, eval_task, workdir: pathlib.Path, name: str) -> d
       num_turns=c.sampler.num_turns, max_new_tokens=c.sampler.max_new_tokens,
       batch_size=c.sampler.eval_batch_size, seed=c.seed)
   result["seconds"] = time.perf_counter() - t0
-  evaluate.write_report(workdir / "eval", name, result, records)
+  if jax.process_index() == 0:
+    evaluate.write_report(workdir / "eval", name, result, records)
   print(f"[{name}] " + ", ".join(f"{k}={result[k]:.3f}" for k in TABLE_KEYS if k in result))
   return result
 
@@ -77,10 +80,13 @@ def main(argv):
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  distributed.initialize()
   c, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  d = c.distributed
+  distributed.initialize(d.coordinator_address or None, d.num_processes or None,
+                         d.process_id if d.process_id >= 0 else None, d.auto)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(c.to_json(indent=1))
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(c.to_json(indent=1))
   setup, params, eval_task = build(c)
   results = {}
   report = workdir / "report.json"
