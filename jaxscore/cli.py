@@ -19,13 +19,13 @@ def two_turn_chat(model: pretrained.Pretrained, question: str, instruction: str,
   """Greedy attempt, then the self-correction instruction, then a second attempt."""
   import jax
 
+  from jaxscore import evaluate
+
   fmt = chat_lib.ChatFormat(model.tokenizer)
   tok = model.tokenizer
-  stop_ids = sorted({tok.eos_token_id, fmt.end_of_turn_id} - {None})
   prompt = fmt.prompt_ids(question)
-  smp = sampler_lib.Sampler(model.cfg, max_len=len(prompt) + 3 * max_new_tokens + 64,
-                            stop_ids=stop_ids, end_of_turn_id=fmt.end_of_turn_id,
-                            pad_id=tok.pad_token_id or 0)
+  smp = evaluate.make_sampler(model.cfg, fmt, tok, [len(prompt)], 2, max_new_tokens,
+                              len(fmt.instruction_ids(instruction)))
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
   state = smp.generate(model.params, smp.start([prompt], jax.random.key(seed)), greedy)
   state = smp.add_message(state, [fmt.instruction_ids(instruction)])
