@@ -43,7 +43,8 @@ def make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens, in
                                + (num_turns - 1) * (instruction_len + 1), minimum=64)
   return sampler_lib.Sampler(cfg, max_len=max_len, stop_ids=stop_ids,
                              end_of_turn_id=fmt.end_of_turn_id,
-                             pad_id=tokenizer.pad_token_id or 0, batch_sharding=batch_sharding)
+                             pad_id=tokenizer.pad_token_id or 0, batch_sharding=batch_sharding,
+                             max_prompt_len=max(prompt_lens))
 
 
 def rollout(params, smp: sampler_lib.Sampler, fmt, tokenizer, task, problems: Sequence[base.Problem],
@@ -55,12 +56,17 @@ def rollout(params, smp: sampler_lib.Sampler, fmt, tokenizer, task, problems: Se
   instruction = fmt.instruction_ids(task.instruction)
   mine = slice(*sharding.process_rows(len(problems)))
   feed = problems[mine] if smp.batch_sharding is not None else problems
-  state = smp.start([fmt.prompt_ids(p.prompt) for p in feed], rng)
+  prompts = [fmt.prompt_ids(p.prompt) for p in feed]
+  state = smp.start(prompts, rng)
   texts, ids, pending = [], [], []
+  # Unseen tokens per row, known here: no device-to-host sync to size the prefill, and
+  # the same bound (hence the same program) on every process.
+  unseen = smp.max_prompt_len or max(map(len, prompts))
   for turn in range(1, num_turns + 1):
     if turn > 1:
       state = smp.add_message(state, [instruction] * len(feed))
-    state = smp.generate(params, state, sampling)
+      unseen = 2 + len(instruction)  # Last sampled token, a closing end-of-turn, message.
+    state = smp.generate(params, state, sampling, pending=unseen)
     turn_ids = smp.episode(state).response_ids(turn)
     turn_texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in turn_ids]
     texts.append(turn_texts)

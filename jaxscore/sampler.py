@@ -121,7 +121,8 @@ class Sampler:
 
   def __init__(self, cfg: model_lib.ModelConfig, *, max_len: int,
                stop_ids: Sequence[int], end_of_turn_id: int | None = None,
-               pad_id: int = 0, batch_sharding: jax.sharding.Sharding | None = None):
+               pad_id: int = 0, batch_sharding: jax.sharding.Sharding | None = None,
+               max_prompt_len: int | None = None):
     """
     Args:
       cfg: the model.
@@ -132,6 +133,8 @@ class Sampler:
       pad_id: filler for unused slots.
       batch_sharding: how rows are split over devices. With several processes each
         passes only its own rows to `start` and `add_message`, in process order.
+      max_prompt_len: the longest prompt any row will have, if known; it sizes the
+        first prefill identically on every process.
     """
     if not stop_ids:
       raise ValueError("stop_ids is empty: at least EOS is needed")
@@ -141,6 +144,7 @@ class Sampler:
     self.end_of_turn_id = end_of_turn_id
     self.pad_id = pad_id
     self.batch_sharding = batch_sharding
+    self.max_prompt_len = max_prompt_len
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
                             donate_argnames=("state",))
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
