@@ -53,6 +53,8 @@ def main():
   parser.add_argument("--group", type=int, default=4)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--pad_multiple", type=int, default=64,
+                      help="Train-batch width rounding (0: the longest possible episode).")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   args = parser.parse_args()
 
@@ -73,9 +75,10 @@ def main():
   ref_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
   state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)
   problems = setup.task.problems("train")
-  smp = evaluate_lib.make_sampler(
-      cfg, setup.fmt, setup.tokenizer, [len(setup.fmt.prompt_ids(p.prompt)) for p in problems],
-      2, args.new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)))
+  sizes = ([len(setup.fmt.prompt_ids(p.prompt)) for p in problems], 2, args.new_tokens,
+           len(setup.fmt.instruction_ids(setup.task.instruction)))
+  smp = evaluate_lib.make_sampler(cfg, setup.fmt, setup.tokenizer, *sizes)
+  max_len = evaluate_lib.max_episode_len(*sizes)
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
 
   iterations = []
@@ -92,7 +95,9 @@ def main():
     score_s = time.perf_counter() - t1
     t1 -= score_s
     t2 = time.perf_counter()
-    batch, _ = trainer.to_batch(ro, ref_fn, setup.ref_params, "II", score_cfg, args.group, "k3")
+    width = trainer.batch_width(ro.episode, max_len, args.pad_multiple)
+    batch, _ = trainer.to_batch(ro, ref_fn, setup.ref_params, "II", score_cfg, args.group, "k3",
+                                width)
     jax.block_until_ready(batch)
     t3 = time.perf_counter()
     state, m = step_fn(state, batch, jax.random.key(i), setup.ref_params)

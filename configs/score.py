@@ -53,6 +53,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.rl.policy_loss = "reinforce"  # reinforce (on-policy, no clipping) | clipped
   c.rl.clip_eps = 0.2  # For the clipped loss only.
   c.rl.aggregation = "token_mean"  # token_mean | sequence_mean | sum
+  # Train-batch width: 0 pads every batch to the longest possible episode (one shape, one
+  # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
+  # of N (less padding, one compile per distinct width).
+  c.rl.pad_multiple = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"  # adam (the paper) | adamw
@@ -100,6 +104,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.rl.group_size = 4
     c.rl.prompts_per_step = 4
     c.optim.learning_rate = 2e-5
+    c.rl.pad_multiple = 64  # Compiles are seconds here; padding costs CPU time.
     c.checkpoint.every_steps = 6
     c.log.transcripts_every = 6
   elif variant == "gsm8k":

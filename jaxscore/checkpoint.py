@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from jaxscore import files
+
 
 class Checkpointer:
 
@@ -31,7 +33,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     self.best_metric = best_metric
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_names=("state", "meta"))
+        files.path(directory), options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Starts an async save of `state` (a pytree) and `meta` (JSON) at `step`."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from jaxscore import files
 from jaxscore import sampler as sampler_lib
 from jaxscore import sharding
 from jaxscore.tasks import base
@@ -36,15 +37,23 @@ class Rollouts:
     return self.rewards
 
 
+def max_episode_len(prompt_lens, num_turns: int, max_new_tokens: int,
+                    instruction_len: int) -> int:
+  """The longest episode the sampler can write: the longest prompt, every attempt at
+  full length plus its end-of-turn, and each feedback message plus its end-of-turn."""
+  return (max(prompt_lens) + num_turns * (max_new_tokens + 1)
+          + (num_turns - 1) * (instruction_len + 1))
+
+
 def make_sampler(cfg, fmt, tokenizer, prompt_lens, num_turns, max_new_tokens, instruction_len,
-                 batch_sharding=None):
+                 batch_sharding=None, rules=None):
   stop_ids = sorted({tokenizer.eos_token_id, fmt.end_of_turn_id} - {None})
-  max_len = sampler_lib.bucket(max(prompt_lens) + num_turns * (max_new_tokens + 1)
-                               + (num_turns - 1) * (instruction_len + 1), minimum=64)
+  max_len = sampler_lib.bucket(
+      max_episode_len(prompt_lens, num_turns, max_new_tokens, instruction_len), minimum=64)
   return sampler_lib.Sampler(cfg, max_len=max_len, stop_ids=stop_ids,
                              end_of_turn_id=fmt.end_of_turn_id,
                              pad_id=tokenizer.pad_token_id or 0, batch_sharding=batch_sharding,
-                             max_prompt_len=max(prompt_lens))
+                             rules=rules, max_prompt_len=max(prompt_lens))
 
 
 def rollout(params, smp: sampler_lib.Sampler, fmt, tokenizer, task, problems: Sequence[base.Problem],
@@ -140,16 +149,16 @@ def evaluate(params, cfg, tokenizer, fmt, task, problems: Sequence[base.Problem]
   return result, records
 
 
-def write_report(directory: str | pathlib.Path, name: str, result: dict, records: list[dict]):
+def write_report(directory: str | os.PathLike, name: str, result: dict, records: list[dict]):
   """`<name>.json` (metrics + transcripts) and `<name>.png` (accuracy per turn)."""
-  directory = pathlib.Path(directory)
+  directory = files.path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   (directory / f"{name}.json").write_text(json.dumps({"metrics": result, "transcripts": records},
                                                      indent=1))
   plot_accuracy({name: result}, directory / f"{name}.png")
 
 
-def plot_accuracy(results: dict[str, dict], path: str | pathlib.Path) -> None:
+def plot_accuracy(results: dict[str, dict], path: str | os.PathLike) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -165,5 +174,6 @@ def plot_accuracy(results: dict[str, dict], path: str | pathlib.Path) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with files.path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)

@@ -9,7 +9,6 @@ Rerunning the same command resumes from the workdir's latest checkpoint.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 from absl import app, flags, logging
@@ -17,7 +16,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and reports.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Checkpoints, logs and reports: a local path or gs://.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train_and_evaluate", "train", "evaluate"],
                           "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -42,7 +42,7 @@ def build(c):
   return setup, params, eval_task
 
 
-def run_eval(c, setup, params, eval_task, workdir: pathlib.Path, name: str) -> dict:
+def run_eval(c, setup, params, eval_task, workdir, name: str) -> dict:
   import jax
 
   from jaxscore import evaluate
@@ -75,12 +75,11 @@ def main(argv):
   del argv
   import jax
 
-  from jaxscore import evaluate, trainer
-  from jaxscore import distributed
+  from jaxscore import distributed, evaluate, files, trainer
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  c, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  c, workdir = _CONFIG.value, files.path(_WORKDIR.value)
   d = c.distributed
   distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                          d.process_id if d.process_id >= 0 else None, d.auto)

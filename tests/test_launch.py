@@ -35,7 +35,7 @@ def test_tpu_vm_setup_and_run_go_to_every_worker():
   assert rc == 0
   lines = out.strip().splitlines()
   assert all("--worker=all" in line for line in lines)
-  assert "git\\ clone" in lines[0] and "jax\\[tpu\\]" in lines[1]
+  assert "git\\ clone" in lines[0] and "pip\\ install\\ -e\\ \\'.\\[tpu\\]" in lines[1]
   rc, out, _ = _dry("tpu_vm.sh", "run", "--", "--config.rl.alpha=5", CONFIG="configs/score.py:math",
                     WORKDIR="gs://bucket/run1", **TPU)
   assert rc == 0

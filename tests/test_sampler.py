@@ -161,3 +161,25 @@ def test_row_at_max_len_is_done_and_prompt_too_long_is_an_error(tiny):
   np.testing.assert_array_equal(state.length_B, [16, 13])
   with pytest.raises(ValueError, match="exceeds max_len=16"):
     smp.start([[1] * 17], jax.random.key(0))
+
+
+def test_max_episode_len_bounds_attempts_that_never_stop(tiny):
+  """Training batches are cut to `max_episode_len`: no episode may be longer, even when
+  every attempt runs to max_new_tokens and is closed before the next message."""
+  from jaxscore import evaluate
+
+  cfg, params = tiny
+  num_turns, new, message = 3, 5, [40, 41, 42, 43]
+  bound = evaluate.max_episode_len([len(p) for p in PROMPTS], num_turns, new, len(message))
+  # Hand count for the 11-token prompt: 3 attempts of 5, 2 closing end-of-turns,
+  # 2 messages of 4; the bound also leaves one slot per message for a closing token.
+  assert bound == 11 + 3 * (5 + 1) + 2 * (4 + 1)
+  # A stop id outside the vocabulary: no attempt ever ends early.
+  smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[cfg.vocab_size], end_of_turn_id=EOT)
+  sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=new)
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)), sampling)
+  for _ in range(num_turns - 1):
+    state = smp.generate(params, smp.add_message(state, [message] * 3), sampling)
+  lengths = np.asarray(state.length_B)
+  np.testing.assert_array_equal(lengths, [len(p) + 3 * 5 + 2 + 2 * 4 for p in PROMPTS])
+  assert lengths.max() <= bound
