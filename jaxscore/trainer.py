@@ -234,9 +234,11 @@ class Run:
                                                     self.param_shardings, mesh)
     # The new state keeps the old one's shardings (the compiler would otherwise pick its
     # own), so the next step and the sampler see the same input shardings: no recompiles.
+    replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
     self.train_step = jax.jit(
         train_lib.make_train_step(loss_fn, self.optimizer), donate_argnums=(0,),
-        out_shardings=(self.state_shardings, sharding.NamedSharding(mesh, sharding.PartitionSpec())))
+        out_shardings=(self.state_shardings, replicated))
+
     def reference_logprobs(ref_params, tokens_BxL, mask_BxL):
       return rl.token_logprobs(ref_params, tokens_BxL, mask_BxL, setup.cfg)[0]
 

@@ -26,11 +26,12 @@ class FakeGCS(MemoryFileSystem):
 
 @pytest.fixture
 def gcs(monkeypatch):
-  if epath.Path("gs://bucket")._backend is not epath.backend.fsspec_backend:  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  if epath.Path("gs://bucket")._backend is not epath.backend.fsspec_backend:
     pytest.skip("epath routes gs:// through TensorFlow here")
   for p in ("gs", "gcs"):
-    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, p, FakeGCS)  # pylint: disable=protected-access
-  get_filesystem = epath.backend.fsspec_backend._get_filesystem  # pylint: disable=protected-access
+    monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, p, FakeGCS)
+  get_filesystem = epath.backend.fsspec_backend._get_filesystem
   get_filesystem.cache_clear()
   monkeypatch.setattr(FakeGCS, "store", {})
   monkeypatch.setattr(FakeGCS, "pseudo_dirs", [""])
