@@ -7,6 +7,8 @@ batches must match one device, and every parameter must be sharded as its rules 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from numerics import assert_close, assert_trees_close
 
 from jaxscore import model as model_lib
 from jaxscore import objectives, rl, sharding
@@ -32,13 +34,18 @@ def make_batch(params):
       ref_logp_BxL=ref_logp, old_logp_BxL=ref_logp)
 
 
+def loss_fn(*args):
+  return train_lib.policy_gradient_loss(
+      *args, cfg=CFG, loss_cfg=train_lib.PolicyLossConfig(kl_estimator="exact"))
+
+
 def run_step(params, batch, ref_params):
-  opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-3))
-  loss_fn = lambda *a: train_lib.policy_gradient_loss(
-      *a, cfg=CFG, loss_cfg=train_lib.PolicyLossConfig(kl_estimator="exact"))
+  """One SGD step (linear in the gradient: see numerics.py) and the gradient itself."""
+  opt = optax.sgd(0.1)
   step = jax.jit(train_lib.make_train_step(loss_fn, opt))
   state = train_lib.TrainState.create(params, opt)
-  return step(state, batch, jax.random.key(0), ref_params)
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, None, ref_params)[0]))(params)
+  return step(state, batch, jax.random.key(0), ref_params), grads
 
 
 def run_sampler(params, mesh=None, rules=None):
@@ -58,7 +65,7 @@ def run_sampler(params, mesh=None, rules=None):
 
 params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
 batch = make_batch(params)
-ref_state, ref_metrics = run_step(params, batch, params)
+(ref_state, ref_metrics), ref_grads = run_step(params, batch, params)
 ref_tokens = run_sampler(params)
 
 for shape, rules_name in (((8, 1, 1), "data_parallel"), ((1, 8, 1), "fsdp"),
@@ -67,17 +74,19 @@ for shape, rules_name in (((8, 1, 1), "data_parallel"), ((1, 8, 1), "fsdp"),
   rules = sharding.RULES[rules_name]
   with sharding.activate(mesh, rules):
     sharded = sharding.init_sharded(CFG, jax.random.key(0), mesh, rules, stddev=0.3)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), sharded, params)
+    assert_trees_close(sharded, params)
     expected = sharding.param_shardings(CFG, mesh, rules)
     for p, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
       assert p.sharding.is_equivalent_to(s, p.ndim), (p.sharding, s)
     if rules_name != "data_parallel":
       assert any(len(p.sharding.device_set) == 8 and not p.sharding.is_fully_replicated
                  for p in jax.tree.leaves(sharded))
-    state, metrics = run_step(sharded, sharding.shard_batch(batch, mesh, rules), sharded)
-    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
-                 state.params, ref_state.params)
+    (state, metrics), grads = run_step(sharded, sharding.shard_batch(batch, mesh, rules),
+                                       sharded)
+    assert_close(metrics["loss"], ref_metrics["loss"], what="loss")
+    assert_trees_close(grads, ref_grads)
+    assert_trees_close(jax.tree.map(lambda a, b: a - b, state.params, params),
+                       jax.tree.map(lambda a, b: a - b, ref_state.params, params))
     np.testing.assert_array_equal(run_sampler(sharded), ref_tokens)
     np.testing.assert_array_equal(run_sampler(sharded, mesh, rules), ref_tokens)
   print(f"OK mesh={shape} rules={rules_name} loss={float(metrics['loss']):.6f}", flush=True)

@@ -34,17 +34,23 @@ def test_keeps_latest_and_best(tmp_path):
 
 
 _KILL_MID_SAVE = textwrap.dedent("""
-    import sys, time, numpy as np, jax.numpy as jnp
+    import sys, threading, jax.numpy as jnp
+    import orbax.checkpoint as ocp
     from jaxscore import checkpoint
+    # Step 3's data is fully written but not yet committed (renamed into place) when
+    # the parent kills this process: the worst moment, reached without any timing.
+    atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
+    commit = atomic.finalize
+    async def hang_before_step_3(self):
+      if self._final_path.name == "3":
+        print("SAVING", flush=True)
+        threading.Event().wait()
+      return await commit(self)
+    atomic.finalize = hang_before_step_3
     ckpt = checkpoint.Checkpointer(sys.argv[1], keep=3, best_metric=None)
-    ckpt.save(1, {"w": jnp.full((8,), 1.0), "big": jnp.zeros((4,))}, {"step": 1})
-    ckpt.wait()
-    big = np.random.default_rng(0).standard_normal(96 * 1024 * 1024).astype(np.float32)
-    ckpt.save(2, {"w": jnp.full((8,), 2.0), "big": jnp.asarray(big[:4])}, {"step": 2})
-    ckpt.wait()
-    ckpt.save(3, {"w": jnp.full((8,), 3.0), "big": jnp.asarray(big)}, {"step": 3})
-    print("SAVING", flush=True)
-    time.sleep(60)
+    for step in (1, 2, 3):
+      ckpt.save(step, {"w": jnp.full((8,), float(step)), "big": jnp.zeros((4,))}, {"step": step})
+      ckpt.wait()
 """)
 
 
@@ -52,9 +58,9 @@ def test_kill_9_during_a_save_leaves_previous_checkpoint_restorable(tmp_path):
   proc = subprocess.Popen([sys.executable, "-c", _KILL_MID_SAVE, str(tmp_path)],
                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
   assert proc.stdout.readline().strip() == "SAVING"
-  time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert any("tmp" in p.name for p in tmp_path.iterdir()), "step 3 was mid-save"
   ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
   assert ckpt.latest_step() == 2, "the interrupted save must not be visible"
   abstract = {"w": jax.ShapeDtypeStruct((8,), jnp.float32),
