@@ -50,9 +50,9 @@ def main():
   from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from jaxscore import model as model_lib
-  from jaxscore import sharding
-  from jaxscore import train as train_lib
+  from jaxscore.models import model as model_lib
+  from jaxscore.infra import sharding
+  from jaxscore.loops import train as train_lib
 
   if args.fallback_cpu:
     devices, target = jax.devices(), f"fake CPU mesh of {args.fallback_cpu} devices"
@@ -80,14 +80,14 @@ def main():
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        jax.eval_shape(lambda p: train_lib.TrainState.create(p, opt), params),
-                       sharding.state_shardings(opt, params, param_sh, mesh))
+                       train_lib.state_shardings(opt, params, param_sh, mesh))
   with sharding.activate(mesh, rules):
     rows = NamedSharding(mesh, PartitionSpec(dict(rules)["batch"]))
     bl = lambda dt: jax.ShapeDtypeStruct((args.batch, args.seq), dt, sharding=rows)
-    batch = train_lib.RLBatch(tokens_BxL=bl(jnp.int32), mask_BxL=bl(jnp.bool_),
-                              turn_BxL=bl(jnp.int32), advantages_BxL=bl(jnp.float32),
-                              kl_coef_BxL=bl(jnp.float32), ref_logp_BxL=bl(jnp.float32),
-                              old_logp_BxL=bl(jnp.float32))
+    batch = train_lib.RLBatch(tokens_BxT=bl(jnp.int32), mask_BxT=bl(jnp.bool_),
+                              turn_BxT=bl(jnp.int32), advantages_BxT=bl(jnp.float32),
+                              kl_coef_BxT=bl(jnp.float32), ref_logp_BxT=bl(jnp.float32),
+                              old_logp_BxT=bl(jnp.float32))
     loss_fn = lambda *a: train_lib.policy_gradient_loss(
         *a, cfg=cfg, loss_cfg=train_lib.PolicyLossConfig())
     step = jax.jit(train_lib.make_train_step(loss_fn, opt), donate_argnums=(0,))

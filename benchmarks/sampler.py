@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore import chat as chat_lib
-from jaxscore import pretrained, prompts
-from jaxscore import sampler as sampler_lib
+from jaxscore.sampling import formats as chat_lib
+from jaxscore.models import pretrained
+from jaxscore.tasks import prompts
+from jaxscore.sampling import sampler as sampler_lib
 
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
              [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
@@ -89,7 +90,7 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
 
   # Turn 2 from scratch: prefill the whole conversation, decode.
   ep = smp.episode(state1)
-  conv = [np.asarray(ep.tokens_BxL)[i, :int(ep.length_B[i])].tolist() + instruction_ids
+  conv = [np.asarray(ep.tokens_BxT)[i, :int(ep.length_B[i])].tolist() + instruction_ids
           for i in range(b)]
 
   def reprefill():

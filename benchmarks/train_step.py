@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT))
 from configs import score as score_config  # pylint: disable=g-import-not-at-top
 from jaxscore import evaluate as evaluate_lib
 from jaxscore import main as main_lib
-from jaxscore import objectives, rl, trainer
-from jaxscore import sampler as sampler_lib
-from jaxscore import train as train_lib
+from jaxscore.objectives import score as objectives
+from jaxscore.objectives import rl
+from jaxscore.loops import online as trainer
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.loops import train as train_lib
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -103,12 +105,12 @@ def main():
     state, m = step_fn(state, batch, jax.random.key(i), setup.ref_params)
     jax.block_until_ready(m)
     t4 = time.perf_counter()
-    tokens = int(batch.tokens_BxL.size)
+    tokens = int(batch.tokens_BxT.size)
     iterations.append(dict(rollout=t1 - t0, rewards=score_s, reference_and_advantages=t3 - t2,
                            update=t4 - t3, tokens=tokens, total=t4 - t0 - score_s))
   timed = iterations[1:]
   mean = {k: float(np.mean([it[k] for it in timed])) for k in timed[0]}
-  b, l = batch.tokens_BxL.shape
+  b, l = batch.tokens_BxT.shape
   # Forward + backward: 6 FLOPs per parameter per token, plus attention (QK^T and PV,
   # forward and backward: 12 * layers * heads * head_dim * L per token).
   flops = 6 * n_params * b * l + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * l * b * l

@@ -28,42 +28,77 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.task.eval_name = ""  # Evaluate on another task (e.g. humaneval); "" = the same task.
   c.task.eval_kwargs = ml_collections.ConfigDict()  # Fields of the evaluation task.
   c.task.eval_split = "test"
-  c.task.num_eval = 0  # Evaluation problems; 0 = the whole split.
   c.format = "chat"  # chat (tokenizer's chat template) | plain (concatenation, base models)
 
+  # How training rollouts sample (jaxscore.sampling.sampler.SamplingConfig); evaluation
+  # is greedy with the same max_new_tokens.
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.num_turns = 2  # Attempts per episode.
-  c.sampler.max_new_tokens = 256  # Per attempt.
-  c.sampler.temperature = 1.0  # Training samples (the paper: 1.0). Evaluation is greedy.
+  c.sampler.temperature = 1.0  # The paper: 1.0.
   c.sampler.top_k = 0  # 0 = off.
   c.sampler.top_p = 1.0  # 1.0 = off.
-  c.sampler.eval_batch_size = 32  # Rows per evaluation sampler call.
+  c.sampler.max_new_tokens = 256  # Per attempt.
 
-  c.rl = ml_collections.ConfigDict()
-  c.rl.stages = "I:300,II:2700"  # Stage schedule, e.g. "I:10,II:10" or "I:5,II:5,I:5,II:5".
-  c.rl.alpha = 10.0  # Progress bonus alpha * (r2 - r1) on the last attempt (stage II).
-  c.rl.beta1 = 0.01  # KL to the reference on every attempt.
-  c.rl.beta2 = 0.1  # Extra KL on attempt 1 in stage I.
-  c.rl.gamma = 0.0  # Discount across turns; 0: each attempt gets its own return.
-  c.rl.advantage = "rloo"  # rloo (leave-one-out, the paper) | grpo (group-normalised)
-  c.rl.group_size = 4  # Samples per prompt (k); RLOO needs >= 2.
-  c.rl.prompts_per_step = 128  # Prompts per update; batch = prompts_per_step * group_size.
-  c.rl.kl_estimator = "k3"  # k1 | k3 | exact (full vocabulary)
-  c.rl.kl_in_reward = False  # Fold sequence KL into returns instead of the loss.
-  c.rl.policy_loss = "reinforce"  # reinforce (on-policy, no clipping) | clipped
-  c.rl.clip_eps = 0.2  # For the clipped loss only.
-  c.rl.aggregation = "token_mean"  # token_mean | sequence_mean | sum
+  # The online loop's rollouts (jaxscore.loops.online.RolloutConfig).
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.num_turns = 2  # Attempts per episode.
+  c.rollout.group_size = 4  # Samples per prompt (k); RLOO needs >= 2.
+  c.rollout.prompts_per_step = 128  # Prompts per update; batch = prompts_per_step * group_size.
   # Train-batch width: 0 pads every batch to the longest possible episode (one shape, one
   # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
   # of N (less padding, one compile per distinct width).
-  c.rl.pad_multiple = 0
+  c.rollout.pad_multiple = 0
+
+  # The objective trained (a name in jaxscore.objectives); its fields are the config
+  # group of the same name.
+  c.objective = "score"
+
+  # SCoRe (jaxscore.objectives.score.ScoreConfig).
+  c.score = ml_collections.ConfigDict()
+  c.score.stages = "I:300,II:2700"  # Stage schedule, e.g. "I:10,II:10" or "I:5,II:5,I:5,II:5".
+  c.score.alpha = 10.0  # Progress bonus alpha * (r2 - r1) on the last attempt (stage II).
+  c.score.beta1 = 0.01  # KL to the reference on every attempt.
+  c.score.beta2 = 0.1  # Extra KL on attempt 1 in stage I.
+  c.score.gamma = 0.0  # Discount across turns; 0: each attempt gets its own return.
+  c.score.advantage = "rloo"  # rloo (leave-one-out, the paper) | grpo (group-normalised)
+  # In the loss: k2 (forward-KL gradient) | k3 (reverse-KL gradient) | exact (full
+  # vocabulary); in the reward: k1 | k2 | k3. k1 in the loss is refused (no gradient).
+  c.score.kl_estimator = "k3"
+  c.score.kl_in_reward = False  # Fold sequence KL into returns (needs temperature 1).
+  c.score.policy_loss = "reinforce"  # reinforce (on-policy, no clipping) | clipped
+  c.score.clip_eps = 0.2  # For the clipped loss only.
+  c.score.aggregation = "token_mean"  # token_mean | sequence_mean | sum
+
+  # Multi-turn policy gradient without SCoRe's stages and bonus
+  # (jaxscore.objectives.policy_gradient.PGConfig): with --config.objective=pg
+  # --config.rollout.num_turns=1 it is the paper's single-turn RL ablation.
+  c.pg = ml_collections.ConfigDict()
+  c.pg.num_steps = 3000  # Updates.
+  c.pg.beta = 0.01  # KL coefficient on every turn.
+  c.pg.gamma = 0.0
+  c.pg.advantage = "rloo"
+  c.pg.kl_estimator = "k3"
+  c.pg.kl_in_reward = False
+  c.pg.policy_loss = "reinforce"
+  c.pg.clip_eps = 0.2
+  c.pg.aggregation = "token_mean"
+
+  # Supervised fine-tuning on the task's gold solutions (jaxscore.objectives.sft), an
+  # SFT baseline with --config.objective=sft; it trains with the offline loop.
+  c.sft = ml_collections.ConfigDict()
+  c.sft.aggregation = "token_mean"  # token_mean | sequence_mean | sum
+
+  # The offline loop (jaxscore.loops.offline.OfflineConfig), for offline objectives.
+  c.offline = ml_collections.ConfigDict()
+  c.offline.batch_size = 32  # Examples per step.
+  c.offline.num_epochs = 3
+  c.offline.max_len = 0  # Tokens per example; 0: the longest, rounded up to 8.
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.optimizer = "adam"  # adam (the paper) | adamw
+  c.optim.optimizer = "adam"  # adam (the paper) | adamw | rmsprop
   c.optim.learning_rate = 5e-6
-  c.optim.warmup_steps = 0
-  c.optim.schedule = "constant"  # constant | cosine
-  c.optim.total_steps = 3000  # Cosine schedule length.
+  c.optim.warmup_steps = 0  # Linear warmup from 0.
+  c.optim.schedule = "constant"  # constant | cosine | linear (decay to 0)
+  c.optim.total_steps = 3000  # Length of the cosine and linear schedules.
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.0  # adamw only.
@@ -91,7 +126,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.log.transcripts_every = 25  # Steps between transcript samples (0 = never).
   c.log.num_transcripts = 4
 
-  c.evaluate_before = True  # Evaluate the initial model too (before/after table).
+  # Greedy multi-turn evaluation on the task's eval split, before and after training.
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.before = True  # Evaluate the initial model too (before/after table).
+  c.evaluate.checkpoint = "latest"  # Which trained checkpoint: latest | best (reward).
+  c.evaluate.num_problems = 0  # 0 = the whole split.
+  c.evaluate.batch_size = 32  # Rows per evaluation sampler call.
 
   variant, *options = arg.split(",") if arg else ["cpu"]
   if variant == "cpu":
@@ -99,19 +139,22 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     # problems (60 train, 40 test): about 15 minutes on a 2-core CPU.
     c.task.kwargs = ml_collections.ConfigDict({"level": "add1", "test_fraction": 0.4})
     c.sampler.max_new_tokens = 32
-    c.sampler.eval_batch_size = 20
-    c.rl.stages = "I:6,II:12"
-    c.rl.group_size = 4
-    c.rl.prompts_per_step = 4
+    c.evaluate.batch_size = 20
+    c.score.stages = "I:6,II:12"
+    c.pg.num_steps = 18
+    c.offline.batch_size = 8
+    c.offline.num_epochs = 1
+    c.rollout.group_size = 4
+    c.rollout.prompts_per_step = 4
     c.optim.learning_rate = 2e-5
-    c.rl.pad_multiple = 64  # Compiles are seconds here; padding costs CPU time.
+    c.rollout.pad_multiple = 64  # Compiles are seconds here; padding costs CPU time.
     c.checkpoint.every_steps = 6
     c.log.transcripts_every = 6
   elif variant == "gsm8k":
     c.task.name = "gsm8k"
     c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path, "test": path} or hub.
     c.sampler.max_new_tokens = 512
-    c.rl.stages = "I:300,II:1200"
+    c.score.stages = "I:300,II:1200"
     c.optim.learning_rate = 5e-6
   elif variant == "math":
     # The paper's MATH setup: Adam, lr 5e-6, 3000 steps, batch 512, alpha 10,
@@ -119,8 +162,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.task.name = "math"
     c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path-to-MATH-train}
     c.sampler.max_new_tokens = 1024
-    c.rl.stages = "I:300,II:2700"
-    c.rl.prompts_per_step = 128  # x group_size 4 = 512 episodes.
+    c.score.stages = "I:300,II:2700"
+    c.rollout.prompts_per_step = 128  # x group_size 4 = 512 episodes.
     c.optim.learning_rate = 5e-6
   elif variant == "code":
     # MBPP training, HumanEval evaluation: lr 1e-5, 1500 steps, batch 128, beta2 0.25.
@@ -128,19 +171,23 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.task.kwargs = ml_collections.ConfigDict()
     c.task.eval_name = "humaneval"
     c.sampler.max_new_tokens = 768
-    c.rl.stages = "I:150,II:1350"
-    c.rl.beta2 = 0.25
-    c.rl.prompts_per_step = 32  # x group_size 4 = 128 episodes.
+    c.score.stages = "I:150,II:1350"
+    c.score.beta2 = 0.25
+    c.pg.num_steps = 1500
+    c.rollout.prompts_per_step = 32  # x group_size 4 = 128 episodes.
     c.optim.learning_rate = 1e-5
   else:
     raise ValueError(f"unknown variant {variant!r}: cpu, gsm8k, math or code")
   for option in options:
     if option == "runlocal":  # Tiny smoke-test sizes of any variant.
-      c.rl.stages = "I:1,II:1"
-      c.rl.prompts_per_step = 2
-      c.rl.group_size = 2
+      c.score.stages = "I:1,II:1"
+      c.pg.num_steps = 2
+      c.offline.batch_size = 2
+      c.offline.num_epochs = 1
+      c.rollout.prompts_per_step = 2
+      c.rollout.group_size = 2
       c.sampler.max_new_tokens = 8
-      c.task.num_eval = 4
+      c.evaluate.num_problems = 4
     else:
       raise ValueError(f"unknown option {option!r} (runlocal)")
   c.lock()
@@ -150,5 +197,5 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 def get_sweep(arg: str = "cpu") -> list[dict]:
   """Overrides swept by `python -m jaxscore.sweep --config=configs/score.py:<arg>`."""
   del arg
-  return [{"rl.alpha": alpha, "optim.learning_rate": lr}
+  return [{"score.alpha": alpha, "optim.learning_rate": lr}
           for alpha in (1.0, 10.0) for lr in (1e-5, 2e-5)]

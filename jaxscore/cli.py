@@ -6,10 +6,10 @@ import argparse
 import sys
 import time
 
-from jaxscore import chat as chat_lib
-from jaxscore import pretrained
-from jaxscore import prompts
-from jaxscore import sampler as sampler_lib
+from jaxscore.models import pretrained
+from jaxscore.sampling import formats
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.tasks import prompts
 
 DEMO_QUESTION = "What is 27 + 58? Give the final answer as a number."
 
@@ -19,16 +19,17 @@ def two_turn_chat(model: pretrained.Pretrained, question: str, instruction: str,
   """Greedy attempt, then the self-correction instruction, then a second attempt."""
   import jax
 
-  from jaxscore import evaluate
+  from jaxscore.sampling import rollout
 
-  fmt = chat_lib.ChatFormat(model.tokenizer)
+  fmt = formats.ChatFormat(model.tokenizer)
   tok = model.tokenizer
   prompt = fmt.prompt_ids(question)
-  smp = evaluate.make_sampler(model.cfg, fmt, tok, [len(prompt)], 2, max_new_tokens,
-                              len(fmt.instruction_ids(instruction)))
+  message = fmt.instruction_ids(instruction)
+  smp = rollout.make_sampler(rollout.Setup(model.cfg, tok, fmt, task=None), [len(prompt)], 2,
+                             max_new_tokens, message_len=len(message))
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
   state = smp.generate(model.params, smp.start([prompt], jax.random.key(seed)), greedy)
-  state = smp.add_message(state, [fmt.instruction_ids(instruction)])
+  state = smp.add_message(state, [message])
   state = smp.generate(model.params, state, greedy)
   ep = smp.episode(state)
   return tuple(tok.decode(ep.response_ids(t)[0], skip_special_tokens=True).strip()

@@ -22,7 +22,7 @@ from typing import Any
 
 from absl import app, flags
 
-from jaxscore import files
+from jaxscore.infra import files
 
 _CONFIG = flags.DEFINE_string("config", None, "configs/<file>.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the runs' workdirs.")

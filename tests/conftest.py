@@ -32,7 +32,7 @@ def require_torch():
 
 
 def require_embedded():
-  from jaxscore import pretrained
+  from jaxscore.models import pretrained
 
   try:
     return pretrained.resolve(pretrained.DEFAULT_MODEL)
@@ -42,7 +42,7 @@ def require_embedded():
 
 @pytest.fixture(scope="session")
 def embedded_model():
-  from jaxscore import pretrained
+  from jaxscore.models import pretrained
 
   require_embedded()
   return pretrained.load(pretrained.DEFAULT_MODEL)

@@ -10,10 +10,13 @@ import numpy as np
 import optax
 from numerics import assert_close, assert_trees_close
 
-from jaxscore import model as model_lib
-from jaxscore import objectives, rl, sharding
-from jaxscore import sampler as sampler_lib
-from jaxscore import train as train_lib
+from jaxscore.models import model as model_lib
+from jaxscore import objectives
+from jaxscore.objectives import policy_gradient as pg
+from jaxscore.objectives import rl
+from jaxscore.infra import sharding
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.loops import train as train_lib
 
 assert jax.device_count() == 8, jax.devices()
 CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
@@ -26,17 +29,20 @@ def make_batch(params):
   turn = jnp.tile(jnp.array([0, 0, 1, 1, 1, 1, 0, 2, 2, 2, 2, 0]), (B, 1))
   mask = jnp.ones((B, L), bool)
   rewards = jax.random.bernoulli(jax.random.key(2), 0.5, (B, 2)).astype(jnp.float32)
-  adv, _, coef = objectives.advantages(rewards, "II", objectives.ScoreConfig(), group_size=4)
+  score = objectives.make("score", {"stages": "II:1"},
+                          objectives.Context(CFG, num_turns=2, group_size=4))
+  returns, coef = score.returns(rewards, 0)
+  adv = score.advantages(returns)
   ref_logp = rl.token_logprobs(params, tokens, mask, CFG)[0] - 0.1
-  return train_lib.RLBatch(
-      tokens_BxL=tokens, mask_BxL=mask, turn_BxL=turn,
-      advantages_BxL=rl.turn_values(turn, adv), kl_coef_BxL=rl.turn_weights(turn, coef),
-      ref_logp_BxL=ref_logp, old_logp_BxL=ref_logp)
+  return pg.RLBatch(
+      tokens_BxT=tokens, mask_BxT=mask, turn_BxT=turn,
+      advantages_BxT=rl.turn_values(turn, adv), kl_coef_BxT=rl.turn_weights(turn, coef),
+      ref_logp_BxT=ref_logp, old_logp_BxT=ref_logp)
 
 
 def loss_fn(*args):
-  return train_lib.policy_gradient_loss(
-      *args, cfg=CFG, loss_cfg=train_lib.PolicyLossConfig(kl_estimator="exact"))
+  return pg.policy_gradient_loss(
+      *args, cfg=CFG, loss_cfg=pg.PolicyLossConfig(kl_estimator="exact"))
 
 
 def run_step(params, batch, ref_params):
@@ -60,7 +66,7 @@ def run_sampler(params, mesh=None, rules=None):
   if mesh is not None:  # The state kept the shardings the rules give it.
     for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(smp.state_shardings)):
       assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
-  return np.asarray(smp.episode(state).tokens_BxL)
+  return np.asarray(smp.episode(state).tokens_BxT)
 
 
 params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)

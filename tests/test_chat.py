@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import require_embedded
-from jaxscore import chat as chat_lib
-from jaxscore import prompts
+from jaxscore.sampling import formats as chat_lib
+from jaxscore.tasks import prompts
 
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 ATTEMPTS = ["He has 3 + 4 = 8 apples.", "Let me recheck: 3 + 4 = 7. He has 7 apples."]
@@ -12,7 +12,7 @@ ATTEMPTS = ["He has 3 + 4 = 8 apples.", "Let me recheck: 3 + 4 = 7. He has 7 app
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  from jaxscore import tokenizer as tokenizer_lib
+  from jaxscore.models import tokenizer as tokenizer_lib
 
   return tokenizer_lib.load_tokenizer(require_embedded())
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import require_embedded
-from jaxscore import checkpoint as checkpoint_lib
+from jaxscore.infra import checkpoint as checkpoint_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,14 +29,15 @@ def test_keeps_latest_and_best(tmp_path):
   assert ckpt.best_step() == 1
   state, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, step=1)
   np.testing.assert_array_equal(state["w"], 1.0)
-  assert meta == {"step": 1, "metrics": {"reward": 5.0}}
+  assert meta == {"step": 1, "metrics": {"reward": 5.0}, "best_metric": "reward",
+                  "best_mode": "max"}
   ckpt.close()
 
 
 _KILL_MID_SAVE = textwrap.dedent("""
     import sys, threading, jax.numpy as jnp
     import orbax.checkpoint as ocp
-    from jaxscore import checkpoint
+    from jaxscore.infra import checkpoint
     # Step 3's data is fully written but not yet committed (renamed into place) when
     # the parent kills this process: the worst moment, reached without any timing.
     atomic = ocp.path.atomicity.AtomicRenameTemporaryPath
@@ -76,32 +77,34 @@ def test_kill_9_during_a_save_leaves_previous_checkpoint_restorable(tmp_path):
 
 
 def _tiny_setup():
-  from jaxscore import chat, model as model_lib, tasks, tokenizer as tokenizer_lib, trainer
+  """(setup, params): a tiny random model with the embedded tokenizer, on add1."""
+  from jaxscore import tasks
+  from jaxscore.models import model as model_lib
+  from jaxscore.models import tokenizer as tokenizer_lib
+  from jaxscore.sampling import formats, rollout
 
   tok = tokenizer_lib.load_tokenizer(require_embedded())
   cfg = model_lib.ModelConfig(vocab_size=len(tok), num_layers=1, embed_dim=16, num_heads=2,
                               num_kv_heads=1, mlp_dim=32, tie_embeddings=True)
   params = model_lib.init(cfg, jax.random.key(0), stddev=0.5)
   task = tasks.make_task("arithmetic", level="add1")
-  setup = trainer.RLSetup(cfg=cfg, tokenizer=tok, fmt=chat.ChatFormat(tok), task=task,
-                          ref_params=jax.tree.map(jnp.copy, params))
-  return setup, params
+  return rollout.Setup(cfg, tok, formats.ChatFormat(tok), task), params
 
 
-def _config(**rl):
+def _config(pad_multiple=None):
   import sys as _sys
 
   _sys.path.insert(0, str(ROOT))
   from configs import score
 
   c = score.get_config("cpu,runlocal")
-  c.rl.stages = "I:2,II:2"
-  c.rl.prompts_per_step, c.rl.group_size = 2, 2
+  c.score.stages = "I:2,II:2"
+  c.rollout.prompts_per_step, c.rollout.group_size = 2, 2
   c.sampler.max_new_tokens = 4
   c.checkpoint.every_steps = 1
   c.log.transcripts_every = 1
-  for k, v in rl.items():
-    setattr(c.rl, k, v)
+  if pad_multiple is not None:
+    c.rollout.pad_multiple = pad_multiple
   return c
 
 
@@ -112,14 +115,14 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_where_training_stopped(tmp_path):
-  from jaxscore import trainer
+  from jaxscore.loops import online as trainer
 
   setup, params = _tiny_setup()
   c = _config()
-  straight, _ = trainer.train(c, setup, params, tmp_path / "a")
-  half, info = trainer.train(c, setup, params, tmp_path / "b", stop_after=2)
+  straight, _ = trainer.train(c, setup, params, params, tmp_path / "a")
+  half, info = trainer.train(c, setup, params, params, tmp_path / "b", stop_after=2)
   assert info["step"] == 2 and int(half.step) == 2
-  resumed, info = trainer.train(c, setup, params, tmp_path / "b")
+  resumed, info = trainer.train(c, setup, params, params, tmp_path / "b")
   assert info["step"] == 4
   jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
@@ -133,12 +136,12 @@ _SIGTERM = textwrap.dedent("""
     import sys
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     import test_checkpoint as t
-    from jaxscore import trainer
+    from jaxscore.loops import online as trainer
     setup, params = t._tiny_setup()
     c = t._config()
-    c.rl.stages = "I:50,II:50"
+    c.score.stages = "I:50,II:50"
     c.checkpoint.every_steps = 1000
-    state, info = trainer.train(c, setup, params, sys.argv[1])
+    state, info = trainer.train(c, setup, params, params, sys.argv[1])
     print("EXIT", info, flush=True)
 """)
 
@@ -165,25 +168,25 @@ _MESH_RUN = textwrap.dedent("""
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     import jax
     import test_checkpoint as t
-    from jaxscore import trainer
+    from jaxscore.loops import online as trainer
     assert jax.device_count() == 4
     setup, params = t._tiny_setup()
     c = t._config()
-    c.rl.stages = "I:1,II:1"
+    c.score.stages = "I:1,II:1"
     c.mesh.data = 4
-    state, info = trainer.train(c, setup, params, sys.argv[1])
+    state, info = trainer.train(c, setup, params, params, sys.argv[1])
     print("SHARDS", len(jax.tree.leaves(state.params)[0].sharding.device_set))
 """)
 
 
 @pytest.mark.slow
 def test_training_loop_on_4_devices_matches_one_device(tmp_path):
-  from jaxscore import trainer
+  from jaxscore.loops import online as trainer
 
   setup, params = _tiny_setup()
   c = _config()
-  c.rl.stages = "I:1,II:1"
-  trainer.train(c, setup, params, tmp_path / "one")
+  c.score.stages = "I:1,II:1"
+  trainer.train(c, setup, params, params, tmp_path / "one")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _MESH_RUN, str(tmp_path / "four"), str(ROOT)],
@@ -206,7 +209,8 @@ _NO_RECOMPILE = textwrap.dedent("""
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     import jax
     import test_checkpoint as t
-    from jaxscore import sharding, trainer
+    from jaxscore.infra import sharding
+    from jaxscore.loops import online as trainer
     assert jax.device_count() == 4
     jax.config.update("jax_log_compiles", True)
     compiles = collections.Counter()
@@ -219,18 +223,19 @@ _NO_RECOMPILE = textwrap.dedent("""
     logging.getLogger("jax").addHandler(CountCompiles())
     setup, params = t._tiny_setup()
     c = t._config(pad_multiple=0)
-    c.rl.stages = "I:2,II:2"
+    c.score.stages = "I:2,II:2"
     mesh, rules = sharding.make_mesh(2, 2, 1), sharding.RULES["fsdp"]
     names = ("train_step", "reference_logprobs", "_init_impl", "_prefill_impl",
              "_decode_impl", "_append_impl")
     steps = []
     with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
-      run = trainer.Run(c, setup, pathlib.Path(sys.argv[1]), mesh, rules)
-      state, ref_params = run.initial_state(params)
+      loop = trainer.OnlineLoop(c, setup, trainer.make_objective(c, setup),
+                                pathlib.Path(sys.argv[1]), mesh, rules)
+      state, ref_params = loop.run.initial_state(params, params)
       for _ in range(4):
-        state, m, ro = run.rl_step(state, ref_params, pool)
-        steps.append({"stage": m["stage"], **{n: compiles[n] for n in names}})
-      run.ckpt.close()
+        state, m, _ = loop.step(state, ref_params, pool)
+        steps.append({"stage": m["phase"], **{n: compiles[n] for n in names}})
+      loop.run.ckpt.close()
     print("COMPILES", json.dumps(steps))
 """)
 

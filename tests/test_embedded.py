@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import report_parity, require_embedded, require_torch
-from jaxscore import model as model_lib
-from jaxscore import pretrained
+from jaxscore.models import model as model_lib
+from jaxscore.models import pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -100,8 +100,8 @@ def test_unknown_name_is_an_error():
 def test_greedy_sampling_matches_transformers_generate(embedded_model, hf_gguf):
   import torch
 
-  from jaxscore import chat as chat_lib
-  from jaxscore import sampler as sampler_lib
+  from jaxscore.sampling import formats as chat_lib
+  from jaxscore.sampling import sampler as sampler_lib
 
   hf_tok, hf_model = hf_gguf
   fmt = chat_lib.ChatFormat(embedded_model.tokenizer)

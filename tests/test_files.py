@@ -8,7 +8,15 @@ import pytest
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from jaxscore import checkpoint, evaluate, files, sweep, trainer
+from jaxscore.infra import checkpoint
+
+from jaxscore import evaluate
+
+from jaxscore.infra import files
+
+from jaxscore import sweep
+
+from jaxscore.infra import metric_writers
 
 
 class FakeGCS(MemoryFileSystem):
@@ -46,7 +54,7 @@ def test_paths_keep_uris_and_make_local_paths_absolute():
 
 def test_metrics_transcripts_reports_and_summary_on_gs(gcs):
   workdir = files.path("gs://bucket/run")
-  writer = trainer.MetricsWriter(workdir)
+  writer = metric_writers.MetricsWriter(workdir)
   for step in (1, 2, 3):
     writer.write(step, {"reward": step / 10, "stage": "I"})
   assert not gcs.exists("gs://bucket/run/metrics.jsonl")  # Held until the checkpoint.
@@ -66,10 +74,10 @@ def test_metrics_transcripts_reports_and_summary_on_gs(gcs):
   assert saved["metrics"] == result and saved["transcripts"] == [{"id": "p0"}]
   assert gcs.cat("gs://bucket/run/eval/after.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
-  (files.path("gs://bucket/sweep/rl.alpha=1.0") / "report.json").write_text(
+  (files.path("gs://bucket/sweep/score.alpha=1.0") / "report.json").write_text(
       json.dumps({"after SCoRe": {"acc@t2": 0.75}}))
-  table = sweep.summary("gs://bucket/sweep", [{"rl.alpha": 1.0}, {"rl.alpha": 10.0}])
-  assert "| rl.alpha=1.0 | 0.75 |" in table and "| rl.alpha=10.0 | - |" in table
+  table = sweep.summary("gs://bucket/sweep", [{"score.alpha": 1.0}, {"score.alpha": 10.0}])
+  assert "| score.alpha=1.0 | 0.75 |" in table and "| score.alpha=10.0 | - |" in table
 
 
 def test_checkpointer_hands_orbax_the_gs_uri(monkeypatch):
@@ -86,7 +94,7 @@ def test_checkpointer_hands_orbax_the_gs_uri(monkeypatch):
 
 
 def test_local_appends_go_straight_to_disk(tmp_path):
-  writer = trainer.MetricsWriter(files.path(tmp_path))
+  writer = metric_writers.MetricsWriter(files.path(tmp_path))
   writer.write(1, {"reward": 0.5})
   assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "reward": 0.5}
   writer.close()
@@ -95,13 +103,13 @@ def test_local_appends_go_straight_to_disk(tmp_path):
 def test_resuming_drops_records_logged_after_the_last_checkpoint(tmp_path):
   # A crash after step 5 with the last checkpoint at step 3: steps 4 and 5 run again.
   workdir = files.path(tmp_path)
-  writer = trainer.MetricsWriter(workdir)
+  writer = metric_writers.MetricsWriter(workdir)
   for step in range(1, 6):
     writer.write(step, {"reward": float(step)})
   writer.close()
   files.append_text(workdir / "transcripts.jsonl",
                     "".join(json.dumps({"step": s, "id": "p"}) + "\n" for s in (3, 5)))
-  writer = trainer.MetricsWriter(workdir, start_step=3)
+  writer = metric_writers.MetricsWriter(workdir, start_step=3)
   writer.write(4, {"reward": 40.0})
   writer.close()
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -36,12 +36,12 @@ def test_tpu_vm_setup_and_run_go_to_every_worker():
   lines = out.strip().splitlines()
   assert all("--worker=all" in line for line in lines)
   assert "git\\ clone" in lines[0] and "pip\\ install\\ -e\\ \\'.\\[tpu\\]" in lines[1]
-  rc, out, _ = _dry("tpu_vm.sh", "run", "--", "--config.rl.alpha=5", CONFIG="configs/score.py:math",
+  rc, out, _ = _dry("tpu_vm.sh", "run", "--", "--config.score.alpha=5", CONFIG="configs/score.py:math",
                     WORKDIR="gs://bucket/run1", **TPU)
   assert rc == 0
   assert "tpu-vm ssh score-v4 --zone=us-central2-b --project=my-proj --worker=all" in out
   for part in ("JAXSCORE_DISTRIBUTED=auto", "jaxscore.main", "--config=configs/score.py:math",
-               "--workdir=gs://bucket/run1", "--config.rl.alpha=5"):
+               "--workdir=gs://bucket/run1", "--config.score.alpha=5"):
     assert part in out.replace("\\", "")
 
 
@@ -77,15 +77,15 @@ def test_sweep_expands_into_named_runs(tmp_path):
   assert len(runs) == 4
   cmds = sweep.commands(config, str(tmp_path), runs, "local")
   workdirs = [c[4] for c in cmds]
-  assert workdirs[0] == f"--workdir={tmp_path}/rl.alpha=1.0,optim.learning_rate=1e-05"
+  assert workdirs[0] == f"--workdir={tmp_path}/score.alpha=1.0,optim.learning_rate=1e-05"
   assert len(set(workdirs)) == 4
-  assert cmds[0][-2:] == ["--config.rl.alpha=1.0", "--config.optim.learning_rate=1e-05"]
+  assert cmds[0][-2:] == ["--config.score.alpha=1.0", "--config.optim.learning_rate=1e-05"]
   tpu = sweep.commands(config, "gs://b/s", runs, "tpu")
-  assert tpu[0][-4:-2] == ["run", "--"] and "WORKDIR=gs://b/s/rl.alpha=1.0,optim.learning_rate=1e-05" in tpu[0]
+  assert tpu[0][-4:-2] == ["run", "--"] and "WORKDIR=gs://b/s/score.alpha=1.0,optim.learning_rate=1e-05" in tpu[0]
 
 
 def test_sweep_summary_table(tmp_path):
-  runs = [{"rl.alpha": 1.0}, {"rl.alpha": 10.0}]
+  runs = [{"score.alpha": 1.0}, {"score.alpha": 10.0}]
   for r, acc in zip(runs, (0.25, 0.5)):
     d = tmp_path / sweep.run_name(r)
     d.mkdir()
@@ -93,15 +93,15 @@ def test_sweep_summary_table(tmp_path):
         {"before": {"acc@t1": 0.1}, "after SCoRe": {"acc@t1": acc, "acc@t2": acc + 0.1}}))
   table = sweep.summary(str(tmp_path), runs).splitlines()
   assert table[0] == "| run | acc@t1 | acc@t2 |"
-  assert table[2] == "| rl.alpha=1.0 | 0.25 | 0.35 |"
-  assert table[3] == "| rl.alpha=10.0 | 0.5 | 0.6 |"
+  assert table[2] == "| score.alpha=1.0 | 0.25 | 0.35 |"
+  assert table[3] == "| score.alpha=10.0 | 0.5 | 0.6 |"
 
 
 def test_sweep_rejects_unknown_keys(tmp_path):
   cfg = tmp_path / "bad.py"
   cfg.write_text((ROOT / "configs" / "score.py").read_text() +
-                 "\ndef get_sweep(arg='cpu'):\n  return [{'rl.alpah': 1.0}]\n")
-  with pytest.raises(KeyError, match="rl.alpah"):
+                 "\ndef get_sweep(arg='cpu'):\n  return [{'score.alpah': 1.0}]\n")
+  with pytest.raises(KeyError, match="score.alpah"):
     sweep.load_sweep(str(cfg) + ":cpu")
 
 
@@ -120,13 +120,13 @@ def test_config_typo_is_an_error():
 
   c = score.get_config("cpu")
   with pytest.raises(AttributeError):
-    c.rl.alpah = 3.0
+    c.score.alpah = 3.0
   with pytest.raises(ValueError, match="unknown variant"):
     score.get_config("tpu")
   for variant in ("cpu", "gsm8k", "math", "code", "cpu,runlocal"):
     score.get_config(variant)
   out = subprocess.run([sys.executable, "-m", "jaxscore.main",
                         f"--config={ROOT / 'configs' / 'score.py'}:cpu",
-                        "--workdir=/tmp/unused", "--config.rl.alpah=3"],
+                        "--workdir=/tmp/unused", "--config.score.alpah=3"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert out.returncode != 0 and "alpah" in out.stderr

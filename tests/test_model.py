@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscore import model as model_lib
+from jaxscore.models import model as model_lib
 
 CFG = model_lib.ModelConfig(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4,
                             num_kv_heads=2, mlp_dim=48, rope_theta=10_000.0)

@@ -7,8 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscore import model as model_lib
-from jaxscore import objectives, rl
+from jaxscore import objectives
+from jaxscore.models import model as model_lib
+from jaxscore.objectives import rl
+from jaxscore.objectives import score as score_lib
+from jaxscore.sampling import sampler as sampler_lib
+
+CFG = model_lib.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
+                            num_kv_heads=1, mlp_dim=24)
+
+
+def score_objective(stage: str, group_size: int = 2, num_turns: int = 2, sampling=None,
+                    **fields):
+  """SCoRe fixed at one stage (step 0 of a one-stage schedule)."""
+  return objectives.make("score", dict(stages=f"{stage}:1", **fields),
+                         objectives.Context(CFG, num_turns, group_size, sampling))
 
 
 def test_kl_estimators_golden():
@@ -25,7 +38,8 @@ def test_exact_kl_golden():
   p, q = np.array([0.7, 0.3]), np.array([0.4, 0.6])
   logits = jnp.log(jnp.array([[p, p]]))
   ref_logits = jnp.log(jnp.array([[q, q]]))
-  kl = rl.kl_exact(None, None, logits, ref_logits)
+  kl = rl.kl_exact(None, None, rl.shifted_log_softmax(logits),
+                   rl.shifted_log_softmax(ref_logits))
   expected = 0.7 * math.log(0.7 / 0.4) + 0.3 * math.log(0.3 / 0.6)
   np.testing.assert_allclose(kl, [[0.0, expected]], rtol=1e-6)
 
@@ -37,8 +51,51 @@ def test_every_kl_is_zero_when_policy_equals_reference():
   tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 31)
   mask = jnp.ones((2, 7), bool)
   logp, logits = rl.token_logprobs(params, tokens, mask, cfg)
+  full = rl.shifted_log_softmax(logits)
   for name, fn in rl.KL_ESTIMATORS.items():
-    np.testing.assert_allclose(fn(logp, logp, logits, logits), 0.0, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(fn(logp, logp, full, full), 0.0, atol=1e-6, err_msg=name)
+
+
+def _expected_estimator_gradient(name, theta, ref_logp):
+  """E_{v ~ pi}[grad_theta k(v)] over one categorical pi = softmax(theta), exactly: the
+  sum over v weighted by pi(v), the weights not differentiated (v is sampled)."""
+  fn = rl.KL_ESTIMATORS[name]
+
+  def expectation(t):
+    logp = jax.nn.log_softmax(t)
+    weights = jax.lax.stop_gradient(jnp.exp(logp))
+    return jnp.sum(weights * fn(logp[None], ref_logp[None])[0])
+
+  return jax.grad(expectation)(theta)
+
+
+def test_kl_estimator_gradients_point_where_the_docs_say():
+  theta = jnp.array([0.3, -1.2, 0.8, 0.1])
+  ref_logp = jax.nn.log_softmax(jnp.array([-0.5, 0.4, 0.2, 1.0]))
+  forward = jax.grad(lambda t: jnp.sum(jnp.exp(jax.nn.log_softmax(t))
+                                       * (jax.nn.log_softmax(t) - ref_logp)))(theta)
+  reverse = jax.grad(lambda t: jnp.sum(jnp.exp(ref_logp)
+                                       * (ref_logp - jax.nn.log_softmax(t))))(theta)
+  np.testing.assert_allclose(_expected_estimator_gradient("k1", theta, ref_logp), 0.0,
+                             atol=1e-6)
+  np.testing.assert_allclose(_expected_estimator_gradient("k2", theta, ref_logp), forward,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_expected_estimator_gradient("k3", theta, ref_logp), reverse,
+                             rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(forward - reverse)).max() > 1e-2  # The two really differ.
+
+
+def test_kl_estimator_misuse_is_refused():
+  with pytest.raises(ValueError, match="zero expected gradient.*kl_in_reward=True"):
+    score_objective("II", kl_estimator="k1")
+  with pytest.raises(ValueError, match="cannot be folded into the reward"):
+    score_objective("II", kl_estimator="exact", kl_in_reward=True)
+  for sampling in (sampler_lib.SamplingConfig(temperature=0.7),
+                   sampler_lib.SamplingConfig(top_k=5), sampler_lib.SamplingConfig(top_p=0.9)):
+    with pytest.raises(ValueError, match="does not draw them from pi"):
+      score_objective("II", kl_estimator="k1", kl_in_reward=True, sampling=sampling)
+  score_objective("II", kl_estimator="k1", kl_in_reward=True,
+                  sampling=sampler_lib.SamplingConfig(temperature=1.0))
 
 
 def test_shifted_logprobs_match_log_softmax_by_hand():
@@ -50,21 +107,48 @@ def test_shifted_logprobs_match_log_softmax_by_hand():
   np.testing.assert_allclose(out, [[0.0, 2.0 - z0, 0.0 - z1]], rtol=1e-6)
 
 
-def test_progress_bonus_rewards_at_alpha_10():
-  # (r1, r2): i->c, c->i, c->c, i->i
-  rewards = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
-  shaped = rl.progress_bonus(rewards, alpha=10.0)
-  np.testing.assert_array_equal(shaped[:, 1], [11.0, -10.0, 1.0, 0.0])
-  np.testing.assert_array_equal(shaped[:, 0], rewards[:, 0])
+# (r1, r2): i->c, c->i, c->c, i->i
+OUTCOMES = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+
+
+def test_progress_bonus_is_on_the_last_turn_only():
+  bonus = rl.progress_bonus(OUTCOMES, alpha=10.0)
+  np.testing.assert_array_equal(bonus[:, 1], [10.0, -10.0, 0.0, 0.0])
+  np.testing.assert_array_equal(bonus[:, 0], 0.0)
 
 
 def test_score_stages_golden():
-  c = objectives.ScoreConfig(alpha=10.0, beta1=0.01, beta2=0.1)
-  rewards = jnp.array([[0.0, 1.0], [1.0, 0.0]])
-  np.testing.assert_array_equal(objectives.shaped_returns(rewards, "I", c), [[0, 1], [0, 0]])
-  np.testing.assert_array_equal(objectives.shaped_returns(rewards, "II", c), [[0, 11], [1, -10]])
-  np.testing.assert_allclose(objectives.kl_coefficients("I", 2, c), [0.11, 0.01])
-  np.testing.assert_allclose(objectives.kl_coefficients("II", 2, c), [0.01, 0.01])
+  returns_i, coef_i = score_objective("I").returns(OUTCOMES, 0)
+  np.testing.assert_array_equal(returns_i, [[0, 1], [0, 0], [0, 1], [0, 0]])
+  np.testing.assert_allclose(coef_i, [0.11, 0.01])
+  returns_ii, coef_ii = score_objective("II").returns(OUTCOMES, 0)
+  np.testing.assert_array_equal(returns_ii, [[0, 11], [1, -10], [1, 1], [0, 0]])
+  np.testing.assert_allclose(coef_ii, [0.01, 0.01])
+
+
+def test_progress_bonus_never_reaches_attempt_one_when_discounting():
+  # gamma = 1: attempt 1's return is r1 + r2 (the trajectory's rewards), and the bonus
+  # alpha * (r2 - r1) is credited to attempt 2 alone. Before the bonus was added after
+  # discounting, i->c gave attempt 1 a return of 11 and c->c only 2.
+  returns, _ = score_objective("II", gamma=1.0).returns(OUTCOMES, 0)
+  np.testing.assert_array_equal(returns, [[1, 11], [1, -10], [2, 1], [0, 0]])
+  returns, _ = score_objective("II", gamma=0.0).returns(OUTCOMES, 0)
+  np.testing.assert_array_equal(returns, [[0, 11], [1, -10], [1, 1], [0, 0]])
+  # Three turns at gamma 0.5: r = (0, 0, 1), bonus 10 on turn 3 only.
+  returns, _ = score_objective("II", gamma=0.5, num_turns=3).returns(
+      jnp.array([[0.0, 0.0, 1.0]]), 0)
+  np.testing.assert_allclose(returns, [[0.25, 0.5, 11.0]])
+
+
+def test_score_schedule():
+  obj = objectives.make("score", {"stages": "I:2,II:1,I:1"},
+                        objectives.Context(CFG, num_turns=2, group_size=2))
+  assert [obj.phase(s) for s in range(5)] == ["I", "I", "II", "I", "I"]
+  assert obj.num_steps == 4
+  with pytest.raises(ValueError, match="score.stages='I:2,III:1'"):
+    objectives.make("score", {"stages": "I:2,III:1"}, objectives.Context(CFG))
+  with pytest.raises(ValueError, match="config score.alpah is not a field"):
+    objectives.make("score", {"alpah": 1.0}, objectives.Context(CFG))
 
 
 def test_rloo_and_group_advantages_golden():
@@ -99,11 +183,11 @@ def test_per_turn_kl_weighting():
 
 
 def test_kl_folded_into_reward():
-  c = objectives.ScoreConfig(alpha=10.0, beta1=0.01, beta2=0.1, kl_in_reward=True)
+  obj = score_objective("II", kl_in_reward=True, kl_estimator="k1")
   rewards = jnp.array([[0.0, 1.0], [0.0, 0.0]])
   turn = jnp.array([[1, 1, 2], [1, 2, 2]])
   kl = jnp.array([[1.0, 1.0, 2.0], [3.0, 1.0, 1.0]])
-  _, returns, _ = objectives.advantages(rewards, "II", c, 2, turn, kl)
+  returns, _ = obj.returns(rewards, 0, turn, kl)
   np.testing.assert_allclose(returns, [[0 - 0.01 * 2, 11 - 0.01 * 2], [0 - 0.01 * 3, 0 - 0.01 * 2]],
                              rtol=1e-6)
 

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import require_torch
 from hf_tiny import make_hf_model
-from jaxscore import model as model_lib
-from jaxscore import sampler as sampler_lib
-from jaxscore import weights
+from jaxscore.models import model as model_lib
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.models import weights
 
 GREEDY = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=8)
 EOS, EOT = 100, 99
@@ -57,7 +57,7 @@ def test_two_turns_on_carried_cache_equal_sampling_from_scratch(tiny):
   state = smp.add_message(state, [[50, 51]] * 3)
   state = smp.generate(params, state, GREEDY)
   ep = smp.episode(state)
-  tokens, lengths = np.asarray(ep.tokens_BxL), np.asarray(ep.length_B)
+  tokens, lengths = np.asarray(ep.tokens_BxT), np.asarray(ep.length_B)
   # A reply cut at the length limit is closed with EOT; one that stopped is not.
   close = lambda y: y + ([] if y[-1] == EOS else [EOT])
   cut = 0
@@ -87,7 +87,7 @@ def test_stop_token_ends_the_turn_and_stays_in_the_response(tiny):
   # A row that stopped on its own gets no extra end-of-turn token.
   state = smp.add_message(state, [[60]] * 3)
   n = int(state.length_B[0])
-  assert np.asarray(state.tokens_BxL)[0, n - 2:n].tolist() == [stop, 60]
+  assert np.asarray(state.tokens_BxT)[0, n - 2:n].tolist() == [stop, 60]
 
 
 def test_sampled_logprobs_equal_teacher_forced_logprobs(tiny):
@@ -98,12 +98,12 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(tiny):
   state = smp.generate(params, smp.add_message(state, [[7, 8]] * 3), sampling)
   ep = smp.episode(state)
   mask = jnp.arange(64)[None] < ep.length_B[:, None]
-  logits, _ = model_lib.apply(params, ep.tokens_BxL, cfg, mask_BxT=mask)
+  logits, _ = model_lib.apply(params, ep.tokens_BxT, cfg, mask_BxT=mask)
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  teacher = jnp.take_along_axis(logp, ep.tokens_BxL[:, 1:, None], axis=-1)[..., 0]
-  sampled = ep.mask_BxL[:, 1:]
+  teacher = jnp.take_along_axis(logp, ep.tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+  sampled = ep.sampled_BxT[:, 1:]
   assert int(sampled.sum()) > 30
-  np.testing.assert_allclose(np.where(sampled, ep.logp_BxL[:, 1:], 0),
+  np.testing.assert_allclose(np.where(sampled, ep.logp_BxT[:, 1:], 0),
                              np.where(sampled, teacher, 0), atol=1e-4)
 
 
@@ -115,7 +115,7 @@ def test_each_row_of_a_ragged_batch_equals_running_it_alone(tiny):
     state = smp.generate(params, smp.start(prompts, jax.random.key(0)), GREEDY)
     state = smp.generate(params, smp.add_message(state, messages), GREEDY)
     ep = smp.episode(state)
-    return [np.asarray(ep.tokens_BxL)[i, :int(ep.length_B[i])].tolist()
+    return [np.asarray(ep.tokens_BxT)[i, :int(ep.length_B[i])].tolist()
             for i in range(len(prompts))]
 
   messages = [[40, 41, 42, 43, 44, 45], [43], [45, 46]]
@@ -166,11 +166,11 @@ def test_row_at_max_len_is_done_and_prompt_too_long_is_an_error(tiny):
 def test_max_episode_len_bounds_attempts_that_never_stop(tiny):
   """Training batches are cut to `max_episode_len`: no episode may be longer, even when
   every attempt runs to max_new_tokens and is closed before the next message."""
-  from jaxscore import evaluate
+  from jaxscore.sampling import rollout
 
   cfg, params = tiny
   num_turns, new, message = 3, 5, [40, 41, 42, 43]
-  bound = evaluate.max_episode_len([len(p) for p in PROMPTS], num_turns, new, len(message))
+  bound = rollout.episode_len_bound([len(p) for p in PROMPTS], num_turns, new, len(message))
   # Hand count for the 11-token prompt: 3 attempts of 5, 2 closing end-of-turns,
   # 2 messages of 4; the bound also leaves one slot per message for a closing token.
   assert bound == 11 + 3 * (5 + 1) + 2 * (4 + 1)

@@ -12,10 +12,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxscore import model as model_lib
-from jaxscore import objectives, rl
-from jaxscore import sampler as sampler_lib
-from jaxscore import train as train_lib
+from jaxscore.models import model as model_lib
+from jaxscore import objectives
+from jaxscore.objectives import policy_gradient as pg
+from jaxscore.objectives import rl
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.loops import train as train_lib
 
 CFG = model_lib.ModelConfig(vocab_size=13, num_layers=2, embed_dim=16, num_heads=2,
                             num_kv_heads=1, mlp_dim=24)
@@ -27,41 +29,43 @@ MASK = jnp.array([[1] * 7 + [0], [1] * 6 + [0, 0]])
 
 def _batch(advantages_BxN, coef_N, seed=0):
   tokens = jax.random.randint(jax.random.key(seed), TURN.shape, 0, CFG.vocab_size)
-  return train_lib.RLBatch(
-      tokens_BxL=tokens, mask_BxL=MASK, turn_BxL=TURN,
-      advantages_BxL=rl.turn_values(TURN, jnp.asarray(advantages_BxN, jnp.float32)),
-      kl_coef_BxL=rl.turn_weights(TURN, jnp.asarray(coef_N, jnp.float32)),
-      ref_logp_BxL=jnp.full(TURN.shape, -2.0), old_logp_BxL=jnp.full(TURN.shape, -2.0))
+  return pg.RLBatch(
+      tokens_BxT=tokens, mask_BxT=MASK, turn_BxT=TURN,
+      advantages_BxT=rl.turn_values(TURN, jnp.asarray(advantages_BxN, jnp.float32)),
+      kl_coef_BxT=rl.turn_weights(TURN, jnp.asarray(coef_N, jnp.float32)),
+      ref_logp_BxT=jnp.full(TURN.shape, -2.0), old_logp_BxT=jnp.full(TURN.shape, -2.0))
 
 
-@pytest.mark.parametrize("kl", ["k1", "k3"])
+@pytest.mark.parametrize("kl", ["k2", "k3"])
 def test_gradient_reaches_only_response_tokens_of_their_turn(kl):
   batch = _batch([[1.0, -2.0], [0.5, 3.0]], [0.11, 0.01])
-  loss_cfg = train_lib.PolicyLossConfig(kl_estimator=kl)
+  loss_cfg = pg.PolicyLossConfig(kl_estimator=kl)
   logp = jnp.full(TURN.shape, -1.5)
-  grad = jax.grad(lambda lp: train_lib.token_objective(lp, batch, loss_cfg)[0])(logp)
+  grad = jax.grad(lambda lp: pg.token_objective(lp, batch, loss_cfg)[0])(logp)
   response = np.asarray((TURN > 0) & (MASK > 0))
   np.testing.assert_array_equal(np.asarray(grad)[~response], 0.0)
   assert (np.abs(np.asarray(grad)[response]) > 0).all()
 
 
 def test_stage_one_gives_attempt_one_no_reward_gradient():
-  c = objectives.ScoreConfig(beta1=0.0, beta2=0.0)
+  obj = objectives.make("score", {"stages": "I:1", "beta1": 0.0, "beta2": 0.0},
+                        objectives.Context(CFG, num_turns=2, group_size=2))
   rewards = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
-  adv, _, coef = objectives.advantages(rewards, "I", c, group_size=2)
+  returns, coef = obj.returns(rewards, 0)
+  adv = obj.advantages(returns)
   np.testing.assert_array_equal(adv[:, 0], 0.0)
   assert np.abs(np.asarray(adv[:, 1])).sum() > 0
   batch = _batch(adv[:2], coef)
   logp = jnp.full(TURN.shape, -1.5)
-  grad = jax.grad(lambda lp: train_lib.token_objective(
-      lp, batch, train_lib.PolicyLossConfig())[0])(logp)
+  grad = jax.grad(lambda lp: pg.token_objective(
+      lp, batch, pg.PolicyLossConfig())[0])(logp)
   np.testing.assert_array_equal(np.asarray(grad)[np.asarray(TURN == 1)], 0.0)
   assert np.abs(np.asarray(grad)[np.asarray(TURN == 2)]).sum() > 0
 
 
 def _reference_loss(params, batch, beta_by_turn, adv_by_row_turn):
   """A second implementation: explicit loops over tokens, k3 KL, token mean."""
-  logits, _ = model_lib.apply(params, batch.tokens_BxL, CFG, mask_BxT=batch.mask_BxL)
+  logits, _ = model_lib.apply(params, batch.tokens_BxT, CFG, mask_BxT=batch.mask_BxT)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   terms = []
   for b in range(TURN.shape[0]):
@@ -69,8 +73,8 @@ def _reference_loss(params, batch, beta_by_turn, adv_by_row_turn):
       turn = int(TURN[b, t])
       if turn == 0 or not MASK[b, t]:
         continue
-      lp = logp_all[b, t - 1, batch.tokens_BxL[b, t]]
-      r = batch.ref_logp_BxL[b, t] - lp
+      lp = logp_all[b, t - 1, batch.tokens_BxT[b, t]]
+      r = batch.ref_logp_BxT[b, t] - lp
       kl = jnp.exp(r) - r - 1
       terms.append(-adv_by_row_turn[b][turn - 1] * lp + beta_by_turn[turn - 1] * kl)
   return sum(terms) / len(terms)
@@ -82,8 +86,8 @@ def test_one_train_step_golden():
   batch = _batch(adv, coef, seed=1)
   lr = 1e-3
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=lr, max_grad_norm=0.0))
-  loss_fn = lambda p, b, r, ref: train_lib.policy_gradient_loss(
-      p, b, r, ref, cfg=CFG, loss_cfg=train_lib.PolicyLossConfig(kl_estimator="k3"))
+  loss_fn = lambda p, b, r, ref: pg.policy_gradient_loss(
+      p, b, r, ref, cfg=CFG, loss_cfg=pg.PolicyLossConfig(kl_estimator="k3"))
   step = jax.jit(train_lib.make_train_step(loss_fn, opt))
   state = train_lib.TrainState.create(params, opt)
   new_state, metrics = step(state, batch, jax.random.key(0))
@@ -102,13 +106,14 @@ def test_score_raises_reward_on_a_toy_task():
   params = model_lib.init(cfg, jax.random.key(0), stddev=0.2)
   ref_params = jax.tree.map(jnp.copy, params)
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=3e-2))
-  loss_cfg = train_lib.PolicyLossConfig(kl_estimator="k3")
+  loss_cfg = pg.PolicyLossConfig(kl_estimator="k3")
   step = jax.jit(train_lib.make_train_step(
-      lambda *a: train_lib.policy_gradient_loss(*a, cfg=cfg, loss_cfg=loss_cfg), opt))
+      lambda *a: pg.policy_gradient_loss(*a, cfg=cfg, loss_cfg=loss_cfg), opt))
   ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
   smp = sampler_lib.Sampler(cfg, max_len=16, stop_ids=[11])
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=2)
-  score_cfg = objectives.ScoreConfig(alpha=1.0, beta1=0.001, beta2=0.001)
+  score = objectives.make("score", {"stages": "II:40", "alpha": 1.0, "beta1": 0.001},
+                          objectives.Context(cfg, num_turns=2, group_size=4))
   state = train_lib.TrainState.create(params, opt)
   group, history = 4, []
 
@@ -124,13 +129,14 @@ def test_score_raises_reward_on_a_toy_task():
     ep = smp.episode(st)
     rewards = np.array([[float(r[:1] == [7]) for r in ep.response_ids(t)] for t in (1, 2)]).T
     history.append(rewards.mean())
-    adv, _, coef = objectives.advantages(jnp.asarray(rewards), "II", score_cfg, group)
+    returns, coef = score.returns(jnp.asarray(rewards), i)
+    adv = score.advantages(returns)
     mask = jnp.arange(16)[None] < ep.length_B[:, None]
-    batch = train_lib.RLBatch(
-        tokens_BxL=ep.tokens_BxL, mask_BxL=mask, turn_BxL=ep.turn_BxL,
-        advantages_BxL=rl.turn_values(ep.turn_BxL, adv),
-        kl_coef_BxL=rl.turn_weights(ep.turn_BxL, coef),
-        ref_logp_BxL=ref_logp_fn(ref_params, ep.tokens_BxL, mask), old_logp_BxL=ep.logp_BxL)
+    batch = pg.RLBatch(
+        tokens_BxT=ep.tokens_BxT, mask_BxT=mask, turn_BxT=ep.turn_BxT,
+        advantages_BxT=rl.turn_values(ep.turn_BxT, adv),
+        kl_coef_BxT=rl.turn_weights(ep.turn_BxT, coef),
+        ref_logp_BxT=ref_logp_fn(ref_params, ep.tokens_BxT, mask), old_logp_BxT=ep.logp_BxT)
     state, _ = step(state, batch, jax.random.key(i), ref_params)
   after = p_target(state.params, [1, 2, 3])
   assert before < 0.2 and after > 0.6, (before, after)
@@ -143,7 +149,9 @@ _DATA_PARALLEL = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from numerics import assert_close, assert_trees_close
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxscore import model as model_lib, rl, train as train_lib
+    from jaxscore.models import model as model_lib
+    from jaxscore.objectives import policy_gradient as pg, rl
+    from jaxscore.loops import train as train_lib
     assert jax.device_count() == 8, jax.devices()
     cfg = model_lib.ModelConfig(vocab_size=13, num_layers=2, embed_dim=16, num_heads=2,
                                 num_kv_heads=1, mlp_dim=24)
@@ -152,13 +160,13 @@ _DATA_PARALLEL = textwrap.dedent("""
     tokens = jax.random.randint(jax.random.key(1), (b, l), 0, 13)
     turn = jnp.tile(jnp.array([0, 0, 1, 1, 1, 0, 2, 2, 2, 0]), (b, 1))
     adv = jax.random.normal(jax.random.key(2), (b, 2))
-    batch = train_lib.RLBatch(tokens_BxL=tokens, mask_BxL=jnp.ones((b, l), bool), turn_BxL=turn,
-        advantages_BxL=rl.turn_values(turn, adv),
-        kl_coef_BxL=rl.turn_weights(turn, jnp.array([0.11, 0.01])),
-        ref_logp_BxL=jnp.full((b, l), -2.5), old_logp_BxL=jnp.full((b, l), -2.5))
+    batch = pg.RLBatch(tokens_BxT=tokens, mask_BxT=jnp.ones((b, l), bool), turn_BxT=turn,
+        advantages_BxT=rl.turn_values(turn, adv),
+        kl_coef_BxT=rl.turn_weights(turn, jnp.array([0.11, 0.01])),
+        ref_logp_BxT=jnp.full((b, l), -2.5), old_logp_BxT=jnp.full((b, l), -2.5))
     opt = optax.sgd(0.1)  # Linear in the gradient (see numerics.py).
-    loss_fn = lambda *a: train_lib.policy_gradient_loss(*a, cfg=cfg,
-        loss_cfg=train_lib.PolicyLossConfig())
+    loss_fn = lambda *a: pg.policy_gradient_loss(*a, cfg=cfg,
+        loss_cfg=pg.PolicyLossConfig())
     step = train_lib.make_train_step(loss_fn, opt)
     state = train_lib.TrainState.create(params, opt)
     one = jax.jit(step)(state, batch, jax.random.key(0))
@@ -168,7 +176,7 @@ _DATA_PARALLEL = textwrap.dedent("""
     sharded_batch = jax.tree.map(lambda x: jax.device_put(x, rows), batch)
     sharded_state = jax.tree.map(lambda x: jax.device_put(x, repl), state)
     eight = jax.jit(step)(sharded_state, sharded_batch, jax.random.key(0))
-    assert len(sharded_batch.tokens_BxL.sharding.device_set) == 8
+    assert len(sharded_batch.tokens_BxT.sharding.device_set) == 8
     assert_close(eight[1]["loss"], one[1]["loss"])
     assert_close(eight[1]["grad_norm"], one[1]["grad_norm"])
     delta = lambda s: jax.tree.map(lambda a, p: a - p, s.params, params)

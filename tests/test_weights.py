@@ -8,8 +8,8 @@ import pytest
 
 from conftest import report_parity, require_torch
 from hf_tiny import FAMILIES, hf_logits, make_hf_model, padded_batch
-from jaxscore import model as model_lib
-from jaxscore import weights
+from jaxscore.models import model as model_lib
+from jaxscore.models import weights
 
 
 def _jax_logits(cfg, params, tokens, mask):

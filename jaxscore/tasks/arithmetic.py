@@ -45,6 +45,18 @@ def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
   raise ValueError(f"level={level!r}: expected one of {', '.join(LEVELS)}")
 
 
+def solution(level: str, answer: int, operands: dict) -> str:
+  """A worked gold response: one line of arithmetic per step, then the answer."""
+  if level == "word":
+    total = operands["boxes"] * operands["per_box"]
+    steps = [f"{operands['boxes']} × {operands['per_box']} = {total}",
+             f"{total} - {operands['given']} = {answer}"]
+  else:
+    shown = "+" if operands["op"] == "+" else "×"
+    steps = [f"{operands['a']} {shown} {operands['b']} = {answer}"]
+  return "\n".join(steps + [f"The answer is {answer}."])
+
+
 def in_test_split(question: str, test_fraction: float) -> bool:
   digest = hashlib.sha256(question.encode()).digest()
   return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
@@ -87,7 +99,7 @@ class ArithmeticTask:
       out.append(base.Problem(
           id=f"{self.level}-{split}-{len(out)}", question=question,
           prompt=self.prompt_template.format(question=question), answer=str(answer),
-          metadata={"level": self.level, **operands}))
+          solution=solution(self.level, answer, operands), metadata={"level": self.level, **operands}))
     if not out:
       raise ValueError(f"arithmetic level {self.level!r} has no {split} problems")
     return out

@@ -17,6 +17,7 @@ class Problem:
   prompt: str  # The first-turn user message built from it.
   answer: str | None = None  # Gold answer (math tasks).
   tests: tuple[str, ...] = ()  # Test code (code tasks).
+  solution: str | None = None  # A gold response (rationale or program), for SFT.
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -7,7 +7,7 @@ import importlib.util
 import pathlib
 import re
 
-from jaxscore import prompts
+from jaxscore.tasks import prompts
 from jaxscore.tasks import base
 from jaxscore.tasks import records
 from jaxscore.tasks import sandbox
@@ -83,7 +83,7 @@ class MBPPTask:
       out.append(base.Problem(
           id=f"mbpp-{r['task_id']}", question=r[text_field],
           prompt=self.prompt_template.format(question=r[text_field], tests="\n".join(tests)),
-          tests=tests,
+          tests=tests, solution=f"```python\n{r['code']}\n```" if r.get("code") else None,
           metadata={"setup": setup, "reference": r.get("code", ""),
                     "challenge_tests": tuple(r.get("challenge_test_list") or ())}))
     return out
@@ -136,6 +136,7 @@ class HumanEvalTask:
       out.append(base.Problem(
           id=r["task_id"], question=r["prompt"],
           prompt=self.prompt_template.format(question=r["prompt"]), tests=(r["test"],),
+          solution=r.get("canonical_solution"),
           metadata={"entry_point": r["entry_point"], "code_prompt": r["prompt"],
                     "reference": r.get("canonical_solution", "")}))
     return out

@@ -7,7 +7,7 @@ import dataclasses
 import multiprocessing
 from concurrent import futures
 
-from jaxscore import prompts
+from jaxscore.tasks import prompts
 from jaxscore.tasks import answers
 from jaxscore.tasks import base
 from jaxscore.tasks import records
@@ -56,7 +56,7 @@ class GSM8KTask:
       out.append(base.Problem(id=f"gsm8k-{split}-{len(out)}", question=r["question"],
                               prompt=self.prompt_template.format(question=r["question"]),
                               answer=gsm8k_gold(r["answer"], where),
-                              metadata={"solution": r["answer"]}))
+                              solution=r["answer"]))
     return out
 
   def score(self, problems, responses) -> list[base.Score]:
@@ -89,7 +89,8 @@ class MathTask:
       out.append(base.Problem(
           id=str(r.get("unique_id", f"math-{split}-{len(out)}")), question=r["problem"],
           prompt=self.prompt_template.format(question=r["problem"]), answer=str(answer),
-          metadata={k: r[k] for k in ("subject", "level", "solution") if k in r}))
+          solution=r["solution"],
+          metadata={k: r[k] for k in ("subject", "level") if k in r}))
     return out
 
   def score(self, problems, responses) -> list[base.Score]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from jaxscore import weights
+from jaxscore.models import weights
 
 # llama.cpp pre-tokenizer names whose split differs from GPT-2's byte-level regex.
 _LLAMA3_SPLIT = (

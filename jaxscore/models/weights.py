@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxscore import model as model_lib
+from jaxscore.models import model as model_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _CONFIG = "config.json"

@@ -1,8 +1,6 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) as pure functions.
 
-Shape legend used across jaxscore: B batch, G samples per prompt, T tokens, S cache
-length, V vocab, D model width, F mlp width, N query heads, K kv heads, H head dim,
-L layers.
+Shapes follow the package legend (`jaxscore/__init__.py`); here N counts query heads.
 
   params = init(cfg, rng)
   logits_BxTxV, _ = apply(params, tokens_BxT, cfg)                 # full forward

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxscore import model as model_lib
+from jaxscore.models import model as model_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
@@ -123,25 +123,6 @@ def init_sharded(cfg: model_lib.ModelConfig, rng: jax.Array, mesh: Mesh, rules: 
   return jax.jit(functools.partial(model_lib.init, cfg, stddev=stddev), out_shardings=out)(rng)
 
 
-def state_shardings(optimizer, params_abstract: Any, params_shardings: Any, mesh: Mesh):
-  """Shardings of a TrainState: optimizer moments follow their parameters; counters
-  and other scalars are replicated."""
-  import optax
-
-  from jaxscore import train as train_lib
-
-  state = jax.eval_shape(lambda p: train_lib.TrainState.create(p, optimizer), params_abstract)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, params_shardings,
-                              transform_non_params=lambda _: replicated)
-  return train_lib.TrainState(step=replicated, params=params_shardings, opt_state=opt)
-
-
-def put_params(params: Any, cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
-  """Places host params (e.g. just imported) into their shardings."""
-  return jax.device_put(params, param_shardings(cfg, mesh, rules))
-
-
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
   """Splits every array of a batch along its leading (batch) axis."""
   batch_axes = dict(rules).get("batch")
@@ -159,10 +140,6 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.device_put(x, sharding)
 
   return jax.tree.map(put, batch)
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def to_host(x: Any) -> np.ndarray:

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore import model as model_lib
-from jaxscore import sharding
+from jaxscore.models import model as model_lib
+from jaxscore.infra import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,9 @@ class SamplingConfig:
 
 @flax.struct.dataclass
 class SamplerState:
-  tokens_BxL: jax.Array  # int32 episode tokens, slots >= length are padding.
-  logp_BxL: jax.Array  # float32 log pi(token) of sampled tokens, 0 elsewhere.
-  turn_BxL: jax.Array  # int32: t for tokens sampled in turn t (1-based), 0 otherwise.
+  tokens_BxT: jax.Array  # int32 episode tokens, slots >= length are padding.
+  logp_BxT: jax.Array  # float32 log pi(token) of sampled tokens, 0 elsewhere.
+  turn_BxT: jax.Array  # int32: t for tokens sampled in turn t (1-based), 0 otherwise.
   length_B: jax.Array  # int32 tokens in the buffer.
   done_B: jax.Array  # bool: the row's current turn has ended.
   turn: jax.Array  # int32 turns sampled so far.
@@ -60,22 +60,20 @@ class SamplerState:
 class Episode:
   """What a trainer consumes: tokens and, per turn, which slots that turn sampled."""
 
-  tokens_BxL: jax.Array
-  logp_BxL: jax.Array
-  turn_BxL: jax.Array
+  tokens_BxT: jax.Array
+  logp_BxT: jax.Array
+  turn_BxT: jax.Array
   length_B: jax.Array
 
   @property
-  def mask_BxL(self) -> jax.Array:
-    """Sampled (trainable) tokens of every turn."""
-    return self.turn_BxL > 0
-
-  def turn_masks_NxBxL(self, num_turns: int) -> jax.Array:
-    return self.turn_BxL[None] == jnp.arange(1, num_turns + 1)[:, None, None]
+  def sampled_BxT(self) -> jax.Array:
+    """Sampled tokens of every turn (not the padding mask: prompts and messages are
+    real tokens but not sampled)."""
+    return self.turn_BxT > 0
 
   def response_ids(self, turn: int) -> list[list[int]]:
     """Token ids each row sampled in `turn` (1-based), on the host."""
-    tokens, turns = sharding.to_host(self.tokens_BxL), sharding.to_host(self.turn_BxL)
+    tokens, turns = sharding.to_host(self.tokens_BxT), sharding.to_host(self.turn_BxT)
     return [row[t == turn].tolist() for row, t in zip(tokens, turns)]
 
 
@@ -131,7 +129,7 @@ def _state_shardings(cfg: model_lib.ModelConfig, max_len: int,
   kv_shape = (cfg.num_layers, b, cfg.num_kv_heads, max_len, cfg.head_dim)
   sharding.check_divisible(model_lib.Cache(kv_shape, kv_shape, (b,)), axes, mesh, rules)
   state = SamplerState(
-      tokens_BxL=at(rows, None), logp_BxL=at(rows, None), turn_BxL=at(rows, None),
+      tokens_BxT=at(rows, None), logp_BxT=at(rows, None), turn_BxT=at(rows, None),
       length_B=at(rows), done_B=at(rows), turn=at(), cache=sharding.shardings(axes, mesh, rules),
       rng=at())
   return state, at(rows, None)
@@ -235,17 +233,17 @@ class Sampler:
                         self._rows(np.array([len(m) for m in messages], np.int32)))
 
   def episode(self, state: SamplerState) -> Episode:
-    return Episode(tokens_BxL=state.tokens_BxL, logp_BxL=state.logp_BxL,
-                   turn_BxL=state.turn_BxL, length_B=state.length_B)
+    return Episode(tokens_BxT=state.tokens_BxT, logp_BxT=state.logp_BxT,
+                   turn_BxT=state.turn_BxT, length_B=state.length_B)
 
   # -- Jitted pieces. -------------------------------------------------------
 
-  def _init_impl(self, tokens_BxL, length_B, rng) -> SamplerState:
-    b = tokens_BxL.shape[0]
+  def _init_impl(self, tokens_BxT, length_B, rng) -> SamplerState:
+    b = tokens_BxT.shape[0]
     return SamplerState(
-        tokens_BxL=tokens_BxL,
-        logp_BxL=jnp.zeros((b, self.max_len), jnp.float32),
-        turn_BxL=jnp.zeros((b, self.max_len), jnp.int32),
+        tokens_BxT=tokens_BxT,
+        logp_BxT=jnp.zeros((b, self.max_len), jnp.float32),
+        turn_BxT=jnp.zeros((b, self.max_len), jnp.int32),
         length_B=length_B,
         done_B=jnp.zeros((b,), bool),
         turn=jnp.zeros((), jnp.int32),
@@ -253,18 +251,18 @@ class Sampler:
         rng=rng,
     )
 
-  def _write(self, buf_BxL, values_BxT, start_B, count_B):
+  def _write(self, buf_BxT, values_BxM, start_B, count_B):
     """buf[b, start_b + j] = values[b, j] for j < count_b."""
-    t = values_BxT.shape[1]
-    slots_BxT = start_B[:, None] + jnp.arange(t)
-    slots_BxT = jnp.where(jnp.arange(t) < count_B[:, None], slots_BxT, self.max_len)
-    rows_BxT = jnp.broadcast_to(jnp.arange(buf_BxL.shape[0])[:, None], slots_BxT.shape)
-    return buf_BxL.at[rows_BxT, slots_BxT].set(values_BxT.astype(buf_BxL.dtype), mode="drop")
+    t = values_BxM.shape[1]
+    slots_BxM = start_B[:, None] + jnp.arange(t)
+    slots_BxM = jnp.where(jnp.arange(t) < count_B[:, None], slots_BxM, self.max_len)
+    rows_BxM = jnp.broadcast_to(jnp.arange(buf_BxT.shape[0])[:, None], slots_BxM.shape)
+    return buf_BxT.at[rows_BxM, slots_BxM].set(values_BxM.astype(buf_BxT.dtype), mode="drop")
 
   def _append_impl(self, state: SamplerState, msg_BxM, msg_len_B):
-    last_B = jnp.take_along_axis(state.tokens_BxL, state.length_B[:, None] - 1, axis=1)[:, 0]
+    last_B = jnp.take_along_axis(state.tokens_BxT, state.length_B[:, None] - 1, axis=1)[:, 0]
     ended_B = jnp.isin(last_B, jnp.asarray(self.stop_ids))
-    tokens, length = state.tokens_BxL, state.length_B
+    tokens, length = state.tokens_BxT, state.length_B
     if self.end_of_turn_id is not None:
       # A reply cut at the length limit is closed before the next user turn.
       close_B = (~ended_B).astype(jnp.int32)
@@ -274,7 +272,7 @@ class Sampler:
     tokens = self._write(tokens, msg_BxM, length, msg_len_B)
     length = jnp.minimum(length + msg_len_B, self.max_len)
     # A row with no room left cannot take another turn.
-    return state.replace(tokens_BxL=tokens, length_B=length,
+    return state.replace(tokens_BxT=tokens, length_B=length,
                          done_B=length >= self.max_len)
 
   def _prefill_impl(self, params, state: SamplerState, chunk: int, sampling):
@@ -282,7 +280,7 @@ class Sampler:
     end_B = state.cache.end_B
     count_B = state.length_B - end_B
     idx_BxC = jnp.minimum(end_B[:, None] + jnp.arange(chunk), self.max_len - 1)
-    tokens_BxC = jnp.take_along_axis(state.tokens_BxL, idx_BxC, axis=1)
+    tokens_BxC = jnp.take_along_axis(state.tokens_BxT, idx_BxC, axis=1)
     mask_BxC = jnp.arange(chunk) < count_B[:, None]
     logits_BxCxV, cache = model_lib.apply(params, tokens_BxC, self.cfg,
                                           mask_BxT=mask_BxC, cache=state.cache)
@@ -309,9 +307,9 @@ class Sampler:
       done_B = (state.done_B | jnp.isin(token_B, stop_ids)
                 | (step + 1 >= max_new_tokens) | (length_B >= self.max_len))
       state = state.replace(
-          tokens_BxL=write(state.tokens_BxL, token_B),
-          logp_BxL=write(state.logp_BxL, logp_B),
-          turn_BxL=write(state.turn_BxL, jnp.broadcast_to(state.turn, token_B.shape)),
+          tokens_BxT=write(state.tokens_BxT, token_B),
+          logp_BxT=write(state.logp_BxT, logp_B),
+          turn_BxT=write(state.turn_BxT, jnp.broadcast_to(state.turn, token_B.shape)),
           length_B=length_B, done_B=done_B)
       # Feed the new token for rows that go on; a finished row's last token stays
       # pending and is prefilled with its next message.

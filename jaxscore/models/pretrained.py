@@ -8,9 +8,9 @@ import os
 import pathlib
 from typing import Any
 
-from jaxscore import model as model_lib
-from jaxscore import tokenizer as tokenizer_lib
-from jaxscore import weights
+from jaxscore.models import model as model_lib
+from jaxscore.models import tokenizer as tokenizer_lib
+from jaxscore.models import weights
 
 
 @dataclasses.dataclass(frozen=True)

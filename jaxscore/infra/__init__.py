@@ -1,0 +1,1 @@
+"""Meshes and sharding, multi-host start-up, checkpoints, files and metric writers."""

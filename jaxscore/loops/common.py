@@ -1,0 +1,181 @@
+"""What every training loop shares: the sharded train state and its compiled step,
+checkpoints and exact resume, metrics and transcripts, the progress bar, and SIGTERM.
+
+A loop supplies `step_fn(state) -> (state, metrics, transcripts)`; `Run.drive` calls it
+until the objective's last step and does the rest. Everything a step does must be a
+function of (config, step), so a checkpoint of the train state is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore.infra import checkpoint as checkpoint_lib
+from jaxscore.infra import files, sharding
+from jaxscore.infra import metric_writers
+from jaxscore.loops import train as train_lib
+from jaxscore.models import model as model_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every_steps: int = 50  # Also saved at the end and on SIGTERM.
+  keep: int = 2  # The last `keep`, plus the best by the loop's best metric.
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  transcripts_every: int = 25  # Steps between transcript samples (0 = never).
+  num_transcripts: int = 4
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def mesh_from_config(c):
+  return (sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+          sharding.RULES[c.mesh.rules])
+
+
+class Run:
+  """The train state's shardings, the compiled train step and the checkpointer of one
+  run of `objective`, on `mesh`."""
+
+  def __init__(self, c, model_cfg: model_lib.ModelConfig, objective, workdir, mesh, rules,
+               best_metric: str = "reward", best_mode: str = "max"):
+    self.c, self.objective, self.mesh, self.rules = c, objective, mesh, rules
+    self.workdir = files.path(workdir)
+    self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    self.param_shardings = sharding.param_shardings(model_cfg, mesh, rules)
+    abstract = jax.eval_shape(lambda: model_lib.init(model_cfg, jax.random.key(0)))
+    self.state_shardings = train_lib.state_shardings(self.optimizer, abstract,
+                                                     self.param_shardings, mesh)
+    self.replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
+    # The new state keeps the old one's shardings (the compiler would otherwise pick its
+    # own), so the next step and the sampler see the same input shardings: no recompiles.
+    self.train_step = jax.jit(
+        train_lib.make_train_step(objective.loss_fn, self.optimizer), donate_argnums=(0,),
+        out_shardings=(self.state_shardings, self.replicated))
+    self.ckpt_cfg = CheckpointConfig(**c.checkpoint)
+    self.log_cfg = LogConfig(**c.log)
+    self.best_metric = best_metric
+    self.ckpt = checkpoint_lib.Checkpointer(
+        self.workdir / "checkpoints", keep=self.ckpt_cfg.keep,
+        async_save=self.ckpt_cfg.async_save, best_metric=best_metric, best_mode=best_mode)
+
+  def initial_state(self, params, ref_params):
+    """(state, reference params) in their shardings; the state restored if a checkpoint
+    exists. The state owns fresh buffers: train_step donates them, and `params` may be
+    the very arrays the reference uses."""
+    ref_params = jax.device_put(ref_params, self.param_shardings)
+    create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)
+    state = jax.jit(create, out_shardings=self.state_shardings)(
+        jax.device_put(params, self.param_shardings))
+    restored = self.ckpt.restore(checkpoint_lib.abstract_like(state))
+    if restored is not None:
+      state, meta = restored
+      print(f"resumed from step {meta['step']} ({self.workdir / 'checkpoints'})")
+    return state, ref_params
+
+  def drive(self, state, step_fn: Callable, *, total: int,
+            progress_keys: Sequence[str] = (), stop_after: int | None = None):
+    """Runs `step_fn` from the state's step to `total`; returns (state, info).
+
+    `step_fn(state) -> (state, metrics, transcripts)`: metrics a flat dict with at least
+    `loss` (and the best metric where a step has one), transcripts a list of JSON
+    records or None.
+    """
+    from tqdm import tqdm
+
+    step = first = int(state.step)
+    writer = metric_writers.MetricsWriter(self.workdir, start_step=step)
+    running: dict[str, float] = {}
+    bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
+               disable=None)
+    phase = None
+    with Preemption() as preempt:
+      while step < total:
+        state, m, transcripts = step_fn(state)
+        step = int(state.step)
+        if not np.isfinite(m["loss"]):
+          self.ckpt.close()
+          raise FloatingPointError(
+              f"step {step}: loss is {m['loss']}; the last good checkpoint is step "
+              f"{self.ckpt.latest_step()} in {self.workdir / 'checkpoints'}")
+        phase = m.get("phase", phase)
+        for k in progress_keys:
+          if k in m:
+            running[k] = m[k] if k not in running else 0.9 * running[k] + 0.1 * m[k]
+        writer.write(step, m)
+        bar.update(1)
+        bar.set_postfix(**({"phase": phase} if phase else {}),
+                        **{k.rpartition("/")[2]: f"{v:.2f}" for k, v in running.items()})
+        every = self.log_cfg.transcripts_every
+        if transcripts and every and step % every == 0:
+          writer.write_transcripts(step, transcripts[:self.log_cfg.num_transcripts])
+        done = step >= total or preempt.requested or (
+            stop_after is not None and step - first >= stop_after)
+        if step % self.ckpt_cfg.every_steps == 0 or done:
+          writer.flush()
+          best = {self.best_metric: m[self.best_metric]} if self.best_metric in m else None
+          self.ckpt.save(step, state, {"step": step, "phase": phase}, metrics=best)
+        if done:
+          break
+    bar.close()
+    writer.close()
+    self.ckpt.wait()
+    info = {"step": step, "best_step": self.ckpt.best_step(), "preempted": preempt.requested}
+    self.ckpt.close()
+    if preempt.requested:
+      print(f"SIGTERM: saved step {step}; rerun the same command to resume")
+    return state, info
+
+
+def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: str = "latest",
+                   mesh=None, rules=None) -> tuple[Any, int | None]:
+  """(params, step) of the workdir's `latest` or `best` checkpoint (or a step number as
+  text), in their shardings; `(params, None)` unchanged when the workdir has none."""
+  if mesh is None:
+    mesh, rules = mesh_from_config(c)
+  with sharding.activate(mesh, rules):
+    param_sh = sharding.param_shardings(model_cfg, mesh, rules)
+    optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    state_sh = train_lib.state_shardings(optimizer, abstract_params, param_sh, mesh)
+    abstract = jax.eval_shape(lambda p: train_lib.TrainState.create(p, optimizer),
+                              abstract_params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, state_sh)
+    ckpt = checkpoint_lib.Checkpointer(files.path(workdir) / "checkpoints", keep=1 << 30)
+    try:
+      step = checkpoint_lib.pick_step(ckpt, which)
+      if step is None:
+        return params, None
+      state, _ = ckpt.restore(abstract, step=step)
+      return state.params, step
+    finally:
+      ckpt.close()

@@ -1,0 +1,162 @@
+"""The online loop: rollout -> rewards -> reference log-probs -> batch -> update ->
+checkpoint, for any online objective (SCoRe, policy gradient, ...).
+
+Everything a step does is a function of (config, step): problems come from a seeded
+permutation of the train split, randomness from `fold_in(seed, step)`. A checkpoint
+therefore needs only the train state to resume exactly. N counts turns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore import objectives as objectives_lib
+from jaxscore.infra import files, sharding
+from jaxscore.loops import common
+from jaxscore.objectives import rl
+from jaxscore.sampling import rollout as rollout_lib
+from jaxscore.sampling import sampler as sampler_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  num_turns: int = 2  # Attempts per episode.
+  group_size: int = 4  # Samples per prompt (k); RLOO needs >= 2.
+  prompts_per_step: int = 128  # Prompts per update; batch = prompts_per_step * group_size.
+  # Train-batch width: 0 pads every batch to the longest possible episode (one shape, one
+  # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
+  # of N (less padding, one compile per distinct width).
+  pad_multiple: int = 0
+
+
+def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
+  """The prompts of `step`: consecutive slices of per-epoch seeded permutations."""
+  n = len(problems)
+  start = step * prompts_per_step
+  out = []
+  for i in range(start, start + prompts_per_step):
+    epoch, pos = divmod(i, n)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    out.append(problems[order[pos]])
+  return out
+
+
+def batch_width(ep: sampler_lib.Episode, max_len: int, pad_multiple: int) -> int:
+  """Token width of a training batch.
+
+  pad_multiple == 0: `max_len`, the longest possible episode, so every step has one
+  shape and the train step compiles once. pad_multiple > 0: the longest episode of this
+  batch rounded up to a multiple, which trains on less padding but compiles once per
+  distinct width (and syncs the lengths to the host to pick it).
+  """
+  if pad_multiple <= 0:
+    return min(max_len, ep.tokens_BxT.shape[1])
+  length = int(np.max(sharding.to_host(ep.length_B)))
+  return min(-(-length // pad_multiple) * pad_multiple, max_len, ep.tokens_BxT.shape[1])
+
+
+def trajectories(ro: rollout_lib.Rollouts, width: int, ref_logp_fn=None,
+                 ref_params=None) -> objectives_lib.Trajectories:
+  """Rollouts cut (or padded) to `width` tokens, with reference log-probs if asked."""
+  ep = ro.episode
+  tokens = ep.tokens_BxT[:, :width]
+  mask = jnp.arange(width)[None] < ep.length_B[:, None]
+  ref_logp = ref_logp_fn(ref_params, tokens, mask) if ref_logp_fn is not None else None
+  return objectives_lib.Trajectories(
+      tokens_BxT=tokens, mask_BxT=mask, turn_BxT=ep.turn_BxT[:, :width],
+      behaviour_logp_BxT=ep.logp_BxT[:, :width], ref_logp_BxT=ref_logp,
+      rewards_BxN=jnp.asarray(ro.rewards_BxN))
+
+
+def make_objective(c, setup: rollout_lib.Setup):
+  ro = RolloutConfig(**c.rollout)
+  ctx = objectives_lib.Context(model_cfg=setup.cfg, num_turns=ro.num_turns,
+                               group_size=ro.group_size,
+                               sampling=sampler_lib.SamplingConfig(**c.sampler))
+  return objectives_lib.make(c.objective, c[c.objective], ctx)
+
+
+def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.PathLike, *,
+          objective=None, stop_after: int | None = None):
+  """Trains (or resumes) config `c`'s online objective; returns (state, info).
+
+  Args:
+    c: the experiment config (e.g. configs/score.py).
+    setup: model config, tokenizer, episode format, task.
+    params: initial policy params (ignored when resuming from a checkpoint).
+    ref_params: the frozen reference.
+    workdir: checkpoints, metrics.jsonl, tensorboard/, transcripts.jsonl; a local path
+      or gs://.
+    objective: overrides `c.objective` (an already built objective).
+    stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
+  """
+  objective = objective or make_objective(c, setup)
+  if objective.kind != "online":
+    raise ValueError(f"objective {objective.name!r} is {objective.kind}: use loops.offline")
+  mesh, rules = common.mesh_from_config(c)
+  with sharding.activate(mesh, rules):
+    loop = OnlineLoop(c, setup, objective, files.path(workdir), mesh, rules)
+    state, ref_params = loop.run.initial_state(params, ref_params)
+    num_turns = loop.rollout_cfg.num_turns
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      step_fn = lambda state: loop.step(state, ref_params, pool)
+      return loop.run.drive(state, step_fn, total=objective.num_steps,
+                            progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
+                            stop_after=stop_after)
+
+
+class OnlineLoop:
+  """The compiled sampler, reference and train step of one online run."""
+
+  def __init__(self, c, setup: rollout_lib.Setup, objective, workdir, mesh, rules):
+    self.c, self.setup, self.objective = c, setup, objective
+    self.rollout_cfg = ro = RolloutConfig(**c.rollout)
+    self.sampling = sampler_lib.SamplingConfig(**c.sampler)
+    self.run = common.Run(c, setup.cfg, objective, workdir, mesh, rules,
+                          best_metric="reward", best_mode="max")
+
+    def reference_logprobs(ref_params, tokens_BxT, mask_BxT):
+      return rl.token_logprobs(ref_params, tokens_BxT, mask_BxT, setup.cfg)[0]
+
+    self.ref_logp_fn = jax.jit(reference_logprobs) if objective.uses_reference else None
+    self.problems = setup.task.problems(c.task.train_split)
+    lens = rollout_lib.prompt_lens(setup, self.problems)
+    self.max_episode_len = rollout_lib.episode_len_bound(
+        lens, ro.num_turns, self.sampling.max_new_tokens, rollout_lib.instruction_len(setup))
+    self.sampler = rollout_lib.make_sampler(
+        setup, lens, ro.num_turns, self.sampling.max_new_tokens,
+        batch_sharding=sharding.NamedSharding(
+            mesh, sharding.PartitionSpec(dict(rules)["batch"])), rules=rules)
+
+  def step(self, state, ref_params, pool):
+    """rollout -> rewards -> reference log-probs -> batch -> update."""
+    c, ro_cfg, run = self.c, self.rollout_cfg, self.run
+    step = int(state.step)
+    t0 = time.perf_counter()
+    rows = [p for p in batch_problems(self.problems, step, ro_cfg.prompts_per_step, c.seed)
+            for _ in range(ro_cfg.group_size)]
+    rng = jax.random.fold_in(jax.random.key(c.seed), step)
+    ro = rollout_lib.rollout(state.params, self.sampler, self.setup, rows, ro_cfg.num_turns,
+                             self.sampling, rng, score_pool=pool)
+    t_rollout = time.perf_counter() - t0
+    width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
+    traj = trajectories(ro, width, self.ref_logp_fn, ref_params)
+    batch, batch_metrics = self.objective.make_batch(traj, step)
+    state, m = run.train_step(state, sharding.shard_batch(batch, run.mesh, run.rules), rng,
+                              ref_params)
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    rewards = ro.rewards_BxN
+    m |= {f"reward/t{t + 1}": float(rewards[:, t].mean()) for t in range(rewards.shape[1])}
+    m |= {"reward": float(rewards.sum(1).mean()), **batch_metrics,
+          "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
+    phase = self.objective.phase(step)
+    if phase is not None:
+      m["phase"] = phase
+    return state, m, ro.transcripts(len(rows))

@@ -1,0 +1,105 @@
+"""Train state, optimizers, and `train_step` factories: `(state, batch, rng) -> (state, metrics)`.
+
+An objective supplies `loss_fn(params, batch, rng, ref_params) -> (loss, metrics)`;
+`make_train_step` turns any of them into a train step, which never knows which method
+it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+  @classmethod
+  def create(cls, params, optimizer: optax.GradientTransformation) -> TrainState:
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=optimizer.init(params))
+
+
+def state_shardings(optimizer: optax.GradientTransformation, params_abstract: Any,
+                    params_shardings: Any, mesh: Mesh) -> TrainState:
+  """Shardings of a TrainState: optimizer moments follow their parameters; counters
+  and other scalars are replicated."""
+  state = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params_abstract)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt = optax.tree_map_params(optimizer, lambda _, sh: sh, state.opt_state, params_shardings,
+                              transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params_shardings, opt_state=opt)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  optimizer: str = "adam"  # adam | adamw | rmsprop
+  learning_rate: float = 1e-5
+  warmup_steps: int = 0  # Linear warmup from 0.
+  schedule: str = "constant"  # constant | cosine | linear (to 0 at total_steps)
+  total_steps: int = 1000  # For the cosine and linear schedules.
+  b1: float = 0.9
+  b2: float = 0.999  # Adam's second-moment decay; RMSprop's decay.
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0  # 0 disables clipping.
+  grad_accum_steps: int = 1
+
+
+def learning_rate_schedule(c: OptimConfig) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+  decay_steps = max(c.total_steps - c.warmup_steps, 1)
+  if c.schedule == "constant":
+    after = optax.constant_schedule(c.learning_rate)
+  elif c.schedule == "cosine":
+    after = optax.cosine_decay_schedule(c.learning_rate, decay_steps)
+  elif c.schedule == "linear":
+    after = optax.linear_schedule(c.learning_rate, 0.0, decay_steps)
+  else:
+    raise ValueError(f"optim.schedule={c.schedule!r}: expected constant, cosine or linear")
+  if not c.warmup_steps:
+    return after
+  return optax.join_schedules([warmup, after], [c.warmup_steps])
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+  lr = learning_rate_schedule(c)
+  if c.optimizer == "adam":
+    opt = optax.adam(lr, b1=c.b1, b2=c.b2)
+  elif c.optimizer == "adamw":
+    opt = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+  elif c.optimizer == "rmsprop":  # Self-Explore's optimizer.
+    opt = optax.rmsprop(lr, decay=c.b2)
+  else:
+    raise ValueError(f"optim.optimizer={c.optimizer!r}: expected adam, adamw or rmsprop")
+  if c.max_grad_norm:
+    opt = optax.chain(optax.clip_by_global_norm(c.max_grad_norm), opt)
+  if c.grad_accum_steps > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=c.grad_accum_steps)
+  return opt
+
+
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
+  """`train_step(state, batch, rng, ref_params=None) -> (state, metrics)`.
+
+  `ref_params` is read-only: it gets no gradient and is not part of the state.
+  """
+
+  def train_step(state: TrainState, batch, rng, ref_params=None):
+    rng = jax.random.fold_in(rng, state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng, ref_params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step

@@ -1,0 +1,177 @@
+"""Multi-turn policy gradient with per-token KL to a reference; single-turn RL is the
+one-turn case. N counts turns (see the package legend).
+
+Per turn t of each episode, from 0/1 rewards r_t:
+  returns   G_t = sum_k gamma^k (r_{t+k} - coef_{t+k} * KL_{t+k} [kl_in_reward]) + bonus_t
+  advantage over the G samples of the same prompt (RLOO or group-normalised), per turn
+  loss      policy loss on each token of turn t with turn t's advantage, plus
+            coef_t * KL per token (unless KL is in the reward), aggregated over tokens.
+Subclasses change `shape` (rewards before discounting, a bonus added after it) and
+`kl_coefficients`: SCoRe is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore.models import model as model_lib
+from jaxscore.objectives import base, rl
+
+
+@flax.struct.dataclass
+class RLBatch:
+  """One update's worth of episodes; every per-token array is B x T."""
+
+  tokens_BxT: jax.Array
+  mask_BxT: jax.Array  # Real tokens (not padding).
+  turn_BxT: jax.Array  # t > 0: sampled in turn t.
+  advantages_BxT: jax.Array
+  kl_coef_BxT: jax.Array  # Per-turn KL coefficient on each token (0 if KL is in the reward).
+  ref_logp_BxT: jax.Array
+  old_logp_BxT: jax.Array  # Behaviour policy log-probs (for the clipped-ratio loss).
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+  kl_estimator: str = "k3"  # k2 | k3 | exact in the loss; k1 | k2 | k3 in the reward.
+  kl_in_reward: bool = False  # True: the loop folds KL into returns; no KL term here.
+  policy_loss: str = "reinforce"  # reinforce | clipped
+  clip_eps: float = 0.2
+  aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
+  num_turns: int = 2  # Turns reported in per-turn metrics.
+
+
+def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
+                         cfg: model_lib.ModelConfig, loss_cfg: PolicyLossConfig):
+  """Policy-gradient loss plus per-token, per-turn-weighted KL to the reference."""
+  del rng
+  logits, _ = model_lib.apply(params, batch.tokens_BxT, cfg, mask_BxT=batch.mask_BxT)
+  logp_BxTxV = rl.shifted_log_softmax(logits)
+  logp = rl.taken_logprobs(logp_BxTxV, batch.tokens_BxT)
+  ref_logp_BxTxV = None
+  if loss_cfg.kl_estimator == "exact" and not loss_cfg.kl_in_reward:
+    if ref_params is None:
+      raise ValueError("the exact KL needs ref_params")
+    ref_logits, _ = model_lib.apply(jax.lax.stop_gradient(ref_params), batch.tokens_BxT,
+                                    cfg, mask_BxT=batch.mask_BxT)
+    ref_logp_BxTxV = rl.shifted_log_softmax(ref_logits)
+  return token_objective(logp, batch, loss_cfg, logp_BxTxV, ref_logp_BxTxV)
+
+
+def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
+                    logp_BxTxV=None, ref_logp_BxTxV=None):
+  """The loss as a function of the policy's per-token log-probs (and the full
+  log-softmaxes for the exact KL). Only sampled tokens of real turns enter it."""
+  response = (batch.turn_BxT > 0) & batch.mask_BxT.astype(bool)
+  pg = rl.pick(rl.POLICY_LOSSES, loss_cfg.policy_loss, "policy_loss")(
+      logp_BxT, batch.advantages_BxT, batch.old_logp_BxT, loss_cfg.clip_eps)
+  kl = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")(
+      logp_BxT, batch.ref_logp_BxT, logp_BxTxV, ref_logp_BxTxV)
+  weighted_kl = jnp.zeros_like(pg) if loss_cfg.kl_in_reward else batch.kl_coef_BxT * kl
+  loss = rl.aggregate(pg + weighted_kl, response, loss_cfg.aggregation)
+  mean = functools.partial(rl.aggregate, how="token_mean")
+  metrics = {"loss/pg": mean(pg, response), "loss/kl_term": mean(weighted_kl, response),
+             "kl/mean": mean(kl, response), "tokens/response": jnp.sum(response)}
+  for t in range(1, loss_cfg.num_turns + 1):
+    metrics[f"kl/t{t}"] = mean(kl, response & (batch.turn_BxT == t))
+  return loss, metrics
+
+
+def check_kl_in_reward(sampling) -> None:
+  """KL folded into the reward is estimated on the sampled tokens, which must then come
+  from the policy itself: temperature 1, no top-k or top-p filter."""
+  if sampling is None:
+    return
+  if sampling.temperature != 1.0 or sampling.top_k or sampling.top_p < 1.0:
+    raise ValueError(
+        "kl_in_reward=True estimates KL(pi || pi_ref) on the sampled tokens, but sampling "
+        f"(temperature={sampling.temperature}, top_k={sampling.top_k}, "
+        f"top_p={sampling.top_p}) does not draw them from pi: sample with temperature 1 "
+        "and no top-k/top-p, or put the KL in the loss (kl_in_reward=False)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PGConfig:
+  num_steps: int = 100  # Updates.
+  beta: float = 0.01  # KL coefficient on every turn.
+  gamma: float = 0.0  # Discount across turns; 0: each turn gets its own reward.
+  advantage: str = "grpo"  # rloo | grpo
+  kl_estimator: str = "k3"  # k2 | k3 | exact in the loss; k1 | k2 | k3 in the reward.
+  kl_in_reward: bool = False  # Fold sequence KL into returns instead of the loss.
+  policy_loss: str = "reinforce"  # reinforce | clipped
+  clip_eps: float = 0.2  # For the clipped loss only.
+  aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
+
+
+@base.register("pg")
+class PolicyGradient(base.OnlineObjective):
+  """Each turn rewarded by its own correctness (discounted by gamma), KL weight beta."""
+
+  title = "policy gradient"
+  Config = PGConfig
+
+  def __init__(self, config, ctx: base.Context):
+    super().__init__(config, ctx)
+    c = config
+    rl.check_kl_estimator(c.kl_estimator, c.kl_in_reward)
+    rl.pick(rl.ADVANTAGE_ESTIMATORS, c.advantage, "advantage")
+    rl.pick(rl.POLICY_LOSSES, c.policy_loss, "policy_loss")
+    if c.kl_in_reward:
+      check_kl_in_reward(ctx.sampling)
+    self.loss_cfg = PolicyLossConfig(
+        kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in_reward, policy_loss=c.policy_loss,
+        clip_eps=c.clip_eps, aggregation=c.aggregation, num_turns=ctx.num_turns)
+
+  # -- What subclasses change. ------------------------------------------------
+
+  def shape(self, rewards_BxN: jax.Array, step: int) -> tuple[jax.Array, jax.Array]:
+    """(rewards to discount, bonus added to each turn's return after discounting)."""
+    del step
+    return rewards_BxN, jnp.zeros_like(rewards_BxN)
+
+  def kl_coefficients(self, step: int) -> jax.Array:
+    """KL coefficient of each turn: N."""
+    del step
+    return jnp.full((self.ctx.num_turns,), self.config.beta, jnp.float32)
+
+  # -- The objective. -------------------------------------------------------------
+
+  def returns(self, rewards_BxN, step: int, turn_BxT=None, kl_BxT=None):
+    """(returns_BxN, kl_coef_N): shaped, KL-penalised if in the reward, discounted,
+    plus the bonus."""
+    coef_N = self.kl_coefficients(step)
+    shaped_BxN, bonus_BxN = self.shape(rewards_BxN, step)
+    if self.config.kl_in_reward:
+      num_turns = rewards_BxN.shape[1]
+      shaped_BxN = shaped_BxN - coef_N[None] * rl.turn_sums(kl_BxT, turn_BxT, num_turns)
+    return rl.discounted_returns(shaped_BxN, self.config.gamma) + bonus_BxN, coef_N
+
+  def advantages(self, returns_BxN):
+    estimator = rl.pick(rl.ADVANTAGE_ESTIMATORS, self.config.advantage, "advantage")
+    return estimator(returns_BxN, self.ctx.group_size)
+
+  def make_batch(self, traj: base.Trajectories, step: int):
+    kl_BxT = None
+    if self.config.kl_in_reward:
+      kl_fn = rl.pick(rl.KL_ESTIMATORS, self.config.kl_estimator, "kl_estimator")
+      kl_BxT = jnp.where(traj.turn_BxT > 0,
+                         kl_fn(traj.behaviour_logp_BxT, traj.ref_logp_BxT), 0.0)
+    returns_BxN, coef_N = self.returns(jnp.asarray(traj.rewards_BxN), step, traj.turn_BxT,
+                                       kl_BxT)
+    adv_BxN = self.advantages(returns_BxN)
+    batch = RLBatch(
+        tokens_BxT=traj.tokens_BxT, mask_BxT=traj.mask_BxT, turn_BxT=traj.turn_BxT,
+        advantages_BxT=rl.turn_values(traj.turn_BxT, adv_BxN),
+        kl_coef_BxT=rl.turn_weights(traj.turn_BxT, coef_N),
+        ref_logp_BxT=traj.ref_logp_BxT, old_logp_BxT=traj.behaviour_logp_BxT)
+    return batch, {"reward/return": float(np.asarray(returns_BxN).sum(1).mean())}
+
+  def loss_fn(self, params, batch, rng, ref_params):
+    return policy_gradient_loss(params, batch, rng, ref_params, cfg=self.ctx.model_cfg,
+                                loss_cfg=self.loss_cfg)

@@ -1,0 +1,1 @@
+"""The jitted multi-turn sampler, episode formats and rollouts over tasks."""
