@@ -50,9 +50,10 @@ def main():
   from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from jaxscore.models import model as model_lib
   from jaxscore.infra import sharding
   from jaxscore.loops import train as train_lib
+  from jaxscore.models import model as model_lib
+  from jaxscore.objectives import policy_gradient as pg
 
   if args.fallback_cpu:
     devices, target = jax.devices(), f"fake CPU mesh of {args.fallback_cpu} devices"
@@ -84,12 +85,11 @@ def main():
   with sharding.activate(mesh, rules):
     rows = NamedSharding(mesh, PartitionSpec(dict(rules)["batch"]))
     bl = lambda dt: jax.ShapeDtypeStruct((args.batch, args.seq), dt, sharding=rows)
-    batch = train_lib.RLBatch(tokens_BxT=bl(jnp.int32), mask_BxT=bl(jnp.bool_),
+    batch = pg.RLBatch(tokens_BxT=bl(jnp.int32), mask_BxT=bl(jnp.bool_),
                               turn_BxT=bl(jnp.int32), advantages_BxT=bl(jnp.float32),
                               kl_coef_BxT=bl(jnp.float32), ref_logp_BxT=bl(jnp.float32),
                               old_logp_BxT=bl(jnp.float32))
-    loss_fn = lambda *a: train_lib.policy_gradient_loss(
-        *a, cfg=cfg, loss_cfg=train_lib.PolicyLossConfig())
+    loss_fn = lambda *a: pg.policy_gradient_loss(*a, cfg=cfg, loss_cfg=pg.PolicyLossConfig())
     step = jax.jit(train_lib.make_train_step(loss_fn, opt), donate_argnums=(0,))
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()

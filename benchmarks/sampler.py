@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore.sampling import formats as chat_lib
 from jaxscore.models import pretrained
-from jaxscore.tasks import prompts
+from jaxscore.sampling import formats
 from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.tasks import prompts
 
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
              [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
@@ -154,7 +154,7 @@ def main():
   args = parser.parse_args()
 
   model = pretrained.load(pretrained.DEFAULT_MODEL)
-  fmt = chat_lib.ChatFormat(model.tokenizer)
+  fmt = formats.ChatFormat(model.tokenizer)
   instruction_ids = fmt.instruction_ids(prompts.MATH_SELF_CORRECTION)
   bandwidth = read_bandwidth_bytes_per_s()
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))

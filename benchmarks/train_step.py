@@ -28,13 +28,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import score as score_config  # pylint: disable=g-import-not-at-top
-from jaxscore import evaluate as evaluate_lib
 from jaxscore import main as main_lib
-from jaxscore.objectives import score as objectives
-from jaxscore.objectives import rl
-from jaxscore.loops import online as trainer
-from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.loops import online
 from jaxscore.loops import train as train_lib
+from jaxscore.objectives import rl
+from jaxscore.sampling import rollout as rollout_lib
+from jaxscore.sampling import sampler as sampler_lib
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -61,35 +60,33 @@ def main():
   args = parser.parse_args()
 
   c = score_config.get_config("cpu")
-  c.rl.prompts_per_step, c.rl.group_size = args.prompts, args.group
+  c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
   c.sampler.max_new_tokens = args.new_tokens
-  setup, params, _ = main_lib.build(c)
+  c.score.stages = "II:1"  # Stage II: every attempt rewarded, the progress bonus.
+  setup, _, params = main_lib.build(c)
+  ref_params = params
   cfg = setup.cfg
   peak = matmul_peak_flops()
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
-  score_cfg = objectives.ScoreConfig()
-  loss_cfg = train_lib.PolicyLossConfig()
+  objective = online.make_objective(c, setup)
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
-  step_fn = jax.jit(train_lib.make_train_step(
-      lambda *a: train_lib.policy_gradient_loss(*a, cfg=cfg, loss_cfg=loss_cfg), opt),
-      donate_argnums=(0,))
+  step_fn = jax.jit(train_lib.make_train_step(objective.loss_fn, opt), donate_argnums=(0,))
   ref_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
   state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)
   problems = setup.task.problems("train")
-  sizes = ([len(setup.fmt.prompt_ids(p.prompt)) for p in problems], 2, args.new_tokens,
-           len(setup.fmt.instruction_ids(setup.task.instruction)))
-  smp = evaluate_lib.make_sampler(cfg, setup.fmt, setup.tokenizer, *sizes)
-  max_len = evaluate_lib.max_episode_len(*sizes)
+  lens = rollout_lib.prompt_lens(setup, problems)
+  smp = rollout_lib.make_sampler(setup, lens, 2, args.new_tokens)
+  max_len = rollout_lib.episode_len_bound(lens, 2, args.new_tokens,
+                                          rollout_lib.instruction_len(setup))
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
 
   iterations = []
   for i in range(args.steps + 1):  # The first iteration compiles.
-    rows = [p for p in trainer.batch_problems(problems, i, args.prompts, 0)
+    rows = [p for p in online.batch_problems(problems, i, args.prompts, 0)
             for _ in range(args.group)]
     t0 = time.perf_counter()
-    ro = evaluate_lib.rollout(state.params, smp, setup.fmt, setup.tokenizer, setup.task, rows, 2,
-                              sampling, jax.random.key(i))
+    ro = rollout_lib.rollout(state.params, smp, setup, rows, 2, sampling, jax.random.key(i))
     t1 = time.perf_counter()
     # Scoring ran inside the rollout; time it again on the same texts to split it out.
     for texts in ro.texts:
@@ -97,12 +94,11 @@ def main():
     score_s = time.perf_counter() - t1
     t1 -= score_s
     t2 = time.perf_counter()
-    width = trainer.batch_width(ro.episode, max_len, args.pad_multiple)
-    batch, _ = trainer.to_batch(ro, ref_fn, setup.ref_params, "II", score_cfg, args.group, "k3",
-                                width)
+    width = online.batch_width(ro.episode, max_len, args.pad_multiple)
+    batch, _ = objective.make_batch(online.trajectories(ro, width, ref_fn, ref_params), 0)
     jax.block_until_ready(batch)
     t3 = time.perf_counter()
-    state, m = step_fn(state, batch, jax.random.key(i), setup.ref_params)
+    state, m = step_fn(state, batch, jax.random.key(i), ref_params)
     jax.block_until_ready(m)
     t4 = time.perf_counter()
     tokens = int(batch.tokens_BxT.size)

@@ -16,7 +16,7 @@ import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 from jaxscore.infra import distributed  # pylint: disable=g-import-not-at-top
 from jaxscore.infra import sharding
-from jaxscore.loops import online as trainer
+from jaxscore.loops import online
 
 port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -27,9 +27,9 @@ import test_checkpoint as t  # pylint: disable=g-import-not-at-top
 setup, params = t._tiny_setup()
 c = t._config()
 c.score.stages = "I:2,II:1"
-state, info = trainer.train(c, setup, params, params, workdir, stop_after=2)
+state, info = online.train(c, setup, params, params, workdir, stop_after=2)
 assert info["step"] == 2, info
-state, info = trainer.train(c, setup, params, params, workdir)  # Resumes from step 2.
+state, info = online.train(c, setup, params, params, workdir)  # Resumes from step 2.
 assert info["step"] == 3, info
 leaves = jax.tree.leaves(state.params)
 assert any(not x.is_fully_addressable for x in leaves)  # Really spread over both hosts.

@@ -10,13 +10,13 @@ import numpy as np
 import optax
 from numerics import assert_close, assert_trees_close
 
-from jaxscore.models import model as model_lib
 from jaxscore import objectives
+from jaxscore.infra import sharding
+from jaxscore.loops import train as train_lib
+from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
-from jaxscore.infra import sharding
 from jaxscore.sampling import sampler as sampler_lib
-from jaxscore.loops import train as train_lib
 
 assert jax.device_count() == 8, jax.devices()
 CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,

@@ -1,8 +1,8 @@
 """Episode formatting: segments must tokenize exactly like the chat template."""
 
 import pytest
-
 from conftest import require_embedded
+
 from jaxscore.sampling import formats as chat_lib
 from jaxscore.tasks import prompts
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import require_embedded
+
 from jaxscore.infra import checkpoint as checkpoint_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -115,14 +115,14 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_where_training_stopped(tmp_path):
-  from jaxscore.loops import online as trainer
+  from jaxscore.loops import online
 
   setup, params = _tiny_setup()
   c = _config()
-  straight, _ = trainer.train(c, setup, params, params, tmp_path / "a")
-  half, info = trainer.train(c, setup, params, params, tmp_path / "b", stop_after=2)
+  straight, _ = online.train(c, setup, params, params, tmp_path / "a")
+  half, info = online.train(c, setup, params, params, tmp_path / "b", stop_after=2)
   assert info["step"] == 2 and int(half.step) == 2
-  resumed, info = trainer.train(c, setup, params, params, tmp_path / "b")
+  resumed, info = online.train(c, setup, params, params, tmp_path / "b")
   assert info["step"] == 4
   jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
   jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
@@ -136,12 +136,12 @@ _SIGTERM = textwrap.dedent("""
     import sys
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     import test_checkpoint as t
-    from jaxscore.loops import online as trainer
+    from jaxscore.loops import online
     setup, params = t._tiny_setup()
     c = t._config()
     c.score.stages = "I:50,II:50"
     c.checkpoint.every_steps = 1000
-    state, info = trainer.train(c, setup, params, params, sys.argv[1])
+    state, info = online.train(c, setup, params, params, sys.argv[1])
     print("EXIT", info, flush=True)
 """)
 
@@ -168,25 +168,25 @@ _MESH_RUN = textwrap.dedent("""
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
     import jax
     import test_checkpoint as t
-    from jaxscore.loops import online as trainer
+    from jaxscore.loops import online
     assert jax.device_count() == 4
     setup, params = t._tiny_setup()
     c = t._config()
     c.score.stages = "I:1,II:1"
     c.mesh.data = 4
-    state, info = trainer.train(c, setup, params, params, sys.argv[1])
+    state, info = online.train(c, setup, params, params, sys.argv[1])
     print("SHARDS", len(jax.tree.leaves(state.params)[0].sharding.device_set))
 """)
 
 
 @pytest.mark.slow
 def test_training_loop_on_4_devices_matches_one_device(tmp_path):
-  from jaxscore.loops import online as trainer
+  from jaxscore.loops import online
 
   setup, params = _tiny_setup()
   c = _config()
   c.score.stages = "I:1,II:1"
-  trainer.train(c, setup, params, params, tmp_path / "one")
+  online.train(c, setup, params, params, tmp_path / "one")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _MESH_RUN, str(tmp_path / "four"), str(ROOT)],
@@ -210,7 +210,7 @@ _NO_RECOMPILE = textwrap.dedent("""
     import jax
     import test_checkpoint as t
     from jaxscore.infra import sharding
-    from jaxscore.loops import online as trainer
+    from jaxscore.loops import online
     assert jax.device_count() == 4
     jax.config.update("jax_log_compiles", True)
     compiles = collections.Counter()
@@ -229,7 +229,7 @@ _NO_RECOMPILE = textwrap.dedent("""
              "_decode_impl", "_append_impl")
     steps = []
     with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
-      loop = trainer.OnlineLoop(c, setup, trainer.make_objective(c, setup),
+      loop = online.OnlineLoop(c, setup, online.make_objective(c, setup),
                                 pathlib.Path(sys.argv[1]), mesh, rules)
       state, ref_params = loop.run.initial_state(params, params)
       for _ in range(4):

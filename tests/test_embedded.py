@@ -5,8 +5,8 @@ import importlib.util
 import jax
 import numpy as np
 import pytest
-
 from conftest import report_parity, require_embedded, require_torch
+
 from jaxscore.models import model as model_lib
 from jaxscore.models import pretrained
 

@@ -8,15 +8,8 @@ import pytest
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from jaxscore.infra import checkpoint
-
-from jaxscore import evaluate
-
-from jaxscore.infra import files
-
-from jaxscore import sweep
-
-from jaxscore.infra import metric_writers
+from jaxscore import evaluate, sweep
+from jaxscore.infra import checkpoint, files, metric_writers
 
 
 class FakeGCS(MemoryFileSystem):

@@ -10,7 +10,6 @@ import pytest
 from jaxscore import objectives
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import rl
-from jaxscore.objectives import score as score_lib
 from jaxscore.sampling import sampler as sampler_lib
 
 CFG = model_lib.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,

@@ -9,8 +9,8 @@ import sys
 import jax
 import pytest
 
-from jaxscore.models import model as model_lib
 from jaxscore.infra import sharding
+from jaxscore.models import model as model_lib
 
 
 def test_meshes_match_one_device_and_rules():

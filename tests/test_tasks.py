@@ -5,11 +5,10 @@ import json
 import re
 
 import pytest
-
 from conftest import shared_data
+
 from jaxscore.tasks import DataError, answers, make_task
 from jaxscore.tasks.arithmetic import ArithmeticTask, in_test_split
-
 
 # ---------------------------------------------------------------------------
 # Answer extraction and comparison (hand-written cases).

@@ -9,15 +9,14 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from jaxscore.models import model as model_lib
 from jaxscore import objectives
+from jaxscore.loops import train as train_lib
+from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
 from jaxscore.sampling import sampler as sampler_lib
-from jaxscore.loops import train as train_lib
 
 CFG = model_lib.ModelConfig(vocab_size=13, num_layers=2, embed_dim=16, num_heads=2,
                             num_kv_heads=1, mlp_dim=24)
@@ -115,7 +114,7 @@ def test_score_raises_reward_on_a_toy_task():
   score = objectives.make("score", {"stages": "II:40", "alpha": 1.0, "beta1": 0.001},
                           objectives.Context(cfg, num_turns=2, group_size=4))
   state = train_lib.TrainState.create(params, opt)
-  group, history = 4, []
+  history = []
 
   def p_target(p, context):  # Exact policy probability of starting an attempt with 7.
     logits, _ = model_lib.apply(p, jnp.array([context]), cfg)

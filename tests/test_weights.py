@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import report_parity, require_torch
 from hf_tiny import FAMILIES, hf_logits, make_hf_model, padded_batch
+
 from jaxscore.models import model as model_lib
 from jaxscore.models import weights
 

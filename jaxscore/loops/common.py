@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscore.infra import checkpoint as checkpoint_lib
-from jaxscore.infra import files, sharding
-from jaxscore.infra import metric_writers
+from jaxscore.infra import files, metric_writers, sharding
 from jaxscore.loops import train as train_lib
 from jaxscore.models import model as model_lib
 

@@ -46,9 +46,9 @@ def batch_indices(num_examples: int, step: int, batch_size: int, seed: int) -> n
   return order[pos * batch_size:(pos + 1) * batch_size]
 
 
-def example_width(examples: Sequence[dict], max_len: int) -> int:
+def example_width(objective, examples: Sequence[dict], max_len: int) -> int:
   """The batch width: `max_len`, or the longest example rounded up to a multiple of 8."""
-  longest = max(sum(len(e[k]) for k in ("prompt", "completion") if k in e) for e in examples)
+  longest = max(objective.length(e) for e in examples)
   if max_len > 0:
     if longest > max_len:
       logging.warning("examples of up to %d tokens are cut to offline.max_len=%d",
@@ -81,7 +81,7 @@ def train(c, model_cfg: model_lib.ModelConfig, objective, params, ref_params,
     raise ValueError(f"objective {objective.name!r} is {objective.kind}: use loops.online")
   oc = OfflineConfig(**c.offline)
   per_epoch = steps_per_epoch(len(examples), oc.batch_size)
-  width = example_width(list(examples) + list(eval_examples), oc.max_len)
+  width = example_width(objective, list(examples) + list(eval_examples), oc.max_len)
   mesh, rules = common.mesh_from_config(c)
   with sharding.activate(mesh, rules):
     run = common.Run(c, model_cfg, objective, files.path(workdir), mesh, rules,

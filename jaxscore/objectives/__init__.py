@@ -3,11 +3,15 @@
   objective = objectives.make(c.objective, c[c.objective], ctx)
 
 Built in: `score` (SCoRe), `pg` (multi-turn policy gradient; single-turn with one turn),
-`sft` (supervised fine-tuning). A new method is one module with a `@register(name)`
+`sft` (supervised fine-tuning), `dpo` (preference pairs). A new method is one module with a `@register(name)`
 class (see `base`); importing it makes it selectable by name.
 """
 
 from jaxscore.objectives.base import (Context, OfflineObjective, OnlineObjective,
                                       Trajectories, get, make, names, register)
-# Importing registers them.
-from jaxscore.objectives import policy_gradient, score, sft  # noqa: E402,F401  isort: skip
+
+# Importing them registers the built-in objectives.
+from jaxscore.objectives import dpo, policy_gradient, score, sft  # isort: skip
+
+__all__ = ["Context", "OfflineObjective", "OnlineObjective", "Trajectories", "get", "make",
+           "names", "register", "dpo", "policy_gradient", "score", "sft"]

@@ -140,6 +140,10 @@ class OfflineObjective(Objective):
     """Training examples built from a task's problems (e.g. gold solutions)."""
     raise NotImplementedError
 
+  def length(self, example: dict[str, Any]) -> int:
+    """Tokens the example needs in a batch row."""
+    return len(example["prompt"]) + len(example["completion"])
+
   def prepare(self, examples: list[dict[str, Any]], ref_params, width: int) -> list[dict]:
     """Examples ready for `collate` (e.g. with reference log-probs computed once)."""
     del ref_params, width

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore.objectives import base, rl
+from jaxscore.objectives import base
 from jaxscore.objectives import policy_gradient as pg
+from jaxscore.objectives import rl
 
 STAGES = ("I", "II")
 

@@ -34,7 +34,16 @@ class Segments:
 
 
 class _Format:
-  """What both formats share: an episode from its pieces."""
+  """What both formats share: an episode from its pieces, and partial replies."""
+
+  def continuation_ids(self, problem: str, partial_reply: str) -> list[int]:
+    """The first prompt and the start of a reply, for the model to continue that reply.
+
+    Cut at a step boundary (after a newline or a sentence's trailing space), these are
+    the same tokens as the full reply's encoding up to that point.
+    """
+    return self.prompt_ids(problem) + self.tokenizer.encode(partial_reply,
+                                                            add_special_tokens=False)
 
   def encode_episode(self, problem: str, attempts: Sequence[str],
                      instructions: Sequence[str]) -> Segments:

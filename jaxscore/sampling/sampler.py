@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore.models import model as model_lib
 from jaxscore.infra import sharding
+from jaxscore.models import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

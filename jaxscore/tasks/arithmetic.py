@@ -13,8 +13,7 @@ import dataclasses
 import hashlib
 import random
 
-from jaxscore.tasks import answers
-from jaxscore.tasks import base
+from jaxscore.tasks import answers, base
 
 LEVELS = ("add1", "add2", "mul1", "mul2", "word")
 _NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Juno")

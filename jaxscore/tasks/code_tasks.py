@@ -7,10 +7,7 @@ import importlib.util
 import pathlib
 import re
 
-from jaxscore.tasks import prompts
-from jaxscore.tasks import base
-from jaxscore.tasks import records
-from jaxscore.tasks import sandbox
+from jaxscore.tasks import base, prompts, records, sandbox
 
 MBPP_HUB = "hub:google-research-datasets/mbpp:full"
 HUMANEVAL_HUB = "hub:openai/openai_humaneval"

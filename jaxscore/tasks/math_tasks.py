@@ -7,10 +7,7 @@ import dataclasses
 import multiprocessing
 from concurrent import futures
 
-from jaxscore.tasks import prompts
-from jaxscore.tasks import answers
-from jaxscore.tasks import base
-from jaxscore.tasks import records
+from jaxscore.tasks import answers, base, prompts, records
 
 GSM8K_HUB = "hub:openai/gsm8k:main"
 MATH500_HUB = "hub:HuggingFaceH4/MATH-500"

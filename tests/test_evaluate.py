@@ -1,0 +1,82 @@
+"""Evaluation metrics on hand-made outcomes, report tables, and evaluating a trained
+checkpoint rather than the base model."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import require_embedded
+
+from jaxscore import evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Ten problems, two turns: 2 i->c, 1 c->i, 3 c->c, 4 i->i.
+TWO_TURNS = np.array([[0, 1]] * 2 + [[1, 0]] + [[1, 1]] * 3 + [[0, 0]] * 4)
+
+
+def test_two_turn_metrics_by_hand():
+  m = evaluate.metrics(TWO_TURNS)
+  assert m["acc@t1"] == pytest.approx(0.4)  # c->i + c->c = 4 of 10.
+  assert m["acc@t2"] == pytest.approx(0.5)  # i->c + c->c = 5 of 10.
+  assert m["delta(t1,t2)"] == pytest.approx(0.1)
+  assert m["delta_i->c"] == pytest.approx(0.2)
+  assert m["delta_c->i"] == pytest.approx(0.1)
+  # SPEC: Delta = Delta i->c - Delta c->i exactly.
+  assert m["delta(t1,t2)"] == pytest.approx(m["delta_i->c"] - m["delta_c->i"])
+  assert m["pass@turns"] == pytest.approx(0.6)
+
+
+def test_three_turn_metrics_compare_first_and_last():
+  r = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 1, 1]])
+  m = evaluate.metrics(r)
+  assert [m[f"acc@t{t}"] for t in (1, 2, 3)] == pytest.approx([0.5, 0.5, 0.5])
+  assert m["delta(t1,t3)"] == pytest.approx(0.0)
+  assert m["delta_i->c"] == pytest.approx(0.25) and m["delta_c->i"] == pytest.approx(0.25)
+  assert m["pass@turns"] == pytest.approx(1.0)
+  assert "delta(t1,t2)" not in m
+  one = evaluate.metrics(np.array([[1], [0]]))
+  assert one == {"acc@t1": 0.5, "pass@turns": 0.5}
+
+
+def test_edit_distance_ratio_by_hand():
+  # kitten -> sitting: 3 edits over 6 + 7 tokens; identical attempts: 0.
+  ids = [[list("kitten"), [1, 2, 3]], [list("sitting"), [1, 2, 3]]]
+  m = evaluate.metrics(np.array([[0, 0], [1, 1]]), ids)
+  assert evaluate.edit_distance("kitten", "sitting") == 3
+  assert m["edit_distance_ratio"] == pytest.approx((3 / 13 + 0.0) / 2)
+
+
+def test_report_table_names_turns_from_their_number():
+  assert evaluate.table_keys(1) == ["acc@t1"]
+  assert evaluate.table_keys(3) == ["acc@t1", "acc@t2", "acc@t3", "delta(t1,t3)",
+                                    "delta_i->c", "delta_c->i"]
+  table = evaluate.format_table({"before": evaluate.metrics(TWO_TURNS)}, 2).splitlines()
+  assert table[0] == "| model | acc@t1 | acc@t2 | delta(t1,t2) | delta_i->c | delta_c->i |"
+  assert table[2] == "| before | 40.0 | 50.0 | 10.0 | 20.0 | 10.0 |"
+
+
+@pytest.mark.slow
+def test_evaluate_mode_evaluates_the_trained_checkpoint(tmp_path):
+  """Train the embedded model for two smoke steps, then `--mode=evaluate` restores the
+  workdir's checkpoint (not the base model) and reports it."""
+  require_embedded()
+  config = f"--config={ROOT / 'configs' / 'score.py'}:cpu,runlocal"
+  run = lambda *flags: subprocess.run(
+      [sys.executable, "-m", "jaxscore.main", config, f"--workdir={tmp_path}", *flags],
+      capture_output=True, text=True, cwd=ROOT, timeout=900)
+  train = run("--mode=train", "--config.evaluate.num_problems=2")
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert not (tmp_path / "report.json").exists()
+  out = run("--mode=evaluate", "--config.evaluate.num_problems=2",
+            "--config.evaluate.checkpoint=best")
+  assert out.returncode == 0, out.stderr[-3000:]
+  best = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  best_step = max(best, key=lambda r: (r["reward"], r["step"]))["step"]  # Ties: the later.
+  assert f"evaluating the best checkpoint (step {best_step})" in out.stdout
+  report = json.loads((tmp_path / "report.json").read_text())
+  assert list(report) == ["after SCoRe"] and report["after SCoRe"]["num_problems"] == 2
+  assert "| after SCoRe |" in out.stdout
