@@ -30,8 +30,140 @@ def test_keeps_latest_and_best(tmp_path):
   state, meta = ckpt.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, step=1)
   np.testing.assert_array_equal(state["w"], 1.0)
   assert meta == {"step": 1, "metrics": {"reward": 5.0}, "best_metric": "reward",
-                  "best_mode": "max"}
+                  "best_mode": "max",
+                  "checksums": {"['w']": int(checkpoint_lib.checksums(state)["w"])}}
   ckpt.close()
+
+
+def _tree(value: float):
+  return {"w": jnp.full((3, 5), value), "b": jnp.arange(4, dtype=jnp.bfloat16) + value}
+
+
+_ABSTRACT = {"w": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+             "b": jax.ShapeDtypeStruct((4,), jnp.bfloat16)}
+
+
+def _rewrite_meta(directory, step, change):
+  path = directory / str(step) / "meta" / "metadata"
+  meta = json.loads(path.read_text())
+  change(meta)
+  path.write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_that_fails_its_checksums_is_reported_and_skipped(tmp_path, capsys):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  for step in (1, 2, 3):
+    ckpt.save(step, _tree(float(step)), {"step": step})
+  ckpt.wait()
+  ckpt.close()
+  # Step 3's data no longer matches what was saved (as if bits flipped on disk).
+  _rewrite_meta(tmp_path, 3, lambda m: m["checksums"].update({"['w']": 12345}))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  state, meta = ckpt.restore(_ABSTRACT)
+  assert meta["step"] == 2
+  np.testing.assert_array_equal(state["w"], 2.0)
+  assert "checkpoint step 3" in capsys.readouterr().out
+  # Kept aside for inspection, out of orbax's sight: the run can save step 3 again.
+  assert (tmp_path / "3.corrupt").is_dir() and sorted(ckpt.manager.all_steps()) == [1, 2]
+  ckpt.close()
+  _rewrite_meta(tmp_path, 2, lambda m: m["checksums"].update({"['b']": 1}))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  with pytest.raises(checkpoint_lib.CorruptCheckpoint, match=r"step 2 .*corrupt.*\['b'\]"):
+    ckpt.restore(_ABSTRACT, step=2)  # A step asked for by number is never replaced.
+  ckpt.close()
+
+
+def test_a_truncated_metadata_file_is_named_and_skipped(tmp_path, capsys):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  for step in (1, 2):
+    ckpt.save(step, _tree(float(step)), {"step": step})
+  ckpt.close()
+  metadata = tmp_path / "2" / "state" / "_METADATA"
+  metadata.write_bytes(metadata.read_bytes()[:40])
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=3, best_metric=None)
+  state, meta = ckpt.restore(_ABSTRACT)
+  assert meta["step"] == 1
+  out = capsys.readouterr().out
+  assert f"checkpoint step 2 in {tmp_path} cannot be read" in out
+  ckpt.close()
+
+
+def test_checksums_see_single_bit_flips_and_not_sharding():
+  x = jnp.linspace(-1, 1, 64, dtype=jnp.float32).reshape(8, 8)
+  flipped = np.array(x)
+  flipped.view(np.uint32)[5, 3] ^= 1 << 7
+  assert int(checkpoint_lib.checksums(x)) != int(checkpoint_lib.checksums(jnp.asarray(flipped)))
+  assert int(checkpoint_lib.checksums(x)) == int(checkpoint_lib.checksums(x.T.T + 0.0))
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=2, best_metric=None)
+  ckpt.save(1, _tree(1.0), {"step": 1})
+  with pytest.raises(FloatingPointError, match="step 2: the state has non-finite values"):
+    ckpt.save(2, {"w": jnp.full((3, 5), jnp.nan), "b": jnp.zeros((4,), jnp.bfloat16)},
+              {"step": 2})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [1]
+  ckpt.close()
+
+
+def test_the_checkpoint_last_restored_is_never_deleted(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=1, best_metric=None)
+  ckpt.save(1, _tree(1.0), {"step": 1})
+  ckpt.save(2, _tree(2.0), {"step": 2})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2]
+  ckpt.close()
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=1, best_metric=None)
+  assert ckpt.restore(_ABSTRACT)[1]["step"] == 2
+  for step in (3, 4, 5):
+    ckpt.save(step, _tree(float(step)), {"step": step})
+  ckpt.wait()
+  assert sorted(ckpt.manager.all_steps()) == [2, 5]
+  ckpt.close()
+
+
+_OFFLINE_RUN = textwrap.dedent("""
+    import pickle, sys
+    sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+    import jax, numpy as np
+    from test_objectives import CFG, _examples, _offline_config
+    from jaxscore.loops import offline
+    from jaxscore.models import model as model_lib
+    params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+    c = _offline_config(num_epochs=2, batch_size=4)
+    stop = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    state, info = offline.train(c, CFG, offline.make_objective(c, CFG), params, params,
+                                _examples(9), sys.argv[1], stop_after=stop)
+    np.save(sys.argv[1] + ".npy", np.concatenate(
+        [np.ravel(np.asarray(x)) for x in jax.tree.leaves(state.params)]))
+    print("STEP", info["step"])
+""")
+
+
+def _offline_run(workdir, *args):
+  out = subprocess.run([sys.executable, "-c", _OFFLINE_RUN, str(workdir), str(ROOT), *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_resume_from_the_previous_one(tmp_path):
+  """The offline loop on a tiny model, each run a new process (as after a preemption):
+  corrupt the latest checkpoint's data files, and the rerun reports it, resumes from
+  the one before, and ends exactly where an uninterrupted run ends."""
+  _offline_run(tmp_path / "a")
+  _offline_run(tmp_path / "b", "3")
+  data = tmp_path / "b" / "checkpoints" / "3" / "state"
+  for blob in (p for p in data.rglob("*") if p.is_file() and p.parent.name == "d"):
+    raw = bytearray(blob.read_bytes())
+    for i in range(len(raw) // 4, len(raw)):
+      raw[i] ^= 0x5A
+    blob.write_bytes(bytes(raw))
+  out = _offline_run(tmp_path / "b")
+  assert "checkpoint step 3" in out and "resumed from step 2" in out and "STEP 4" in out
+  np.testing.assert_array_equal(np.load(str(tmp_path / "b") + ".npy"),
+                                np.load(str(tmp_path / "a") + ".npy"))
 
 
 _KILL_MID_SAVE = textwrap.dedent("""

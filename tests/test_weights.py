@@ -124,6 +124,50 @@ def test_index_listing_a_missing_shard_is_named(tmp_path):
     weights.load_hf(tmp_path)
 
 
+def test_non_finite_tensor_is_named_with_its_file(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  path = _tiny_dir(tmp_path)
+  tensors = load_file(path / "model.safetensors")
+  tensors["model.layers.0.mlp.down_proj.weight"][1, 2] = np.nan
+  save_file(tensors, path / "model.safetensors")
+  with pytest.raises(weights.CheckpointError,
+                     match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj"
+                           r"\.weight' has 1 non-finite values"):
+    weights.load_hf(path)
+
+
+def test_truncated_safetensors_and_config_missing_a_field_are_named(tmp_path):
+  path = _tiny_dir(tmp_path)
+  config = json.loads((path / "config.json").read_text())
+  del config["hidden_size"]
+  (path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(weights.CheckpointError, match=r"config\.json: missing field 'hidden_size'"):
+    weights.load_hf(path)
+  path = _tiny_dir(tmp_path / "again")
+  shard = path / "model.safetensors"
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  with pytest.raises(weights.CheckpointError, match=r"model\.safetensors: (not a readable|cannot read)"):
+    weights.load_hf(path)
+
+
+def test_duplicate_tensor_across_shards_is_named(tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  path = _tiny_dir(tmp_path)
+  tensors = load_file(path / "model.safetensors")
+  extra = {"model.norm.weight": tensors["model.norm.weight"]}
+  save_file(extra, path / "model-extra.safetensors")
+  with pytest.raises(weights.CheckpointError, match=r"tensor 'model\.norm\.weight' is also in"):
+    weights.load_hf(path)
+  # And in an index listing one name twice.
+  index = {"weight_map": {"model.norm.weight": "model.safetensors"}}
+  text = json.dumps(index)[:-2] + ', "model.norm.weight": "model-extra.safetensors"}}'
+  (path / "model.safetensors.index.json").write_text(text)
+  with pytest.raises(weights.CheckpointError, match=r"index\.json: tensor 'model\.norm\.weight' is listed twice"):
+    weights.load_hf(path)
+
+
 # ---------------------------------------------------------------------------
 # GGUF, written here with llama.cpp's Q/K row permutation.
 
@@ -193,6 +237,15 @@ def test_gguf_missing_tensor_is_named_by_its_gguf_name(tmp_path):
   params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
   _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params, drop=("blk.1.ffn_up.weight",))
   with pytest.raises(weights.CheckpointError, match=r"m\.gguf: missing tensor 'blk\.1\.ffn_up\.weight'"):
+    weights.load_gguf(tmp_path / "m.gguf")
+
+
+def test_gguf_non_finite_tensor_is_named(tmp_path):
+  params = jax.tree.map(np.array, model_lib.init(GGUF_CFG, jax.random.key(0)))
+  params["layers"]["up"][1, 0, 3] = np.inf
+  _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params)
+  with pytest.raises(weights.CheckpointError,
+                     match=r"m\.gguf: tensor 'blk\.1\.ffn_up\.weight' has 1 non-finite values"):
     weights.load_gguf(tmp_path / "m.gguf")
 
 

@@ -5,18 +5,79 @@ it when complete, so a crash or `kill -9` mid-save leaves the previous checkpoin
 they were, and a half-written one is never picked up on restore. The last `keep`
 checkpoints are kept, plus the best one by a metric saved with each (the training
 reward for RL, the evaluation loss for supervised runs).
+
+Every checkpoint also records a checksum of each array, and a restore checks them: a
+checkpoint whose data was corrupted on disk is reported and the newest one that checks
+out is restored instead. The step a run last restored from is never deleted by
+retention, and parameters that are not finite are never saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from jaxscore.infra import files
+
+
+class CorruptCheckpoint(RuntimeError):
+  """A checkpoint whose arrays do not match the checksums saved with them."""
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """A position-weighted sum of the array's bits mod 2^32 (uint32 arithmetic wraps).
+
+  Integer sums are exact in any order, so the value is the same however the array is
+  sharded, and it is computed where the array lives. The weights are odd, so flipping
+  any single bit changes it; other corruptions go unseen with probability 2^-32.
+  """
+  if x.dtype.itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:
+    bits = x.astype(jnp.uint32)
+  bits = bits.reshape(-1)
+  weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) * 2 + 1
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def checksums(tree: Any) -> Any:
+  return jax.tree.map(_checksum, tree)
+
+
+def _flat_checksums(tree: Any) -> dict[str, int]:
+  sums = jax.device_get(checksums(tree))
+  return {jax.tree_util.keystr(path): int(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+@dataclasses.dataclass
+class _Protected(pp.PreservationPolicy):
+  """Keeps the steps in `steps` (the last verified restore), whatever else says."""
+
+  steps: set[int] = dataclasses.field(default_factory=set)
+
+  def should_preserve(self, checkpoints: Sequence[pp.PolicyCheckpointInfo], *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
 
 
 class Checkpointer:
@@ -27,7 +88,8 @@ class Checkpointer:
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode={best_mode!r}: expected 'max' or 'min'")
     sign = 1.0 if best_mode == "max" else -1.0
-    policies = [pp.LatestN(n=keep)]
+    self.protected = _Protected()
+    policies = [pp.LatestN(n=keep), self.protected]
     if best_metric:
       # Ascending sort by the signed metric: the best is the largest.
       policies.append(pp.BestN(get_metric_fn=lambda m: sign * m[best_metric], reverse=False,
@@ -41,11 +103,18 @@ class Checkpointer:
         files.path(directory), options=options, item_names=("state", "meta"))
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
-    """Starts an async save of `state` (a pytree) and `meta` (JSON) at `step`."""
+    """Starts an async save of `state` (a pytree) and `meta` (JSON) at `step`.
+
+    Raises FloatingPointError, saving nothing, if any array of `state` is not finite.
+    """
+    if not bool(_all_finite(state)):
+      raise FloatingPointError(
+          f"step {step}: the state has non-finite values; not saved (the last checkpoint "
+          f"is step {self.latest_step()} in {self.manager.directory})")
     # The metrics also go into the JSON record (orbax keeps them only for its policy),
     # with how to rank them, so a reader that does not know the run finds the best.
     meta = dict(meta, metrics=metrics or {}, best_metric=self.best_metric,
-                best_mode=self.best_mode)
+                best_mode=self.best_mode, checksums=_flat_checksums(state))
     self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
@@ -68,15 +137,66 @@ class Checkpointer:
     return max(scored)[1] if scored else None
 
   def restore(self, abstract_state: Any, step: int | None = None):
-    """(state, meta) at `step` (default: latest), restored into the abstract state's
-    shapes, dtypes and shardings; None if there is no checkpoint."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
+    """(state, meta) restored into the abstract state's shapes, dtypes and shardings,
+    and verified against its checksums; None if there is no checkpoint.
+
+    With `step` None, the newest checkpoint that restores and verifies: a corrupt one is
+    reported (logged and printed) and the next older one tried. With a `step`, a corrupt
+    checkpoint raises CorruptCheckpoint.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+    for candidate in steps:
+      try:
+        state, meta = self._restore_verified(abstract_state, candidate)
+      except CorruptCheckpoint as e:
+        if step is not None:
+          raise
+        moved = self._quarantine(candidate)
+        message = f"{e}; moved to {moved.name}, trying an older checkpoint"
+        logging.error(message)
+        print(message)
+        continue
+      self.protected.steps = {candidate}
+      return state, meta
+    if steps:
+      raise CorruptCheckpoint(f"no checkpoint in {self.manager.directory} restores intact "
+                              f"(tried steps {steps})")
+    return None
+
+  def _quarantine(self, step: int):
+    """Moves a corrupt step aside (kept for inspection, invisible to orbax) so that the
+    resumed run can save that step again."""
+    directory = files.path(self.manager.directory)
+    target = directory / f"{step}.corrupt"
+    n = 1
+    while target.exists():
+      target, n = directory / f"{step}.corrupt{n}", n + 1
+    if jax.process_index() == 0:
+      (directory / str(step)).rename(target)
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+    self.manager.reload()
+    return target
+
+  def _restore_verified(self, abstract_state: Any, step: int):
+    where = f"checkpoint step {step} in {self.manager.directory}"
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except  (any unreadable data)
+      raise CorruptCheckpoint(f"{where} cannot be read: {type(e).__name__}: {e}") from e
+    state, meta = restored["state"], restored["meta"]
+    expected = meta.get("checksums")
+    if expected is None:
+      return state, meta  # Saved before checksums were recorded.
+    actual = _flat_checksums(state)
+    bad = [k for k in expected if actual.get(k) != expected[k]]
+    if bad or set(actual) != set(expected):
+      raise CorruptCheckpoint(f"{where} is corrupt: {len(bad)} array(s) do not match their "
+                              f"checksums, first {bad[0] if bad else 'a missing array'}")
+    return state, meta
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -171,6 +171,11 @@ def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: 
                             abstract, state_sh)
     ckpt = checkpoint_lib.Checkpointer(files.path(workdir) / "checkpoints", keep=1 << 30)
     try:
+      if which == "latest":  # The newest intact one: a corrupt latest is reported.
+        restored = ckpt.restore(abstract)
+        if restored is None:
+          return params, None
+        return restored[0].params, int(restored[0].step)
       step = checkpoint_lib.pick_step(ckpt, which)
       if step is None:
         return params, None

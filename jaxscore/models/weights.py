@@ -52,7 +52,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = _CONFIG,
   elif rope_type in ("llama3", "linear"):
     scaling = model_lib.RopeScaling(
         rope_type=rope_type,
-        factor=float(rope["factor"]),
+        factor=float(rope["factor"]) if "factor" in rope else _missing(source, "factor"),
         low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(
@@ -61,6 +61,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str = _CONFIG,
   else:
     raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
                           "(default, llama3, linear)")
+  missing = [k for k in ("num_attention_heads", "vocab_size", "num_hidden_layers",
+                         "hidden_size", "intermediate_size") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{source}: missing field {missing[0]!r}")
   heads = hf["num_attention_heads"]
   kwargs = dict(
       vocab_size=hf["vocab_size"],
@@ -79,6 +83,17 @@ def config_from_hf(hf: Mapping[str, Any], source: str = _CONFIG,
       max_position_embeddings=hf.get("max_position_embeddings", 4096),
   )
   return model_lib.ModelConfig(**(kwargs | overrides))
+
+
+def _missing(source: str, field: str):
+  raise CheckpointError(f"{source}: rope scaling has no {field!r}")
+
+
+def _check_finite(w: np.ndarray, name: str, source: str) -> np.ndarray:
+  if not np.all(np.isfinite(w)):
+    bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+    raise CheckpointError(f"{source}: tensor {name} has {bad} non-finite values")
+  return w
 
 
 def config_to_hf(cfg: model_lib.ModelConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -236,12 +251,20 @@ def _np_dtype(name: str) -> np.dtype:
 
 def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
   """Tensor name -> file, from the sharded index or by listing the files."""
-  from safetensors import safe_open
 
   index = directory / _INDEX
   if index.exists():
+
+    def no_duplicates(pairs):
+      seen = {}
+      for k, v in pairs:
+        if k in seen:
+          raise CheckpointError(f"{index}: tensor {k!r} is listed twice ({seen[k]}, {v})")
+        seen[k] = v
+      return seen
+
     try:
-      weight_map = json.loads(index.read_text())["weight_map"]
+      weight_map = json.loads(index.read_text(), object_pairs_hook=no_duplicates)["weight_map"]
     except (json.JSONDecodeError, KeyError) as e:
       raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
     files = {name: directory / f for name, f in weight_map.items()}
@@ -254,15 +277,26 @@ def _safetensors_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
     raise CheckpointError(f"{directory}: no *.safetensors files")
   files = {}
   for shard in shards:
-    with safe_open(str(shard), framework="numpy") as f:
-      files |= {name: shard for name in f.keys()}
+    for name in _open_safetensors(shard).keys():
+      if name in files:
+        raise CheckpointError(f"{shard}: tensor {name!r} is also in {files[name].name}")
+      files[name] = shard
   return files
+
+
+def _open_safetensors(path: pathlib.Path):
+  from safetensors import safe_open
+
+  try:
+    return safe_open(str(path), framework="numpy")
+  except Exception as e:  # SafetensorError, OSError: truncated or not safetensors.
+    raise CheckpointError(f"{path}: not a readable safetensors file "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def load_hf(directory: str | os.PathLike, *, param_dtype: str = "float32",
             dtype: str = "float32") -> tuple[model_lib.ModelConfig, model_lib.Params]:
   """Loads (config, params) from a Hugging Face checkpoint directory."""
-  from safetensors import safe_open
 
   directory = pathlib.Path(directory)
   config_path = directory / _CONFIG
@@ -279,8 +313,13 @@ def load_hf(directory: str | os.PathLike, *, param_dtype: str = "float32",
   def get(name):
     path = files[name]  # KeyError -> missing tensor.
     if path not in handles:
-      handles[path] = safe_open(str(path), framework="numpy")
-    return handles[path].get_tensor(name)
+      handles[path] = _open_safetensors(path)
+    try:
+      w = handles[path].get_tensor(name)
+    except Exception as e:  # A truncated or damaged shard.
+      raise CheckpointError(f"{path}: cannot read tensor {name!r} "
+                            f"({type(e).__name__}: {e})") from None
+    return _check_finite(np.asarray(w), repr(name), str(path))
 
   params = params_from_tensors(get, cfg, str(directory))
   return cfg, params
@@ -411,7 +450,7 @@ def load_gguf(path: str | os.PathLike, *, param_dtype: str = "float32",
     except Exception as e:
       raise CheckpointError(f"{path}: cannot dequantize {tensor.name!r} "
                             f"({tensor.tensor_type.name}): {e}") from None
-    w = np.asarray(w, np.float32)
+    w = _check_finite(np.asarray(w, np.float32), repr(tensor.name), str(path))
     if permute and hf_name.endswith("q_proj.weight"):
       w = _unpermute_qk(w, cfg.num_heads)
     elif permute and hf_name.endswith("k_proj.weight"):

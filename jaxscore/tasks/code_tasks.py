@@ -72,6 +72,11 @@ class MBPPTask:
       text_field = "prompt" if sanitized else "text"
       records.require(r, (text_field, "test_list", "task_id"), where,
                       {text_field: str, "test_list": list})
+      # Checked here, not at scoring time, so a bad file fails before any training.
+      records.require_optional(r, where, {"test_setup_code": str, "test_imports": list,
+                                          "challenge_test_list": list, "code": str})
+      for field in ("test_list", "test_imports", "challenge_test_list"):
+        records.require_items(r, field, where, str)
       if sanitized:
         setup = "\n".join(r.get("test_imports") or [])
       else:

@@ -67,6 +67,29 @@ def require(record: dict[str, Any], fields: Sequence[str], where: str,
       raise DataError(f"{where}: field {field!r} has type {type(record[field]).__name__}")
 
 
+def require_optional(record: dict[str, Any], where: str,
+                     types: dict[str, type | tuple[type, ...]]) -> None:
+  """Like `require` for fields that may be absent or null."""
+  for field, expected in types.items():
+    value = record.get(field)
+    if value is not None and not isinstance(value, expected):
+      raise DataError(f"{where}: field {field!r} has type {type(value).__name__}, "
+                      f"expected {_names(expected)}")
+
+
+def require_items(record: dict[str, Any], field: str, where: str,
+                  expected: type | tuple[type, ...]) -> None:
+  """Every item of list field `field` (if present) has type `expected`."""
+  for i, item in enumerate(record.get(field) or ()):
+    if not isinstance(item, expected):
+      raise DataError(f"{where}: field {field!r} item {i} has type {type(item).__name__}, "
+                      f"expected {_names(expected)}")
+
+
+def _names(types: type | tuple[type, ...]) -> str:
+  return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
 def load_records(source: str, split: str | None = None, **hub_kwargs) -> list[tuple[str, dict]]:
   """(where, record) pairs from a local file, or from a hub dataset name.
 
