@@ -9,7 +9,9 @@ array's own largest magnitude, never with a fixed absolute tolerance.
 
 Adam's first update, lr * g / (|g| + eps), is not compared across shardings at all: it
 amplifies a rounding difference in a near-zero gradient by up to lr / eps. The sharded
-tests compare gradients and an SGD update, which is linear in them.
+tests compare gradients, and parameters after an SGD update (linear in the gradient);
+parameter *differences* before and after are not compared, since each carries up to one
+float32 rounding of the parameter itself, far above the update's own error.
 """
 
 import jax
