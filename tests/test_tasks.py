@@ -81,7 +81,7 @@ def test_math500_boxed_solution_answers_equal_the_answer_field():
                    workers=2)
   problems = task.problems("test")
   assert len(problems) == 500
-  responses = [f"Final Answer: The final answer is ${answers.last_boxed(p.metadata['solution'])}$. "
+  responses = [f"Final Answer: The final answer is ${answers.last_boxed(p.solution)}$. "
                "I hope it is correct." for p in problems]
   scores = task.score(problems, responses)
   misses = [(p.id, p.answer, s.extracted) for p, s in zip(problems, scores) if not s.reward]
@@ -95,7 +95,9 @@ def test_mbpp_reference_code_passes_and_corrupted_code_fails():
   assert len(problems) == 974
   good = task.score(problems, [f"```python\n{p.metadata['reference']}\n```" for p in problems])
   failing = [p.id for p, s in zip(problems, good) if not s.reward]
-  assert not failing, failing
+  # These three pass objects of classes the solution defines (Node, Pair) to it: such
+  # objects are not plain data, so they cannot cross to the tests' process.
+  assert failing == ["mbpp-367", "mbpp-601", "mbpp-927"], failing
   # Corrupt each program: every `return X` returns a sentinel instead.
   bad_code = [re.sub(r"return\b.*", "return '__wrong__'", p.metadata["reference"])
               for p in problems]
@@ -131,7 +133,7 @@ def test_humaneval_canonical_solutions_pass():
 # Arithmetic.
 
 
-@pytest.mark.parametrize("level", ["add1", "add2", "mul1", "mul2", "word"])
+@pytest.mark.parametrize("level", ["add1", "add2", "mul1", "mul2", "chain", "word"])
 def test_arithmetic_deterministic_disjoint_and_correct(level):
   task = ArithmeticTask(level=level, num_train=300, num_test=60, seed=3)
   train, test = task.problems("train"), task.problems("test")
@@ -145,12 +147,22 @@ def test_arithmetic_deterministic_disjoint_and_correct(level):
     numbers = [int(n) for n in re.findall(r"\d+", p.question)]
     if level == "word":
       expected = numbers[0] * numbers[1] - numbers[2]
+    elif level == "chain":
+      expected = numbers[0] + numbers[1] - numbers[2]
     elif level.startswith("add"):
       expected = numbers[0] + numbers[1]
     else:
       expected = numbers[0] * numbers[1]
     assert int(p.answer) == expected
     assert in_test_split(p.question, task.test_fraction) == (p in test)
+  # The gold solutions are lines of arithmetic that are each true and end in the answer.
+  for p in train[:50]:
+    *lines, last = p.solution.split("\n")
+    assert last == f"The answer is {p.answer}." and lines
+    for line in lines:
+      lhs, rhs = line.replace("×", "*").split("=")
+      assert eval(lhs) == int(rhs), line  # noqa: S307  (our own generated arithmetic)
+  assert all(s.reward == 1.0 for s in task.score(train, [p.solution for p in train]))
 
 
 def test_arithmetic_add1_has_every_problem_once():
@@ -184,6 +196,23 @@ def test_bad_records_name_file_line_and_field(tmp_path):
   path.write_text("\n")
   with pytest.raises(DataError, match="empty"):
     make_task("gsm8k", sources={"test": str(path)}).problems("test")
+
+
+def test_bad_mbpp_records_fail_at_load_time(tmp_path):
+  good = {"text": "t", "code": "def f(): return 1", "task_id": 1, "test_setup_code": "",
+          "test_list": ["assert f() == 1"], "challenge_test_list": []}
+  path = tmp_path / "mbpp.jsonl"
+  cases = [({"test_list": ["assert f() == 1", 3]}, "line 1|'test_list' item 1 has type int"),
+           ({"test_setup_code": ["x = 1"]}, "'test_setup_code' has type list"),
+           ({"challenge_test_list": [None]}, "'challenge_test_list' item 0 has type NoneType"),
+           ({"code": 5}, "'code' has type int")]
+  for change, message in cases:
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **change}) + "\n")
+    with pytest.raises(DataError, match=r"mbpp\.jsonl:2: field " + message.split("|")[-1]):
+      make_task("mbpp", sources={"test": str(path)}).problems("test")
+  path.write_text(json.dumps(good) + "\n")
+  assert make_task("mbpp", sources={"test": str(path)}).problems("test")[0].tests == (
+      "assert f() == 1",)
 
 
 def test_gzipped_jsonl_and_json_list_load(tmp_path):

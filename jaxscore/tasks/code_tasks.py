@@ -1,4 +1,13 @@
-"""MBPP (original and sanitized) and HumanEval, scored by running tests in the sandbox."""
+"""MBPP (original and sanitized) and HumanEval, scored by running tests in the sandbox.
+
+The generated code and the task's tests run in two separate, isolated processes
+(`sandbox.run_tests`): the tests call the code's functions through proxies that pass
+plain data only, and the verdict comes from the tests' process. So the code cannot
+decide its own reward by its exit status, its output, the objects it returns or by
+patching the interpreter, and it never sees the tests. MBPP problems whose setup code
+builds objects of classes the solution defines cannot pass this way (those objects are
+not plain data); they score 0.
+"""
 
 from __future__ import annotations
 
@@ -40,17 +49,12 @@ def _trim(code: str) -> str:
   return re.sub(r"^(?:[ \t]*\n)+", "", code).rstrip()
 
 
-def _run_programs(programs, limits, workers):
-  """Scores per program; None programs (no code found) score NO_ANSWER."""
-  runnable = [p for p in programs if p is not None]
-  results = iter(sandbox.run_many(runnable, limits, workers))
-  out = []
-  for program in programs:
-    if program is None:
-      out.append(None)
-    else:
-      out.append(next(results))
-  return out
+def _run_jobs(jobs, limits, workers, isolation):
+  """Results per job; None jobs (no code found) give None (NO_ANSWER)."""
+  runnable = [j for j in jobs if j is not None]
+  results = iter(sandbox.run_tests_many(runnable, limits, workers, isolation)
+                 if runnable else [])
+  return [None if job is None else next(results) for job in jobs]
 
 
 @dataclasses.dataclass
@@ -62,6 +66,8 @@ class MBPPTask:
   instruction: str = prompts.CODE_SELF_CORRECTION
   limits: sandbox.Limits = sandbox.Limits()
   workers: int = 2
+  # bwrap (OS isolation; needs `apt-get install bubblewrap`) | process (weaker).
+  isolation: str = "bwrap"
   name: str = "mbpp"
 
   def problems(self, split: str) -> list[base.Problem]:
@@ -91,15 +97,16 @@ class MBPPTask:
     return out
 
   @staticmethod
-  def program(problem: base.Problem, code: str) -> str:
-    # Setup after the code: some of it builds objects of classes the code defines.
-    return "\n".join([code, "", problem.metadata.get("setup", ""), *problem.tests, ""])
+  def job(problem: base.Problem, code: str) -> dict:
+    return {"candidate": code, "tests": "\n".join(problem.tests),
+            "setup": problem.metadata.get("setup", ""),
+            "builtin_names": _defined_names(problem.metadata.get("reference", ""))}
 
   def score(self, problems, responses) -> list[base.Score]:
     base.check_lengths(problems, responses)
     codes = [extract_code(r) for r in responses]
-    programs = [None if c is None else self.program(p, c) for p, c in zip(problems, codes)]
-    return _scores(codes, _run_programs(programs, self.limits, self.workers))
+    jobs = [None if c is None else self.job(p, c) for p, c in zip(problems, codes)]
+    return _scores(codes, _run_jobs(jobs, self.limits, self.workers, self.isolation))
 
 
 def humaneval_path() -> pathlib.Path | None:
@@ -117,13 +124,16 @@ def humaneval_path() -> pathlib.Path | None:
 
 @dataclasses.dataclass
 class HumanEvalTask:
-  """HumanEval: passes when `prompt + completion + test + check(entry_point)` exits 0."""
+  """HumanEval: passes when the test's `check(entry_point)` passes against the prompt
+  plus the completion."""
 
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   prompt_template: str = HUMANEVAL_PROMPT
   instruction: str = prompts.CODE_SELF_CORRECTION
   limits: sandbox.Limits = sandbox.Limits()
   workers: int = 2
+  # bwrap (OS isolation; needs `apt-get install bubblewrap`) | process (weaker).
+  isolation: str = "bwrap"
   name: str = "humaneval"
 
   def problems(self, split: str = "test") -> list[base.Problem]:
@@ -144,18 +154,32 @@ class HumanEvalTask:
     return out
 
   @staticmethod
-  def program(problem: base.Problem, completion: str) -> str:
-    entry = problem.metadata["entry_point"]
-    return (problem.metadata["code_prompt"] + completion + "\n\n" + problem.tests[0]
-            + f"\n\ncheck({entry})\n")
+  def job(problem: base.Problem, completion: str) -> dict:
+    return {"candidate": problem.metadata["code_prompt"] + completion,
+            "tests": problem.tests[0], "entry_point": problem.metadata["entry_point"]}
 
   def score(self, problems, responses) -> list[base.Score]:
     base.check_lengths(problems, responses)
     # A response with no code block is taken as a raw completion of the prompt.
     codes = [extract_code(r) or (r if r.strip() else None) for r in responses]
-    programs = [None if c is None else self.program(p, "\n" + c)
-                for p, c in zip(problems, codes)]
-    return _scores(codes, _run_programs(programs, self.limits, self.workers))
+    jobs = [None if c is None else self.job(p, "\n" + c) for p, c in zip(problems, codes)]
+    return _scores(codes, _run_jobs(jobs, self.limits, self.workers, self.isolation))
+
+
+def _defined_names(code: str) -> list[str]:
+  """Top-level functions and classes a (trusted) reference solution defines."""
+  import ast
+  import warnings
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", SyntaxWarning)
+      warnings.simplefilter("ignore", DeprecationWarning)
+      tree = ast.parse(code)
+  except SyntaxError:
+    return []
+  return [n.name for n in tree.body
+          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def _scores(codes, results) -> list[base.Score]:

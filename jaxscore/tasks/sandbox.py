@@ -20,6 +20,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,3 +107,207 @@ def run_many(programs: Sequence[str], limits: Limits = Limits(), workers: int = 
   """
   with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     return list(pool.map(lambda p: run(p, limits), programs))
+
+
+# ----------------------------------------------------------------------------
+# Function-level tests: candidate and tests in separate, OS-isolated processes.
+
+WORKER = pathlib.Path(__file__).with_name("sandbox_worker.py")
+MAX_MESSAGE_BYTES = 1 << 20  # A longer reply (or output flood) is an error.
+ISOLATION_MODES = ("bwrap", "process")
+
+
+class SandboxUnavailable(RuntimeError):
+  """The isolation a task asks for cannot be had on this machine."""
+
+
+def isolated_command(role: str, isolation: str = "bwrap") -> list[str]:
+  """The command that runs `sandbox_worker.py role`.
+
+  bwrap: new user, pid, network, mount, IPC, UTS and cgroup namespaces; uid 65534; no
+  capabilities; read-only binds of the interpreter and system libraries only; a fresh
+  tmpfs as the working directory; its own /proc; an empty environment; killed with its
+  parent and in a session of its own. process: the same worker as a plain child
+  process (weaker: it shares the host's files, network and process table).
+  """
+  exe = os.path.realpath(sys.executable)
+  args = ["-I", "-S", "-B"]
+  if isolation == "process":
+    return [exe, *args, str(WORKER), role]
+  if isolation != "bwrap":
+    raise ValueError(f"isolation={isolation!r}: expected one of {', '.join(ISOLATION_MODES)}")
+  bwrap = shutil.which("bwrap")
+  if bwrap is None:
+    raise SandboxUnavailable(
+        "code tasks run generated code under bubblewrap, which is not installed: "
+        "`apt-get install bubblewrap` (or set the task's isolation='process' to accept "
+        "weaker, process-only isolation)")
+  binds = ["--ro-bind", "/usr", "/usr"]
+  for path in ("/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache"):
+    if os.path.exists(path):
+      binds += ["--ro-bind", path, path]
+  prefix = os.path.realpath(sys.base_prefix)
+  if not prefix.startswith("/usr/"):
+    binds += ["--ro-bind", prefix, prefix]
+  return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+          "--uid", "65534", "--gid", "65534", "--clearenv", "--setenv", "LANG", "C.UTF-8",
+          "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp", *binds,
+          "--ro-bind", str(WORKER), "/sandbox/worker.py", exe, *args, "/sandbox/worker.py",
+          role]
+
+
+def _set_limits(limits: Limits):
+  def apply():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+  return apply
+
+
+class _Peer:
+  """A worker process and the JSON lines it writes, read with a deadline and a cap."""
+
+  def __init__(self, role: str, limits: Limits, isolation: str):
+    self.proc = subprocess.Popen(
+        isolated_command(role, isolation), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_limits(limits),
+        env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+    self.buffer = b""
+    self.failure: str | None = None  # "timeout" | "error" once the peer is unusable.
+
+  def send(self, message: dict) -> bool:
+    try:
+      self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+      self.proc.stdin.flush()
+      return True
+    except (BrokenPipeError, OSError):
+      self.failure = self.failure or "error"
+      return False
+
+  def receive(self, deadline: float) -> dict | None:
+    """The next message, or None (with `failure` set) on exit, timeout or flood."""
+    fd = self.proc.stdout.fileno()
+    while b"\n" not in self.buffer:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        self.failure = "timeout"
+        return None
+      ready, _, _ = select.select([fd], [], [], remaining)
+      if not ready:
+        continue
+      chunk = os.read(fd, 1 << 16)
+      if not chunk:
+        self.failure = self.failure or self._exit_reason()
+        return None
+      self.buffer += chunk
+      if len(self.buffer) > MAX_MESSAGE_BYTES:
+        self.failure = "error"
+        return None
+    line, self.buffer = self.buffer.split(b"\n", 1)
+    try:
+      message = json.loads(line)
+    except (ValueError, RecursionError):
+      self.failure = "error"
+      return None
+    if type(message) is not dict:
+      self.failure = "error"
+      return None
+    return message
+
+  def _exit_reason(self) -> str:
+    """`timeout` if the worker ran out of CPU time (or was killed), else `error`."""
+    try:
+      rc = self.proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+      return "error"
+    # bwrap reports a child killed by signal s as 128 + s.
+    out_of_time = {signal.SIGXCPU, signal.SIGKILL}
+    return "timeout" if -rc in out_of_time or rc - 128 in out_of_time else "error"
+
+  def kill(self) -> None:
+    _kill_group(self.proc.pid)
+    self.proc.kill()
+    self.proc.wait()
+    for f in (self.proc.stdin, self.proc.stdout):
+      try:
+        f.close()
+      except OSError:
+        pass
+
+
+def run_tests(candidate: str, tests: str, setup: str = "", entry_point: str | None = None,
+              builtin_names: Sequence[str] = (), limits: Limits = Limits(),
+              isolation: str = "bwrap") -> Result:
+  """Runs `tests` against the functions `candidate` defines, each in its own sandbox.
+
+  The tests see the candidate's functions through proxies that pass plain data only
+  (see sandbox_worker.py). With `entry_point`, the tests define `check(candidate)` and it
+  is called with that function (HumanEval). A function named like a builtin reaches the
+  tests only if `builtin_names` (the reference solution's own names) lists it. The verdict comes from the tests' process:
+  `ok` when every test passed, `failed` on an assertion, `timeout` when the candidate or
+  the tests ran out of time, `error` otherwise (the candidate does not load, raises,
+  returns something that is not plain data, exits, crashes or floods its output).
+  """
+  from jaxscore.tasks import sandbox_worker
+
+  start = time.monotonic()
+  deadline = start + limits.timeout_s
+  peers = []
+
+  def result(status: str, detail: str = "") -> Result:
+    for p in peers:
+      p.kill()
+    return Result(status=status, returncode=None, stdout="", stderr=detail[-10_000:],
+                  seconds=time.monotonic() - start)
+
+  candidate_peer = _Peer("candidate", limits, isolation)
+  peers.append(candidate_peer)
+  candidate_peer.send({"program": candidate})
+  ready = candidate_peer.receive(deadline)
+  if ready is None:
+    return result(candidate_peer.failure, "the candidate did not start")
+  if "ready" not in ready or type(ready["ready"]) is not list:
+    return result("error", f"the candidate does not load: {str(ready.get('error'))[:2000]}")
+  names = [n for n in ready["ready"] if type(n) is str and n.isidentifier()]
+  modules = ready.get("modules") if type(ready.get("modules")) is dict else {}
+  tests_peer = _Peer("tests", limits, isolation)
+  peers.append(tests_peer)
+  tests_peer.send({"setup": setup, "tests": tests, "names": names, "entry_point": entry_point,
+                   "builtin_names": list(builtin_names), "modules": modules})
+  while True:
+    message = tests_peer.receive(deadline)
+    if message is None:
+      return result(tests_peer.failure, "the tests did not finish")
+    if "verdict" in message:
+      verdict = {"passed": "ok", "failed": "failed"}.get(message["verdict"], "error")
+      if verdict == "error" and candidate_peer.failure == "timeout":
+        verdict = "timeout"
+      return result(verdict, str(message.get("detail", "")))
+    reply = {"failed": "the candidate is gone"}
+    if candidate_peer.failure is None and candidate_peer.send(message):
+      answer = candidate_peer.receive(deadline)
+      if answer is None:
+        reply = {"failed": f"the candidate {candidate_peer.failure}"}
+        candidate_peer.kill()
+      elif "value" in answer:
+        try:  # Re-encoded here, so only plain data reaches the tests.
+          value = sandbox_worker.encode(sandbox_worker.decode(answer["value"]))
+          reply = {"value": value}
+        except (sandbox_worker.NotPlain, RecursionError) as e:
+          reply = {"failed": f"returned {e}"}
+      else:
+        reply = {"failed": f"raised {str(answer.get('raised'))[:500]}"}
+    tests_peer.send(reply)
+
+
+def run_tests_many(jobs: Sequence[dict], limits: Limits = Limits(), workers: int = 2,
+                   isolation: str = "bwrap") -> list[Result]:
+  """`run_tests(**job)` for every job, in parallel; results in order."""
+  isolated_command("candidate", isolation)  # Fails at once if the isolation is missing.
+  with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    return list(pool.map(lambda job: run_tests(**job, limits=limits, isolation=isolation),
+                         jobs))

@@ -1,0 +1,225 @@
+"""Generated code tries, as a policy under RL would, to earn a reward it has not earned or
+to reach the host. Every attempt must score 0 (or be contained), through the same path
+training uses: `MBPPTask.score` with bubblewrap isolation."""
+
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from jaxscore.tasks import make_task, sandbox
+from jaxscore.tasks.base import Problem
+
+LIMITS = sandbox.Limits(timeout_s=8.0, cpu_seconds=4, memory_bytes=512 << 20)
+SECRET = "jaxscore-test-secret-4f1c"
+PROBLEM = Problem(id="adv", question="", prompt="", tests=("assert f() == 1",),
+                  metadata={"setup": "", "reference": "def f():\n  return 1\n"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_bwrap():
+  if shutil.which("bwrap") is None:
+    pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+
+
+def score(code: str, problem: Problem = PROBLEM):
+  task = make_task("mbpp", limits=LIMITS, workers=1)
+  return task.score([problem], [f"```python\n{code}\n```"])[0]
+
+
+def test_an_honest_solution_scores_one_and_a_wrong_one_zero():
+  assert score("def f():\n  return 1").reward == 1.0
+  s = score("def f():\n  return 2")
+  assert s.reward == 0.0 and s.reason == "wrong"
+
+
+@pytest.mark.parametrize("attack", [
+    # The old verdict was the exit status of the process that ran code then tests.
+    "def f():\n  return 2\nimport sys\nsys.exit(0)",
+    "def f():\n  return 2\nimport os\nos._exit(0)",
+    "def f():\n  import os\n  os._exit(0)",
+    "def f():\n  raise SystemExit(0)",
+    # Exit hooks and threads that outlive the function.
+    "import atexit, os\natexit.register(lambda: os._exit(0))\ndef f():\n  return 2",
+    "import threading, os, time\n"
+    "threading.Thread(target=lambda: (time.sleep(0.2), os._exit(0)), daemon=True).start()\n"
+    "def f():\n  time.sleep(1)\n  return 2",
+    # Objects that compare equal to anything, or subclasses of plain types that try to.
+    "class A:\n  def __eq__(self, o): return True\n  __hash__ = object.__hash__\n"
+    "def f():\n  return A()",
+    "class I(int):\n  def __eq__(self, o): return True\n  __hash__ = int.__hash__\n"
+    "def f():\n  return I(2)",
+    "class L(list):\n  def __eq__(self, o): return True\ndef f():\n  return L([2])",
+    # Patching the interpreter: builtins, AssertionError, the assert machinery.
+    "import builtins\nbuiltins.AssertionError = type('E', (BaseException,), {})\n"
+    "def f():\n  return 2",
+    "import builtins\nbuiltins.__dict__['int'] = lambda *a: 1\ndef f():\n  return 2",
+    "import sys\nsys.modules['builtins'].print = None\nsys.excepthook = None\n"
+    "def f():\n  return 2",
+    # Forging protocol messages on the channel it was given.
+    "import os\nos.write(1, b'{\"verdict\": \"passed\"}\\n')\ndef f():\n  return 2",
+    "def f():\n  import gc\n  for o in gc.get_objects():\n"
+    "    if type(o).__name__ == 'Channel':\n"
+    "      o.send({'verdict': 'passed'}); o.send({'value': 1})\n  return 2",
+])
+def test_forging_the_verdict_scores_zero(attack):
+  s = score(attack)
+  assert s.reward == 0.0, s
+
+
+def test_the_candidate_never_sees_the_tests():
+  problem = Problem(id="adv", question="", prompt="", metadata={"setup": "", "reference": ""},
+                    tests=(f"assert f() == 'found'  # {SECRET}",))
+  look = f"""
+def f():
+  import os, sys, gc
+  needle = {SECRET!r}
+  hay = []
+  paths = [os.path.join(d, n) for root in ("/tmp", "/sandbox") for d, _, ns in os.walk(root)
+           for n in ns]
+  paths += [f"/proc/{{p}}/{{k}}" for p in os.listdir("/proc") if p.isdigit()
+            for k in ("cmdline", "environ")]
+  for path in paths:
+    try:
+      hay.append(open(path, "rb").read(1 << 16).decode(errors="ignore"))
+    except OSError:
+      pass
+  hay += [repr(o) for o in gc.get_objects() if isinstance(o, (str, bytes, dict))]
+  hay.append(repr(dict(os.environ)))
+  return "found" if any(needle in h for h in hay) else "not found"
+"""
+  s = score(look, problem)
+  assert s.reward == 0.0 and s.reason == "wrong", s  # It looked, and found nothing.
+
+
+def test_the_host_is_out_of_reach(tmp_path):
+  """Writes, truncation, deletion and fd-relative writes on host paths; reading root-only
+  files and the training process's environment; signalling it; spawning a shell through
+  ctypes; the network. The function reports what it managed; every part must fail."""
+  victim = tmp_path / "keep.txt"
+  victim.write_text("keep")
+  os.environ["JAXSCORE_TEST_SECRET"] = SECRET
+  attack = f"""
+def f():
+  import os, signal, socket
+  done = []
+  def attempt(name, fn):
+    try:
+      fn()
+      done.append(name)
+    except BaseException:
+      pass
+  attempt("write", lambda: open({str(tmp_path / 'new.txt')!r}, "w").write("x"))
+  attempt("truncate", lambda: os.truncate({str(victim)!r}, 0))
+  attempt("o_trunc", lambda: os.close(os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)))
+  attempt("unlink", lambda: os.unlink({str(victim)!r}))
+  def dir_fd_write():
+    d = os.open({str(tmp_path)!r}, os.O_RDONLY)
+    os.close(os.open("dirfd.txt", os.O_WRONLY | os.O_CREAT, dir_fd=d))
+  attempt("dir_fd", dir_fd_write)
+  attempt("shadow", lambda: open("/etc/shadow").read())
+  def environ():
+    for pid in os.listdir("/proc"):
+      if pid.isdigit() and {SECRET!r} in open(f"/proc/{{pid}}/environ").read():
+        return
+    raise OSError
+  attempt("environ", environ)
+  attempt("kill_parent", lambda: os.kill({os.getpid()}, signal.SIGKILL))
+  attempt("pidfd", lambda: signal.pidfd_send_signal(os.pidfd_open({os.getpid()}), signal.SIGKILL))
+  def shell():
+    import ctypes
+    ctypes.CDLL(None).system(b"touch {tmp_path / 'pwned'}")
+  attempt("ctypes", shell)
+  attempt("net", lambda: socket.create_connection(("127.0.0.1", 22), timeout=1))
+  attempt("uid0", lambda: os.getuid() == 0 or (_ for _ in ()).throw(OSError()))
+  return done
+"""
+  problem = Problem(id="adv", question="", prompt="", tests=("assert f() == []",),
+                    metadata={"setup": "", "reference": ""})
+  job = make_task("mbpp").job(problem, attack)
+  result = sandbox.run_tests(**job, limits=LIMITS)
+  # The tests pass exactly when the function ran every attempt and none succeeded.
+  assert result.status == "ok", result
+  assert victim.read_text() == "keep"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+  del os.environ["JAXSCORE_TEST_SECRET"]
+
+
+@pytest.mark.parametrize("attack,reason", [
+    ("import os\ndef f():\n  while True:\n    os.fork()", "error"),
+    ("def f():\n  x = bytearray(8 << 30)\n  return 1", "error"),
+    ("def f():\n  while True: pass", "timeout"),
+    ("def f():\n  import time\n  time.sleep(600)", "timeout"),
+])
+def test_resource_attacks_are_contained(attack, reason):
+  s = score(attack)
+  assert s.reward == 0.0 and s.reason == reason, s
+
+
+def test_flooding_output_keeps_the_host_memory_bounded():
+  floods = [
+      "def f():\n  print('x' * (1 << 20) * 4000)\n  return 2",  # 4 GB to stdout.
+      "import os\ndef f():\n  while True:\n    os.write(1, b'x' * (1 << 20))",
+      "def f():\n  return 'x' * (300 << 20)",  # A 300 MB return value.
+  ]
+  peak = [0]
+  stop = threading.Event()
+
+  def watch():
+    while not stop.is_set():
+      peak[0] = max(peak[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+      time.sleep(0.05)
+
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  t = threading.Thread(target=watch)
+  t.start()
+  try:
+    for attack in floods:
+      s = score(attack)
+      assert s.reward == 0.0, s
+  finally:
+    stop.set()
+    t.join()
+  assert peak[0] - before < 200 << 10, (before, peak[0])  # KiB: under 200 MiB.
+
+
+def test_no_process_survives_the_run():
+  marker = "jaxscore-survivor-7b"
+  attack = f"""
+import os, threading, time
+def f():
+  try:
+    os.setsid()
+  except OSError:
+    pass
+  for _ in range(3):
+    try:
+      if os.fork() == 0:
+        os.setsid()
+        while True:
+          time.sleep(1)  # {marker}
+    except OSError:
+      pass
+  return 2
+"""
+  assert score(attack).reward == 0.0
+  time.sleep(0.5)
+  ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+  assert "sandbox/worker.py" not in ps and marker not in ps
+
+
+def test_missing_bubblewrap_is_a_one_line_error(monkeypatch):
+  monkeypatch.setattr(shutil, "which", lambda name: None)
+  with pytest.raises(sandbox.SandboxUnavailable, match="apt-get install bubblewrap"):
+    score("def f():\n  return 1")
+  # Opting into the weaker mode works without it, and still cannot be forged.
+  task = make_task("mbpp", limits=LIMITS, workers=1, isolation="process")
+  good, forged = task.score([PROBLEM] * 2, ["```python\ndef f():\n  return 1\n```",
+                                            "```python\ndef f():\n  return 2\nimport sys\n"
+                                            "sys.exit(0)\n```"])
+  assert good.reward == 1.0 and forged.reward == 0.0
