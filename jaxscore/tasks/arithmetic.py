@@ -1,7 +1,9 @@
 """A built-in procedural arithmetic task: no download, seeded, disjoint splits.
 
 Levels: `add1` / `add2` (1- and 2-digit addition), `mul1` / `mul2` (multiplication),
-`word` (two-step word problems with a stated numeric answer). A problem belongs to the
+`chain` (a + b - c, two steps), `word` (two-step word problems with a stated numeric
+answer). Every problem carries a gold solution: one line of arithmetic per step, then
+"The answer is N." A problem belongs to the
 test split when a hash of its text falls in the test fraction, so the splits never share
 a problem, whatever the seeds. Small levels have few distinct problems (`add1` has 100
 in all, about `test_fraction` of them in test); asking for more returns all there are.
@@ -15,7 +17,7 @@ import random
 
 from jaxscore.tasks import answers, base
 
-LEVELS = ("add1", "add2", "mul1", "mul2", "word")
+LEVELS = ("add1", "add2", "mul1", "mul2", "chain", "word")
 _NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Juno")
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "coins", "shells", "cards")
 
@@ -33,6 +35,9 @@ def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
     answer = a + b if op == "+" else a * b
     shown = "+" if op == "+" else "×"
     return f"What is {a} {shown} {b}?", answer, {"a": a, "b": b, "op": op}
+  if level == "chain":  # Two steps: a + b, then minus c.
+    a, b, c = rng.randint(2, 19), rng.randint(2, 9), rng.randint(1, 9)
+    return f"What is {a} + {b} - {c}?", a + b - c, {"a": a, "b": b, "c": c}
   if level == "word":
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     boxes, per_box, given = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 9)
@@ -46,7 +51,10 @@ def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
 
 def solution(level: str, answer: int, operands: dict) -> str:
   """A worked gold response: one line of arithmetic per step, then the answer."""
-  if level == "word":
+  if level == "chain":
+    total = operands["a"] + operands["b"]
+    steps = [f"{operands['a']} + {operands['b']} = {total}", f"{total} - {operands['c']} = {answer}"]
+  elif level == "word":
     total = operands["boxes"] * operands["per_box"]
     steps = [f"{operands['boxes']} × {operands['per_box']} = {total}",
              f"{total} - {operands['given']} = {answer}"]
