@@ -183,3 +183,26 @@ def test_max_episode_len_bounds_attempts_that_never_stop(tiny):
   lengths = np.asarray(state.length_B)
   np.testing.assert_array_equal(lengths, [len(p) + 3 * 5 + 2 + 2 * 4 for p in PROMPTS])
   assert lengths.max() <= bound
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_grouped_prefill_equals_prefilling_every_row(tiny, temperature):
+  """G replies per prompt from one prefill per prompt: the same tokens and log-probs as
+  starting G copies of each prompt, for a ragged batch, greedy and sampled, and on a
+  second turn on the carried cache."""
+  cfg, params = tiny
+  group = 3
+  sampling = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=6)
+  smp = sampler_lib.Sampler(cfg, max_len=48, stop_ids=[EOS], end_of_turn_id=EOT)
+  rng = jax.random.key(7)
+  grouped = smp.generate_grouped(params, smp.start(PROMPTS, rng), sampling, group)
+  copies = [p for p in PROMPTS for _ in range(group)]
+  every = smp.generate(params, smp.start(copies, rng), sampling)
+  a, b = smp.episode(grouped), smp.episode(every)
+  np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
+  np.testing.assert_array_equal(a.length_B, b.length_B)
+  np.testing.assert_allclose(a.logp_BxT, b.logp_BxT, rtol=1e-5, atol=1e-6)
+  message = [[40, 41]] * len(copies)
+  a = smp.episode(smp.generate(params, smp.add_message(grouped, message), sampling))
+  b = smp.episode(smp.generate(params, smp.add_message(every, message), sampling))
+  np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)

@@ -181,6 +181,7 @@ class Sampler:
     self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
                            donate_argnames=("state",), **state_out)
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
+    self._expand = jax.jit(self._expand_impl, static_argnames=("group",), **prefill_out)
 
   # -- Host-side entry points. ----------------------------------------------
 
@@ -217,6 +218,24 @@ class Sampler:
     # max_new_tokens is traced, so changing it does not recompile.
     static = dataclasses.replace(sampling, max_new_tokens=0)
     state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
+    return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
+                        sampling=static)
+
+  def generate_grouped(self, params: model_lib.Params, state: SamplerState,
+                       sampling: SamplingConfig, group: int,
+                       pending: int | None = None) -> SamplerState:
+    """Samples one turn for `group` rows per row of `state`, prefilling each row once.
+
+    Row i's unseen tokens (its prompt, a shared prefix) are prefilled for row i alone;
+    its cache and buffer are then copied to rows [i * group, (i + 1) * group) of the
+    returned state, which decode independently. The result equals starting all those
+    rows with the same tokens and calling `generate`, at 1/group of the prefill cost.
+    """
+    if pending is None:
+      pending = int(jnp.max(state.length_B - state.cache.end_B))
+    static = dataclasses.replace(sampling, max_new_tokens=0)
+    state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
+    state, logits_BxV = self._expand(state, logits_BxV, group=group)
     return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
                         sampling=static)
 
@@ -274,6 +293,17 @@ class Sampler:
     # A row with no room left cannot take another turn.
     return state.replace(tokens_BxT=tokens, length_B=length,
                          done_B=length >= self.max_len)
+
+  def _expand_impl(self, state: SamplerState, logits_BxV, group: int):
+    """Each row repeated `group` times, in place: B rows -> B * group rows."""
+    rows = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
+    cache = model_lib.Cache(k_LxBxKxSxH=rows(state.cache.k_LxBxKxSxH, 1),
+                            v_LxBxKxSxH=rows(state.cache.v_LxBxKxSxH, 1),
+                            end_B=rows(state.cache.end_B))
+    state = state.replace(tokens_BxT=rows(state.tokens_BxT), logp_BxT=rows(state.logp_BxT),
+                          turn_BxT=rows(state.turn_BxT), length_B=rows(state.length_B),
+                          done_B=rows(state.done_B), cache=cache)
+    return state, rows(logits_BxV)
 
   def _prefill_impl(self, params, state: SamplerState, chunk: int, sampling):
     del sampling  # Unused; kept so prefill and decode are keyed alike.
