@@ -4,7 +4,7 @@ Packages: `models` (the Llama-family model, weights, tokenizers), `sampling` (th
 multi-turn sampler, episode formats, rollouts), `objectives` (RL building blocks and the
 registry of methods), `loops` (train state, train step, online and offline loops),
 `tasks` (datasets, answer checkers, the code sandbox), `infra` (sharding, multi-host,
-checkpoints, files, metric writers).
+checkpoints, files, metric writers), `self_explore` (the Self-Explore pipeline).
 
 Shape suffixes, one legend for the package: B batch rows, G samples per prompt, T tokens
 of a sequence (an episode, a training example or a chunk), S cache slots, V vocabulary,

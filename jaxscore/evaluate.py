@@ -93,6 +93,27 @@ def evaluate(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem],
   return result, records
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
+  if n == 0:
+    return 0.0, 1.0
+  p = successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return float(centre - half), float(centre + half)
+
+
+def paired_bootstrap(a_N: np.ndarray, b_N: np.ndarray, num: int = 10_000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+  """(mean(a - b), low, high): a percentile bootstrap interval of the difference of two
+  models' mean scores on the same N problems, resampling problems."""
+  diff = np.asarray(a_N, np.float64) - np.asarray(b_N, np.float64)
+  idx = np.random.default_rng(seed).integers(0, len(diff), (num, len(diff)))
+  means = diff[idx].mean(axis=1)
+  tail = (1 - level) / 2
+  return float(diff.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
 def write_report(directory: str | os.PathLike, name: str, result: dict, records: list[dict]):
   """`<name>.json` (metrics + transcripts) and `<name>.png` (accuracy per turn)."""
   directory = files.path(directory)

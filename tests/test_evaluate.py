@@ -80,3 +80,23 @@ def test_evaluate_mode_evaluates_the_trained_checkpoint(tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
   assert list(report) == ["after SCoRe"] and report["after SCoRe"]["num_problems"] == 2
   assert "| after SCoRe |" in out.stdout
+
+
+def test_wilson_interval_closed_form():
+  # 5 of 10 at 95%: centre 0.5, half-width 1.96 * sqrt(0.025 + 0.0096) / 1.384.
+  lo, hi = evaluate.wilson_interval(5, 10)
+  assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+  lo, hi = evaluate.wilson_interval(0, 40)
+  assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.0876, abs=1e-4)
+
+
+def test_paired_bootstrap_interval():
+  a = np.array([1, 1, 0, 1, 0, 1, 1, 0] * 10, float)
+  assert evaluate.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+  b = np.roll(a, 1)
+  mean, lo, hi = evaluate.paired_bootstrap(a, b, num=4000)
+  assert mean == pytest.approx(float(np.mean(a - b)))
+  # Close to the normal approximation of the mean difference's 95% interval.
+  se = np.std(a - b) / np.sqrt(len(a))
+  assert lo == pytest.approx(mean - 1.96 * se, abs=0.03)
+  assert hi == pytest.approx(mean + 1.96 * se, abs=0.03)

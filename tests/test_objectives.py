@@ -194,3 +194,18 @@ def test_offline_batches_follow_a_seeded_permutation_per_epoch():
   np.testing.assert_array_equal(offline.batch_indices(10, 4, 3, seed=7), epoch1[3:6])
   with pytest.raises(ValueError, match="fewer than one batch"):
     offline.steps_per_epoch(2, 3)
+
+
+def test_linear_schedule_with_warmup_and_rmsprop():
+  c = train_lib.OptimConfig(optimizer="rmsprop", learning_rate=1e-3, schedule="linear",
+                            warmup_steps=2, total_steps=10, b2=0.9, max_grad_norm=0.0)
+  lr = train_lib.learning_rate_schedule(c)
+  np.testing.assert_allclose([float(lr(s)) for s in (0, 1, 2, 6, 10)],
+                             [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9)
+  # RMSprop's first step from zero state: lr * g / (sqrt((1 - decay) * g^2) + eps).
+  opt = train_lib.make_optimizer(c.__class__(**{**c.__dict__, "warmup_steps": 0,
+                                                "schedule": "constant"}))
+  g = {"w": jnp.array([0.5, -2.0])}
+  updates, _ = opt.update(g, opt.init(g))
+  expected = -1e-3 * g["w"] / (jnp.sqrt(0.1 * g["w"] ** 2) + 1e-8)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)

@@ -1,0 +1,199 @@
+"""Self-Explore's data (SPEC.md section 2): sampled rationales, the RFT set, outcome pairs,
+first-pit exploration and step-level pairs.
+
+The pieces that decide what is learned are plain functions of texts and scores, so they
+are tested with scripted samplers; `Replier` does the sampling with the jitted sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxscore.evaluate import edit_distance
+from jaxscore.sampling import rollout as rollout_lib
+from jaxscore.sampling import sampler as sampler_lib
+from jaxscore.self_explore import steps as steps_lib
+from jaxscore.tasks import base
+
+# ---------------------------------------------------------------------------
+# Sampling replies with the jitted sampler.
+
+
+class Replier:
+  """Samples replies to prompts (token ids) in fixed-size batches (one compile); with
+  `group` > 1 each prompt gets `group` replies and is prefilled once."""
+
+  def __init__(self, setup: rollout_lib.Setup, max_prompt_len: int, max_new_tokens: int,
+               batch_size: int):
+    self.setup, self.batch_size = setup, batch_size
+    self.sampler = rollout_lib.make_sampler(setup, [max_prompt_len], 1, max_new_tokens)
+    self.max_new_tokens = max_new_tokens
+
+  def __call__(self, params, prompts: Sequence[Sequence[int]], temperature: float,
+               rng, group: int = 1) -> list[str]:
+    """Replies in order: `group` consecutive replies per prompt."""
+    if self.batch_size % group:
+      raise ValueError(f"batch_size={self.batch_size} is not a multiple of group={group}")
+    sampling = sampler_lib.SamplingConfig(temperature=temperature,
+                                          max_new_tokens=self.max_new_tokens)
+    per_call = self.batch_size // group
+    tok, out = self.setup.tokenizer, []
+    for i, start in enumerate(range(0, len(prompts), per_call)):
+      chunk = list(prompts[start:start + per_call])
+      padded = chunk + [chunk[-1]] * (per_call - len(chunk))
+      state = self.sampler.start(padded, jax.random.fold_in(rng, i))
+      state = self.sampler.generate_grouped(params, state, sampling, group,
+                                            pending=self.sampler.max_prompt_len)
+      ids = self.sampler.episode(state).response_ids(1)[:len(chunk) * group]
+      out += [tok.decode(r, skip_special_tokens=True) for r in ids]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Stage 2: rationales -> RFT set and outcome pairs.
+
+_EQUATION = re.compile(r"[-\d.,]+\s*[-+*/×x÷]\s*[-\d.,]+\s*=\s*[-\d.,]+|<<[^>]*>>")
+
+
+def reasoning_key(text: str) -> str:
+  """What makes two correct rationales the same reasoning: their equations (GSM8K's
+  `<<...>>` annotations or `a op b = c` lines), else their words."""
+  equations = [re.sub(r"\s+", "", e) for e in _EQUATION.findall(text)]
+  return "|".join(equations) if equations else " ".join(text.split())
+
+
+def rft_set(correct: Sequence[str], max_per_problem: int = 8) -> list[str]:
+  """Up to `max_per_problem` correct rationales with distinct reasoning, in order."""
+  seen, out = set(), []
+  for text in correct:
+    key = reasoning_key(text)
+    if key not in seen:
+      seen.add(key)
+      out.append(text.strip())
+    if len(out) >= max_per_problem:
+      break
+  return out
+
+
+def outcome_pairs(correct: Sequence[str], wrong: Sequence[str]) -> list[tuple[str, str]]:
+  """Each correct rationale paired with the remaining wrong one farthest from it (edit
+  distance over characters), each wrong one used once."""
+  pool = list(dict.fromkeys(w.strip() for w in wrong if w.strip()))
+  pairs = []
+  for c in correct:
+    if not pool:
+      break
+    rejected = max(pool, key=lambda w: (edit_distance(c, w), -len(w)))
+    pool.remove(rejected)
+    pairs.append((c, rejected))
+  return pairs
+
+
+# ---------------------------------------------------------------------------
+# Stage 4: first-pit exploration.
+
+
+@dataclasses.dataclass
+class Exploration:
+  """One wrong rationale explored step by step; steps and pit are 1-based."""
+
+  problem: base.Problem
+  chosen: str  # The correct rationale it was paired with.
+  rejected: str
+  steps: list[str]
+  completions: list[list[str]] = dataclasses.field(default_factory=list)  # [step][sample]
+  correct: list[list[bool]] = dataclasses.field(default_factory=list)
+  pit: int | None = None  # The first step from which no completion reaches the answer.
+
+  def to_json(self) -> dict:
+    return {"id": self.problem.id, "chosen": self.chosen, "rejected": self.rejected,
+            "steps": self.steps, "completions": self.completions, "correct": self.correct,
+            "pit": self.pit}
+
+
+# (problem, reply so far) for each query, and k -> k completions per query.
+ContinueFn = Callable[[Sequence[tuple[base.Problem, str]], int], list[list[str]]]
+
+
+def explore(pairs: Sequence[tuple[base.Problem, str, str]], continue_fn: ContinueFn,
+            task: base.Task, k: int = 4, style: str = "lines",
+            max_steps: int = 9) -> list[Exploration]:
+  """Explores the rejected rationale of each (problem, chosen, rejected) pair.
+
+  Step t (1-based) continues `steps[:t]` k times; the first t with no completion that
+  reaches the gold answer is the pit, and exploring that rationale stops. All active
+  rationales are explored together, one step index at a time. A rationale whose every
+  step has a successful continuation has no pit.
+  """
+  runs = [Exploration(p, c, r, steps_lib.split_steps(r, style, max_steps))
+          for p, c, r in pairs]
+  active = [e for e in runs if e.steps]
+  t = 1
+  while active:
+    prefixes = ["".join(e.steps[:t]) for e in active]
+    completions = continue_fn([(e.problem, pre) for e, pre in zip(active, prefixes)], k)
+    flat_problems = [e.problem for e in active for _ in range(k)]
+    flat_texts = [pre + c for pre, cs in zip(prefixes, completions) for c in cs]
+    scores = task.score(flat_problems, flat_texts)
+    still = []
+    for i, e in enumerate(active):
+      ok = [s.reward > 0 for s in scores[i * k:(i + 1) * k]]
+      e.completions.append(list(completions[i]))
+      e.correct.append(ok)
+      if not any(ok):
+        e.pit = t
+      elif t < len(e.steps):
+        still.append(e)
+    active, t = still, t + 1
+  return runs
+
+
+def step_pairs(explorations: Sequence[Exploration]) -> list[dict]:
+  """Step-level preference pairs at each first pit, as texts.
+
+  prompt = question + steps before the pit (`prefix`); rejected = the pit step;
+  chosen = the shortest correct completion from the prefix not yet used for this
+  problem (for a pit at step 1, the paired correct rationale). Per problem, no chosen
+  and no rejected text appears twice.
+  """
+  used_chosen: dict[str, set[str]] = {}
+  used_rejected: dict[str, set[str]] = {}
+  out = []
+  for e in explorations:
+    if e.pit is None:
+      continue
+    pid = e.problem.id
+    chosen_seen = used_chosen.setdefault(pid, set())
+    rejected_seen = used_rejected.setdefault(pid, set())
+    rejected = e.steps[e.pit - 1]
+    if e.pit == 1:
+      prefix, candidates = "", [e.chosen]
+    else:
+      prefix = "".join(e.steps[:e.pit - 1])
+      before = zip(e.completions[e.pit - 2], e.correct[e.pit - 2])
+      candidates = sorted({c for c, ok in before if ok}, key=lambda c: (len(c), c))
+    candidates = [c for c in candidates
+                  if c not in chosen_seen and c.strip() != rejected.strip()]
+    if not candidates or rejected in rejected_seen:
+      continue
+    chosen_seen.add(candidates[0])
+    rejected_seen.add(rejected)
+    out.append({"id": pid, "pit": e.pit, "prefix": prefix, "chosen": candidates[0],
+                "rejected": rejected})
+  return out
+
+
+def pit_statistics(explorations: Sequence[Exploration], pairs: Sequence[dict]) -> dict:
+  pits = [e.pit for e in explorations if e.pit is not None]
+  counts = np.bincount(pits, minlength=max(pits, default=0) + 1)[1:] if pits else []
+  return {"explored": len(explorations), "with_pit": len(pits),
+          "without_pit": len(explorations) - len(pits),
+          "pits_by_step": {str(i + 1): int(n) for i, n in enumerate(counts)},
+          "step_pairs": len(pairs),
+          "mean_steps": float(np.mean([len(e.steps) for e in explorations]))
+          if explorations else 0.0}

@@ -1,0 +1,273 @@
+"""Self-Explore: the masked DPO loss, step splitting, first pits and step pairs, partial
+replies, and the pipeline end to end."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import require_embedded, shared_data
+from jaxscore import objectives
+from jaxscore.models import model as model_lib
+from jaxscore.objectives import dpo
+from jaxscore.self_explore import explore, steps
+from jaxscore.tasks import make_task
+from jaxscore.tasks.base import Problem
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CFG = model_lib.ModelConfig(vocab_size=16, num_layers=1, embed_dim=16, num_heads=2,
+                            num_kv_heads=1, mlp_dim=32)
+PAIRS = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6]},
+         {"prompt": [7], "chosen": [8], "rejected": [9, 10, 11]}]
+
+
+# ---------------------------------------------------------------------------
+# The DPO loss.
+
+
+def _seq_logp(params, prompt, completion):
+  """A second implementation: completion log-prob from one full forward, by hand."""
+  seq = prompt + completion
+  logits, _ = model_lib.apply(params, jnp.array([seq]), CFG)
+  logp = jax.nn.log_softmax(logits[0], axis=-1)
+  return sum(float(logp[t - 1, seq[t]]) for t in range(len(prompt), len(seq)))
+
+
+def test_dpo_loss_is_log2_when_policy_is_the_reference():
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  examples = dpo.reference_logprobs(PAIRS, params, CFG, width=6, batch_size=2)
+  for e in examples:
+    assert e["ref_chosen"] == pytest.approx(_seq_logp(params, e["prompt"], e["chosen"]), abs=1e-5)
+    assert e["ref_rejected"] == pytest.approx(_seq_logp(params, e["prompt"], e["rejected"]),
+                                              abs=1e-5)
+  batch = jax.tree.map(jnp.asarray, dpo.collate_pairs(examples, 6))
+  loss, m = dpo.dpo_loss(params, batch, None, None, cfg=CFG, beta=0.1)
+  np.testing.assert_allclose(loss, math.log(2), rtol=1e-6)
+  assert float(m["dpo/margin"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dpo_loss_golden_and_prompt_tokens_get_no_gradient():
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  ref = model_lib.init(CFG, jax.random.key(1), stddev=0.3)
+  examples = dpo.reference_logprobs(PAIRS, ref, CFG, width=6, batch_size=2)
+  batch = jax.tree.map(jnp.asarray, dpo.collate_pairs(examples, 6))
+  loss, _ = dpo.dpo_loss(params, batch, None, None, cfg=CFG, beta=0.5)
+  expected = []
+  for e in PAIRS:
+    margin = ((_seq_logp(params, e["prompt"], e["chosen"]) - _seq_logp(ref, e["prompt"], e["chosen"]))
+              - (_seq_logp(params, e["prompt"], e["rejected"])
+                 - _seq_logp(ref, e["prompt"], e["rejected"])))
+    expected.append(-math.log(1 / (1 + math.exp(-0.5 * margin))))
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+  # The loss as a function of per-token log-probs: only completion tokens matter.
+  b = dpo.collate_pairs(examples, 6)
+
+  def from_token_logp(logp_2BxT):
+    target = jnp.asarray(b.target_2BxT) & jnp.asarray(b.mask_2BxT)
+    seq = jnp.sum(jnp.where(target, logp_2BxT, 0.0), axis=1)
+    return jnp.mean(jax.vmap(lambda c, r, rc, rr: -jax.nn.log_sigmoid(0.5 * ((c - rc) - (r - rr))))(
+        seq[:2], seq[2:], jnp.asarray(b.ref_logp_2B[:2]), jnp.asarray(b.ref_logp_2B[2:])))
+
+  grad = jax.grad(from_token_logp)(jnp.full(b.tokens_2BxT.shape, -1.0))
+  np.testing.assert_array_equal(np.asarray(grad) != 0, b.target_2BxT & b.mask_2BxT)
+  prompt_slots = np.zeros_like(b.target_2BxT)
+  for row, e in enumerate(PAIRS * 2):
+    prompt_slots[row, :len(e["prompt"])] = True
+  assert not np.any(np.asarray(grad)[prompt_slots])
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+
+
+def test_gsm8k_solutions_split_into_lines():
+  path = shared_data("gsm8k", "train.jsonl")
+  rows = [json.loads(l) for l in path.read_text().splitlines()[:200]]
+  for r in rows:
+    parts = steps.split_lines(r["answer"])
+    assert parts and all(p.endswith("\n") and p.strip() for p in parts)
+    assert [p.strip() for p in parts] == [l.strip() for l in r["answer"].split("\n") if l.strip()]
+    assert parts[-1].startswith("####")
+
+
+def test_math500_solutions_split_into_sentences():
+  path = shared_data("math500", "test.jsonl")
+  for r in (json.loads(l) for l in path.read_text().splitlines()):
+    parts = steps.split_sentences(r["solution"])
+    assert "".join(parts) == r["solution"].strip()  # Nothing lost, nothing reordered.
+    assert 1 <= len(parts) <= 10 and all(p.strip() for p in parts)
+
+
+def test_final_answer_is_its_own_step():
+  text = ("First we add the two numbers to get the total of 12 apples. "
+          "Then we subtract the three eaten apples, leaving 9. The answer is 9.")
+  parts = steps.split_sentences(text)
+  assert parts[-1] == "The answer is 9."
+  assert "".join(parts) == text
+
+
+# ---------------------------------------------------------------------------
+# Exploration and pairs, with a scripted explorer.
+
+TASK = make_task("arithmetic", level="word")
+PROBLEM = Problem(id="p0", question="q", prompt="q", answer="57")
+WRONG = "7 × 9 = 63\n63 - 5 = 58\n63 - 6 = 57\nThe answer is 58.\n"
+RIGHT = "7 × 9 = 63\n63 - 6 = 57\nThe answer is 57."
+
+
+def scripted(good_until: int):
+  """Continuations reach 57 while the prefix has at most `good_until` steps; each
+  query's k completions differ in length so 'shortest' is well defined."""
+
+  def continue_fn(queries, k):
+    out = []
+    for _, prefix in queries:
+      t = prefix.count("\n")
+      ok = t <= good_until
+      out.append([("x" * i) + ("The answer is 57." if ok and i % 2 else "The answer is 1.")
+                  for i in range(k)])
+    return out
+
+  return continue_fn
+
+
+def test_first_pit_and_step_pair_from_a_scripted_explorer():
+  runs = explore.explore([(PROBLEM, RIGHT, WRONG)], scripted(good_until=1), TASK, k=4)
+  (run,) = runs
+  assert run.steps == ["7 × 9 = 63\n", "63 - 5 = 58\n", "63 - 6 = 57\n", "The answer is 58.\n"]
+  assert run.pit == 2 and len(run.completions) == 2  # Exploring stopped at the pit.
+  assert run.correct[0] == [False, True, False, True] and not any(run.correct[1])
+  (pair,) = explore.step_pairs(runs)
+  assert pair == {"id": "p0", "pit": 2, "prefix": "7 × 9 = 63\n",
+                  "chosen": "xThe answer is 57.", "rejected": "63 - 5 = 58\n"}
+
+
+def test_pit_at_step_one_pairs_with_the_correct_rationale_and_no_pit_gives_no_pair():
+  runs = explore.explore([(PROBLEM, RIGHT, WRONG)], scripted(good_until=0), TASK, k=2)
+  assert runs[0].pit == 1
+  assert explore.step_pairs(runs) == [{"id": "p0", "pit": 1, "prefix": "", "chosen": RIGHT,
+                                       "rejected": "7 × 9 = 63\n"}]
+  runs = explore.explore([(PROBLEM, RIGHT, WRONG)], scripted(good_until=9), TASK, k=2)
+  assert runs[0].pit is None and len(runs[0].completions) == 4
+  assert explore.step_pairs(runs) == []
+  stats = explore.pit_statistics(runs, [])
+  assert stats["explored"] == 1 and stats["without_pit"] == 1
+
+
+def test_step_pairs_are_deduplicated_per_problem():
+  runs = explore.explore([(PROBLEM, RIGHT, WRONG)] * 2, scripted(good_until=1), TASK, k=4)
+  pairs = explore.step_pairs(runs)
+  assert len(pairs) == 1  # The same rejected step twice for one problem: kept once.
+
+
+def test_rft_set_and_outcome_pairs():
+  correct = ["7 × 9 = 63\n63 - 6 = 57\nThe answer is 57.",
+             "7 × 9 = 63\n63 - 6 = 57\nSo it is 57. The answer is 57.",  # Same equations.
+             "9 × 7 = 63\n63 - 6 = 57\nThe answer is 57."]
+  assert explore.rft_set(correct) == [correct[0], correct[2]]
+  assert explore.rft_set(correct, max_per_problem=1) == [correct[0]]
+  wrong = ["The answer is 58.", "7 × 9 = 63\n63 - 6 = 58\nThe answer is 58."]
+  pairs = explore.outcome_pairs(explore.rft_set(correct), wrong)
+  # The farthest wrong rationale first, each used once.
+  assert pairs == [(correct[0], wrong[0]), (correct[2], wrong[1])]
+
+
+# ---------------------------------------------------------------------------
+# Partial replies.
+
+
+@pytest.mark.parametrize("kind", ["chat", "plain"])
+def test_continuing_a_partial_reply_tokenizes_like_the_full_reply(kind):
+  from jaxscore.models import tokenizer as tokenizer_lib
+  from jaxscore.sampling import formats
+
+  tok = tokenizer_lib.load_tokenizer(require_embedded())
+  fmt = formats.make_format(tok, kind)
+  reply = "7 × 9 = 63\n63 - 6 = 57\nThe answer is 57."
+  full = fmt.prompt_ids("What is it?") + fmt.attempt_ids(reply)
+  parts = steps.split_lines(reply)
+  for t in range(1, len(parts)):
+    prefix = fmt.continuation_ids("What is it?", "".join(parts[:t]))
+    assert full[:len(prefix)] == prefix, t
+  if kind == "chat":  # And the template's own rendering of the whole exchange agrees.
+    rendered = fmt.render("What is it?", [reply], [])
+    assert tok.encode(rendered, add_special_tokens=False)[:len(full)] == full
+
+
+# ---------------------------------------------------------------------------
+# The preference step on 8 fake devices, and the pipeline.
+
+_PREFERENCE_8 = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from numerics import assert_close, assert_trees_close
+    from jaxscore.infra import sharding
+    from jaxscore.loops import train as train_lib
+    from jaxscore.models import model as model_lib
+    from jaxscore.objectives import dpo
+    assert jax.device_count() == 8
+    cfg = model_lib.ModelConfig(vocab_size=16, num_layers=2, embed_dim=16, num_heads=2,
+                                num_kv_heads=1, mlp_dim=32)
+    params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt": rng.integers(1, 16, 3).tolist(), "chosen": rng.integers(1, 16, 2).tolist(),
+              "rejected": rng.integers(1, 16, 3).tolist()} for _ in range(8)]
+    ref = model_lib.init(cfg, jax.random.key(1), stddev=0.3)
+    batch = dpo.collate_pairs(dpo.reference_logprobs(pairs, ref, cfg, 8, 8), 8)
+    loss_fn = lambda p, b, r, rp: dpo.dpo_loss(p, b, r, rp, cfg=cfg, beta=0.1)
+    opt = optax.sgd(0.1)  # Linear in the gradient (see numerics.py).
+    step = train_lib.make_train_step(loss_fn, opt)
+    batch = jax.tree.map(jnp.asarray, batch)
+    one = jax.jit(step)(train_lib.TrainState.create(params, opt), batch, jax.random.key(0))
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None, None)[0]))
+    one_grads = grad(params, batch)
+    for shape, rules in (((8, 1, 1), "data_parallel"), ((2, 4, 1), "fsdp")):
+      mesh, rules = sharding.make_mesh(*shape), sharding.RULES[rules]
+      with sharding.activate(mesh, rules):
+        sharded = sharding.init_sharded(cfg, jax.random.key(0), mesh, rules, stddev=0.3)
+        state = train_lib.TrainState.create(sharded, opt)
+        sharded_batch = sharding.shard_batch(batch, mesh, rules)
+        grads = grad(sharded, sharded_batch)
+        out = jax.jit(step)(state, sharded_batch, jax.random.key(0))
+      assert_close(out[1]["loss"], one[1]["loss"])
+      assert_trees_close(grads, one_grads)
+      assert_trees_close(out[0].params, one[0].params)
+      print("OK", shape, float(out[1]["loss"]))
+""")
+
+
+def test_preference_step_on_8_fake_devices_matches_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _PREFERENCE_8, os.path.dirname(__file__)],
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count("OK") == 2
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_skips_finished_ones(tmp_path):
+  require_embedded()
+  cmd = [sys.executable, "-m", "jaxscore.self_explore",
+         f"--config={ROOT / 'configs' / 'self_explore.py'}:cpu,runlocal", f"--workdir={tmp_path}"]
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+  assert out.returncode == 0, out.stderr[-4000:]
+  for stage in ("sft", "sample", "rft", "explore"):
+    assert (tmp_path / stage / "done.json").exists(), stage
+  results = json.loads((tmp_path / "eval" / "results.json").read_text())
+  assert list(results["models"]) == ["base", "SFT", "RFT", "outcome DPO", "Self-Explore"]
+  assert results["num_problems"] == 4 and "pits" in results
+  assert (tmp_path / "eval" / "accuracy.png").stat().st_size > 0
+  assert "| Self-Explore |" in out.stdout
+  again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert "[sft]" not in again.stdout and "[sample]" not in again.stdout  # Skipped.
