@@ -3,7 +3,6 @@ to reach the host. Every attempt must score 0 (or be contained), through the sam
 training uses: `MBPPTask.score` with bubblewrap isolation."""
 
 import os
-import pathlib
 import resource
 import shutil
 import subprocess

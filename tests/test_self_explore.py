@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from conftest import require_embedded, shared_data
-from jaxscore import objectives
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import dpo
 from jaxscore.self_explore import explore, steps
