@@ -156,25 +156,18 @@ def isolated_command(role: str, isolation: str = "bwrap") -> list[str]:
           role]
 
 
-def _set_limits(limits: Limits):
-  def apply():
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-  return apply
-
-
 class _Peer:
   """A worker process and the JSON lines it writes, read with a deadline and a cap."""
 
   def __init__(self, role: str, limits: Limits, isolation: str):
+    # No preexec_fn: without one the child is started with vfork, which stays cheap when
+    # the scorer is a large training process. The worker lowers its own limits first.
+    limits_arg = json.dumps({"cpu_seconds": limits.cpu_seconds,
+                             "memory_bytes": limits.memory_bytes,
+                             "file_bytes": limits.file_bytes})
     self.proc = subprocess.Popen(
-        isolated_command(role, isolation), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_set_limits(limits),
+        [*isolated_command(role, isolation), limits_arg], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
     self.buffer = b""
     self.failure: str | None = None  # "timeout" | "error" once the peer is unusable.

@@ -1,7 +1,7 @@
 """One side of a function-level test, run inside the sandbox with the standard library only.
 
-  python -I -S -B sandbox_worker.py candidate   # serves calls to the candidate's code
-  python -I -S -B sandbox_worker.py tests       # runs the task's tests against proxies
+  python -I -S -B sandbox_worker.py candidate LIMITS   # serves calls to the candidate's code
+  python -I -S -B sandbox_worker.py tests LIMITS       # runs the task's tests against proxies
 
 The two roles run in separate processes, and the scorer relays between them: the tests
 call the candidate's functions through proxies, and only plain data (None, bool, int,
@@ -218,7 +218,21 @@ def run_tests(channel):
     channel.send({"verdict": "passed"})
 
 
+def set_limits(limits):
+  """CPU seconds, address space, file size; no core files. Lowered before any untrusted
+  code runs, and (without capabilities) never raised again."""
+  import resource
+
+  cpu = limits["cpu_seconds"]
+  resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+  resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
+  resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def main():
+  if len(sys.argv) > 2:
+    set_limits(json.loads(sys.argv[2]))
   channel = Channel()
   if sys.argv[1] == "candidate":
     serve_candidate(channel)
