@@ -47,6 +47,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
   # of N (less padding, one compile per distinct width).
   c.rollout.pad_multiple = 0
+  # What the user says between turns: instruction (the task's self-correction
+  # instruction; every episode takes every turn, as in SCoRe) | none | unary ("Your
+  # answer is incorrect. Please try again.") | template (feedback_template, which may
+  # contain {reason}). With none/unary/template an episode stops at its first correct
+  # answer and only wrong answers get the message (arXiv 2510.21339).
+  c.rollout.feedback = "instruction"
+  c.rollout.feedback_template = ""
 
   # The objective trained (a name in jaxscore.objectives); its fields are the config
   # group of the same name.
@@ -81,6 +88,21 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.pg.policy_loss = "reinforce"
   c.pg.clip_eps = 0.2
   c.pg.aggregation = "token_mean"
+
+  # GRPO (jaxscore.objectives.grpo.GRPOConfig): group-normalised advantages, clipped
+  # ratio, several updates per rollout batch. --config.objective=grpo with
+  # rollout.num_turns=1 is single-turn GRPO; with rollout.feedback=unary and more turns
+  # it is multi-turn RL with feedback.
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.num_steps = 3000  # Rollout batches.
+  c.grpo.reward = "per_turn"  # per_turn | outcome (final outcome on every turn) | decayed
+  c.grpo.gamma = 0.5  # decayed: success at turn t earns gamma^(t-1).
+  c.grpo.beta = 0.04  # KL to the reference per token.
+  c.grpo.kl_estimator = "k3"  # k2 | k3 | exact
+  c.grpo.clip_eps = 0.2
+  c.grpo.epochs = 2  # Passes over each rollout batch.
+  c.grpo.minibatches = 2  # Updates per pass (the batch must split evenly).
+  c.grpo.aggregation = "token_mean"
 
   # Supervised fine-tuning on the task's gold solutions (jaxscore.objectives.sft), an
   # SFT baseline with --config.objective=sft; it trains with the offline loop.
@@ -132,6 +154,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.evaluate.checkpoint = "latest"  # Which trained checkpoint: latest | best (reward).
   c.evaluate.num_problems = 0  # 0 = the whole split.
   c.evaluate.batch_size = 32  # Rows per evaluation sampler call.
+  c.evaluate.num_turns = 0  # Turns of the greedy dialogue; 0 = rollout.num_turns.
+  # Between evaluation turns ("" = rollout.feedback); with none/unary/template, Acc@t
+  # is the fraction answered correctly by turn t (a T-turn dialogue with feedback).
+  c.evaluate.feedback = ""
+  c.evaluate.pass_k_samples = 0  # n > 0: also sampled single-turn pass@k, k = 1, 2, ..n.
+  c.evaluate.pass_k_temperature = 1.0
 
   variant, *options = arg.split(",") if arg else ["cpu"]
   if variant == "cpu":
@@ -142,6 +170,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.evaluate.batch_size = 20
     c.score.stages = "I:6,II:12"
     c.pg.num_steps = 18
+    c.grpo.num_steps = 18
     c.offline.batch_size = 8
     c.offline.num_epochs = 1
     c.rollout.group_size = 4
@@ -182,6 +211,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     if option == "runlocal":  # Tiny smoke-test sizes of any variant.
       c.score.stages = "I:1,II:1"
       c.pg.num_steps = 2
+      c.grpo.num_steps = 2
+      c.grpo.minibatches = 1
       c.offline.batch_size = 2
       c.offline.num_epochs = 1
       c.rollout.prompts_per_step = 2

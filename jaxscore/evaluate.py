@@ -55,7 +55,9 @@ def table_keys(num_turns: int) -> list[str]:
 
 def format_table(results: dict[str, dict], num_turns: int) -> str:
   """A markdown table of evaluation results (in %), one row per model."""
-  keys = [k for k in table_keys(num_turns) if all(k in r for r in results.values())]
+  passk = sorted((k for k in next(iter(results.values()), {})
+                  if k.startswith("pass@") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+  keys = [k for k in table_keys(num_turns) + passk if all(k in r for r in results.values())]
   rows = ["| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
   for name, r in results.items():
     rows.append(f"| {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in keys) + " |")
@@ -64,32 +66,93 @@ def format_table(results: dict[str, dict], num_turns: int) -> str:
 
 def evaluate(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem], *,
              num_turns: int = 2, max_new_tokens: int = 256, batch_size: int = 32,
-             seed: int = 0) -> tuple[dict, list[dict]]:
-  """Greedy multi-turn evaluation; returns (metrics, per-problem transcripts)."""
+             seed: int = 0, feedback: rollout_lib.Feedback = rollout_lib.Feedback()
+             ) -> tuple[dict, list[dict]]:
+  """Greedy multi-turn evaluation; returns (metrics, per-problem transcripts).
+
+  With feedback that stops at the first correct answer (a T-turn dialogue), Acc@t is
+  the fraction of problems answered correctly by turn t.
+  """
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
   smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), num_turns,
-                                 max_new_tokens)
+                                 max_new_tokens,
+                                 message_len=rollout_lib.instruction_len(setup, feedback))
   rewards, ids, records = [], [[] for _ in range(num_turns)], []
   for start in range(0, len(problems), batch_size):
     chunk = list(problems[start:start + batch_size])
     # A fixed batch size keeps one compiled sampler: pad the last chunk.
     padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
     ro = rollout_lib.rollout(params, smp, setup, padded, num_turns, greedy,
-                             jax.random.key(seed))
-    rewards.append(ro.rewards_BxN[:len(chunk)])
+                             jax.random.key(seed), feedback=feedback)
+    r = ro.rewards_BxN[:len(chunk)]
+    rewards.append(np.maximum.accumulate(r, axis=1) if feedback.stops_when_correct else r)
     for t in range(num_turns):
       ids[t] += ro.ids[t][:len(chunk)]
     for i, p in enumerate(chunk):
+      taken = [t for t in range(num_turns) if ro.turns_BxN[i, t]]
       # Another process scored rows outside ours: their rewards arrive, not the details.
       local = ro.rows.start <= i < ro.rows.stop
       detail = lambda t, f: getattr(ro.scores[t][i - ro.rows.start], f) if local else None
       records.append({"id": p.id, "prompt": p.prompt, "answer": p.answer,
-                      "attempts": [ro.texts[t][i] for t in range(num_turns)],
-                      "rewards": [float(ro.rewards_BxN[i, t]) for t in range(num_turns)],
-                      "extracted": [detail(t, "extracted") for t in range(num_turns)],
-                      "reasons": [detail(t, "reason") for t in range(num_turns)]})
-  result = metrics(np.concatenate(rewards), ids)
+                      "attempts": [ro.texts[t][i] for t in taken],
+                      "rewards": [float(ro.rewards_BxN[i, t]) for t in taken],
+                      "extracted": [detail(t, "extracted") for t in taken],
+                      "reasons": [detail(t, "reason") for t in taken]})
+  # Rows that stopped early have no later attempt to compare: no edit distance there.
+  result = metrics(np.concatenate(rewards), None if feedback.stops_when_correct else ids)
   result["num_problems"] = len(problems)
+  result["feedback"] = feedback.kind
+  return result, records
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+  """The unbiased pass@k estimate from n samples of which c are correct:
+  1 - C(n - c, k) / C(n, k), as a stable product (Chen et al., 2021)."""
+  if not 0 <= c <= n or not 1 <= k <= n:
+    raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+  if n - c < k:
+    return 1.0
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def evaluate_pass_at_k(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem], *,
+                       num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                       max_new_tokens: int = 256, batch_size: int = 32,
+                       seed: int = 0) -> tuple[dict, list[dict]]:
+  """Single-turn pass@k for k = 1, 2, 4, ... up to `num_samples`, sampled.
+
+  Each problem's prompt is prefilled once and its cache copied to its `num_samples` rows
+  (`Sampler.generate_grouped`); `batch_size` counts sampled rows per call. Returns
+  (metrics, per-problem records with the number of correct samples).
+  """
+  prompts_per_call = max(batch_size // num_samples, 1)
+  sampling = sampler_lib.SamplingConfig(temperature=temperature, top_p=top_p,
+                                        max_new_tokens=max_new_tokens)
+  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 1,
+                                 max_new_tokens, message_len=0)
+  fmt, tokenizer = setup.fmt, setup.tokenizer
+  correct, records = [], []
+  for start in range(0, len(problems), prompts_per_call):
+    chunk = list(problems[start:start + prompts_per_call])
+    padded = chunk + [chunk[-1]] * (prompts_per_call - len(chunk))
+    rng = jax.random.fold_in(jax.random.key(seed), start)
+    state = smp.start([fmt.prompt_ids(p.prompt) for p in padded], rng)
+    state = smp.generate_grouped(params, state, sampling, group=num_samples)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip()
+             for r in smp.episode(state).response_ids(1)]
+    rows = [p for p in chunk for _ in range(num_samples)]
+    scores = setup.task.score(rows, texts[:len(rows)])
+    for j, p in enumerate(chunk):
+      mine = scores[j * num_samples:(j + 1) * num_samples]
+      c = int(sum(s.reward for s in mine))
+      correct.append(c)
+      records.append({"id": p.id, "answer": p.answer, "num_correct": c,
+                      "samples": texts[j * num_samples:(j + 1) * num_samples]})
+  ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples]
+  result = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct]))
+            for k in ks}
+  result |= {"num_problems": len(problems), "num_samples": num_samples,
+             "temperature": temperature}
   return result, records
 
 

@@ -42,22 +42,41 @@ def build(c):
   return setup, rollout.Setup(model.cfg, model.tokenizer, fmt, eval_task), params
 
 
+def eval_turns(c) -> int:
+  return c.evaluate.num_turns or c.rollout.num_turns
+
+
 def run_eval(c, setup, params, workdir, name: str) -> dict:
+  """The greedy T-turn evaluation, plus sampled pass@k if configured."""
   import jax
 
   from jaxscore import evaluate
+  from jaxscore.sampling import rollout
 
   problems = setup.task.problems(c.task.eval_split)
   if c.evaluate.num_problems:
     problems = problems[:c.evaluate.num_problems]
+  feedback = rollout.Feedback(c.evaluate.feedback or c.rollout.feedback,
+                              c.rollout.feedback_template)
   t0 = time.perf_counter()
   result, records = evaluate.evaluate(
-      params, setup, problems, num_turns=c.rollout.num_turns,
-      max_new_tokens=c.sampler.max_new_tokens, batch_size=c.evaluate.batch_size, seed=c.seed)
+      params, setup, problems, num_turns=eval_turns(c),
+      max_new_tokens=c.sampler.max_new_tokens, batch_size=c.evaluate.batch_size, seed=c.seed,
+      feedback=feedback)
+  if c.evaluate.pass_k_samples:
+    passk, passk_records = evaluate.evaluate_pass_at_k(
+        params, setup, problems, num_samples=c.evaluate.pass_k_samples,
+        temperature=c.evaluate.pass_k_temperature, max_new_tokens=c.sampler.max_new_tokens,
+        batch_size=c.evaluate.batch_size, seed=c.seed)
+    result |= {k: v for k, v in passk.items() if k.startswith("pass@")}
+    result["pass@k_temperature"] = passk["temperature"]
+    for record, extra in zip(records, passk_records):
+      record["pass@k"] = {"num_correct": extra["num_correct"], "samples": extra["samples"]}
   result["seconds"] = time.perf_counter() - t0
   if jax.process_index() == 0:
     evaluate.write_report(workdir / "eval", name, result, records)
-  keys = evaluate.table_keys(c.rollout.num_turns)
+  keys = evaluate.table_keys(eval_turns(c)) + [k for k in result if k.startswith("pass@")
+                                                and k != "pass@turns"]
   print(f"[{name}] " + ", ".join(f"{k}={result[k]:.3f}" for k in keys if k in result))
   return result
 
@@ -115,7 +134,7 @@ def main(argv):
   if results and jax.process_index() == 0:
     report.write_text(json.dumps(results, indent=1))
     evaluate.plot_accuracy(results, workdir / "eval" / "accuracy.png")
-    print("\n" + evaluate.format_table(results, c.rollout.num_turns))
+    print("\n" + evaluate.format_table(results, eval_turns(c)))
     print(f"\nreport: {report}\nplots: {workdir / 'eval'}")
 
 

@@ -357,7 +357,7 @@ _NO_RECOMPILE = textwrap.dedent("""
     c = t._config(pad_multiple=0)
     c.score.stages = "I:2,II:2"
     mesh, rules = sharding.make_mesh(2, 2, 1), sharding.RULES["fsdp"]
-    names = ("train_step", "reference_logprobs", "_init_impl", "_prefill_impl",
+    names = ("train_step", "token_logprobs", "_init_impl", "_prefill_impl",
              "_decode_impl", "_append_impl")
     steps = []
     with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -386,6 +386,6 @@ def test_sharded_steps_compile_once_for_the_whole_run(tmp_path):
   line = next(l for l in out.stdout.splitlines() if l.startswith("COMPILES"))
   steps = json.loads(line.split(" ", 1)[1])
   assert [s.pop("stage") for s in steps] == ["I", "I", "II", "II"]
-  assert steps[0]["train_step"] == steps[0]["reference_logprobs"] == 1, steps[0]
+  assert steps[0]["train_step"] == steps[0]["token_logprobs"] == 1, steps[0]
   assert steps[0]["_decode_impl"] == steps[0]["_append_impl"] == 1, steps[0]
   assert all(s == steps[0] for s in steps), steps

@@ -105,7 +105,7 @@ def test_objective_names_and_config_errors():
 @pytest.mark.parametrize("variant", ["cpu", "gsm8k", "math", "code", "cpu,runlocal"])
 def test_config_groups_are_exactly_the_dataclass_fields(variant):
   c = score_config.get_config(variant)
-  groups = {name: objectives.get(name).Config for name in ("score", "pg", "sft")}
+  groups = {name: objectives.get(name).Config for name in ("score", "pg", "grpo", "sft")}
   groups |= {"rollout": online.RolloutConfig, "sampler": sampler_lib.SamplingConfig,
              "offline": offline.OfflineConfig, "optim": train_lib.OptimConfig,
              "checkpoint": common.CheckpointConfig, "log": common.LogConfig}

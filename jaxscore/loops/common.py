@@ -77,7 +77,8 @@ class Run:
     # The new state keeps the old one's shardings (the compiler would otherwise pick its
     # own), so the next step and the sampler see the same input shardings: no recompiles.
     self.train_step = jax.jit(
-        train_lib.make_train_step(objective.loss_fn, self.optimizer), donate_argnums=(0,),
+        train_lib.make_train_step(objective.loss_fn, self.optimizer,
+                                  *objective.updates_per_batch), donate_argnums=(0,),
         out_shardings=(self.state_shardings, self.replicated))
     self.ckpt_cfg = CheckpointConfig(**c.checkpoint)
     self.log_cfg = LogConfig(**c.log)

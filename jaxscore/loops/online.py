@@ -34,6 +34,15 @@ class RolloutConfig:
   # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
   # of N (less padding, one compile per distinct width).
   pad_multiple: int = 0
+  # Between turns (jaxscore.sampling.rollout.Feedback): instruction (the task's, every
+  # row takes every turn) | none | unary | template (rows stop at their first correct
+  # answer; wrong rows get the message).
+  feedback: str = "instruction"
+  feedback_template: str = ""  # feedback=template: may contain {reason}.
+
+  @property
+  def feedback_config(self) -> rollout_lib.Feedback:
+    return rollout_lib.Feedback(self.feedback, self.feedback_template)
 
 
 def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
@@ -62,17 +71,21 @@ def batch_width(ep: sampler_lib.Episode, max_len: int, pad_multiple: int) -> int
   return min(-(-length // pad_multiple) * pad_multiple, max_len, ep.tokens_BxT.shape[1])
 
 
-def trajectories(ro: rollout_lib.Rollouts, width: int, ref_logp_fn=None,
-                 ref_params=None) -> objectives_lib.Trajectories:
-  """Rollouts cut (or padded) to `width` tokens, with reference log-probs if asked."""
+def trajectories(ro: rollout_lib.Rollouts, width: int, logp_fn=None, ref_params=None,
+                 params=None) -> objectives_lib.Trajectories:
+  """Rollouts cut (or padded) to `width` tokens, with reference log-probs if
+  `ref_params` are given, and behaviour log-probs recomputed by teacher forcing under
+  `params` if given (else the sampler's)."""
   ep = ro.episode
   tokens = ep.tokens_BxT[:, :width]
   mask = jnp.arange(width)[None] < ep.length_B[:, None]
-  ref_logp = ref_logp_fn(ref_params, tokens, mask) if ref_logp_fn is not None else None
+  ref_logp = logp_fn(ref_params, tokens, mask) if ref_params is not None else None
+  behaviour = (ep.logp_BxT[:, :width] if params is None else
+               jnp.where(ep.turn_BxT[:, :width] > 0, logp_fn(params, tokens, mask), 0.0))
   return objectives_lib.Trajectories(
       tokens_BxT=tokens, mask_BxT=mask, turn_BxT=ep.turn_BxT[:, :width],
-      behaviour_logp_BxT=ep.logp_BxT[:, :width], ref_logp_BxT=ref_logp,
-      rewards_BxN=jnp.asarray(ro.rewards_BxN))
+      behaviour_logp_BxT=behaviour, ref_logp_BxT=ref_logp,
+      rewards_BxN=jnp.asarray(ro.rewards_BxN), turns_BxN=jnp.asarray(ro.turns_BxN))
 
 
 def make_objective(c, setup: rollout_lib.Setup):
@@ -122,16 +135,20 @@ class OnlineLoop:
     self.run = common.Run(c, setup.cfg, objective, workdir, mesh, rules,
                           best_metric="reward", best_mode="max")
 
-    def reference_logprobs(ref_params, tokens_BxT, mask_BxT):
-      return rl.token_logprobs(ref_params, tokens_BxT, mask_BxT, setup.cfg)[0]
+    def token_logprobs(params, tokens_BxT, mask_BxT):
+      return rl.token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg)[0]
 
-    self.ref_logp_fn = jax.jit(reference_logprobs) if objective.uses_reference else None
+    # Teacher-forced log-probs of the reference (and of the policy, where the objective
+    # recomputes behaviour log-probs): one compiled function.
+    self.logp_fn = jax.jit(token_logprobs)
+    self.feedback = ro.feedback_config
     self.problems = setup.task.problems(c.task.train_split)
     lens = rollout_lib.prompt_lens(setup, self.problems)
+    message_len = rollout_lib.instruction_len(setup, self.feedback)
     self.max_episode_len = rollout_lib.episode_len_bound(
-        lens, ro.num_turns, self.sampling.max_new_tokens, rollout_lib.instruction_len(setup))
+        lens, ro.num_turns, self.sampling.max_new_tokens, message_len)
     self.sampler = rollout_lib.make_sampler(
-        setup, lens, ro.num_turns, self.sampling.max_new_tokens,
+        setup, lens, ro.num_turns, self.sampling.max_new_tokens, message_len=message_len,
         batch_sharding=sharding.NamedSharding(
             mesh, sharding.PartitionSpec(dict(rules)["batch"])), rules=rules)
 
@@ -144,16 +161,23 @@ class OnlineLoop:
             for _ in range(ro_cfg.group_size)]
     rng = jax.random.fold_in(jax.random.key(c.seed), step)
     ro = rollout_lib.rollout(state.params, self.sampler, self.setup, rows, ro_cfg.num_turns,
-                             self.sampling, rng, score_pool=pool)
+                             self.sampling, rng, score_pool=pool, feedback=self.feedback)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
-    traj = trajectories(ro, width, self.ref_logp_fn, ref_params)
+    objective = self.objective
+    traj = trajectories(ro, width, self.logp_fn,
+                        ref_params if objective.uses_reference else None,
+                        state.params if objective.recompute_behaviour_logp else None)
     batch, batch_metrics = self.objective.make_batch(traj, step)
     state, m = run.train_step(state, sharding.shard_batch(batch, run.mesh, run.rules), rng,
                               ref_params)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    rewards = ro.rewards_BxN
-    m |= {f"reward/t{t + 1}": float(rewards[:, t].mean()) for t in range(rewards.shape[1])}
+    rewards, taken = ro.rewards_BxN, ro.turns_BxN
+    # Accuracy of the turns taken; a row that stopped correct counts as correct after.
+    m |= {f"reward/t{t + 1}": float(rewards[:, :t + 1].max(1).mean())
+          if self.feedback.stops_when_correct else float(rewards[:, t].mean())
+          for t in range(rewards.shape[1])}
+    m |= {"turns/mean": float(taken.sum(1).mean())} if self.feedback.stops_when_correct else {}
     m |= {"reward": float(rewards.sum(1).mean()), **batch_metrics,
           "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
     phase = self.objective.phase(step)

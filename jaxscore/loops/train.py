@@ -87,19 +87,53 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
   return opt
 
 
-def make_train_step(loss_fn, optimizer: optax.GradientTransformation):
+def make_train_step(loss_fn, optimizer: optax.GradientTransformation, epochs: int = 1,
+                    minibatches: int = 1):
   """`train_step(state, batch, rng, ref_params=None) -> (state, metrics)`.
 
   `ref_params` is read-only: it gets no gradient and is not part of the state.
+
+  With `epochs * minibatches > 1` (PPO/GRPO), one call makes that many optimizer updates
+  on one batch: each epoch visits the rows in a new seeded order, split into
+  `minibatches` equal minibatches, all inside one compiled `lax.scan`. `state.step`
+  still counts calls (batches); optimizer schedules count updates. Metrics are means
+  over the updates, plus the first update's `policy/*` metrics as `first/policy/*`
+  (where the clipped ratio is still 1).
   """
+
+  def update(params, opt_state, batch, rng, ref_params):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, rng, ref_params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
 
   def train_step(state: TrainState, batch, rng, ref_params=None):
     rng = jax.random.fold_in(rng, state.step)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng, ref_params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    if epochs * minibatches == 1:
+      params, opt_state, metrics = update(state.params, state.opt_state, batch, rng,
+                                          ref_params)
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % minibatches:
+      raise ValueError(f"batch of {rows} rows does not split into {minibatches} minibatches")
+    order_rng, rng = jax.random.split(rng)
+    orders = [jax.random.permutation(jax.random.fold_in(order_rng, e), rows)
+              for e in range(epochs)]
+    idx_UxR = jnp.stack(orders).reshape(epochs * minibatches, rows // minibatches)
+
+    def body(carry, xs):
+      params, opt_state = carry
+      idx_R, i = xs
+      mb = jax.tree.map(lambda x: jnp.take(x, idx_R, axis=0), batch)
+      params, opt_state, m = update(params, opt_state, mb, jax.random.fold_in(rng, i),
+                                    ref_params)
+      return (params, opt_state), m
+
+    (params, opt_state), m_U = jax.lax.scan(
+        body, (state.params, state.opt_state), (idx_UxR, jnp.arange(idx_UxR.shape[0])))
+    metrics = {k: jnp.mean(v) for k, v in m_U.items()}
+    metrics |= {f"first/{k}": v[0] for k, v in m_U.items() if k.startswith("policy/")}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

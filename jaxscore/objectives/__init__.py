@@ -3,6 +3,7 @@
   objective = objectives.make(c.objective, c[c.objective], ctx)
 
 Built in: `score` (SCoRe), `pg` (multi-turn policy gradient; single-turn with one turn),
+`grpo` (clipped-ratio GRPO with inner epochs, single- or multi-turn with feedback),
 `sft` (supervised fine-tuning), `dpo` (preference pairs). A new method is one module with a `@register(name)`
 class (see `base`); importing it makes it selectable by name.
 """
@@ -11,7 +12,7 @@ from jaxscore.objectives.base import (Context, OfflineObjective, OnlineObjective
                                       Trajectories, get, make, names, register)
 
 # Importing them registers the built-in objectives.
-from jaxscore.objectives import dpo, policy_gradient, score, sft  # isort: skip
+from jaxscore.objectives import dpo, grpo, policy_gradient, score, sft  # isort: skip
 
 __all__ = ["Context", "OfflineObjective", "OnlineObjective", "Trajectories", "get", "make",
-           "names", "register", "dpo", "policy_gradient", "score", "sft"]
+           "names", "register", "dpo", "grpo", "policy_gradient", "score", "sft"]

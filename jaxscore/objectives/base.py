@@ -92,7 +92,8 @@ class Trajectories:
   turn_BxT: jax.Array  # t > 0: sampled in turn t; 0: prompt, messages, padding.
   behaviour_logp_BxT: jax.Array  # log pi_old of sampled tokens (the sampler's model).
   ref_logp_BxT: jax.Array | None  # Reference log-probs, if the objective asked for them.
-  rewards_BxN: jax.Array  # 0/1 reward of each turn.
+  rewards_BxN: jax.Array  # 0/1 reward of each turn (0 on turns not taken).
+  turns_BxN: jax.Array  # bool: the row took this turn (feedback rollouts stop early).
 
 
 class Objective:
@@ -106,6 +107,11 @@ class Objective:
   def __init__(self, config, ctx: Context):
     self.config, self.ctx = config, ctx
 
+  @property
+  def updates_per_batch(self) -> tuple[int, int]:
+    """(epochs, minibatches): optimizer updates the train step makes on each batch."""
+    return 1, 1
+
   def loss_fn(self, params, batch, rng, ref_params):
     raise NotImplementedError
 
@@ -116,6 +122,10 @@ class OnlineObjective(Objective):
   kind = "online"
   # True: the loop computes reference log-probs of every rollout (`Trajectories`).
   uses_reference: ClassVar[bool] = True
+  # True: `behaviour_logp_BxT` is recomputed by teacher forcing under the params that
+  # sampled, before any update (so a clipped ratio starts at exactly 1); False: the
+  # sampler's own log-probs (the same policy, cached decode).
+  recompute_behaviour_logp: ClassVar[bool] = False
 
   @property
   def num_steps(self) -> int:

@@ -80,6 +80,14 @@ def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
              "kl/mean": mean(kl, response), "tokens/response": jnp.sum(response)}
   for t in range(1, loss_cfg.num_turns + 1):
     metrics[f"kl/t{t}"] = mean(kl, response & (batch.turn_BxT == t))
+  if loss_cfg.policy_loss == "clipped":
+    old = batch.old_logp_BxT
+    ratio = jnp.exp(jax.lax.stop_gradient(logp_BxT) - old)
+    binds = rl.clip_binds(jax.lax.stop_gradient(logp_BxT), batch.advantages_BxT, old,
+                          loss_cfg.clip_eps)
+    metrics |= {"policy/ratio": mean(ratio, response),
+                "policy/ratio_max_dev": jnp.max(jnp.where(response, jnp.abs(ratio - 1), 0.0)),
+                "policy/clip_frac": mean(binds.astype(jnp.float32), response)}
   return loss, metrics
 
 

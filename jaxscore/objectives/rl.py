@@ -144,6 +144,61 @@ def discounted_returns(rewards_BxN: jax.Array, gamma: float) -> jax.Array:
   return g_NxB.T
 
 
+# Reward assignment for episodes that stop at their first correct answer (feedback
+# rollouts). `turns_BxN` marks the turns a row took; a turn it did not take is masked
+# (returns 0 there, and advantages never count it), never a zero reward by accident.
+
+
+def last_taken(x_BxN: jax.Array, turns_BxN: jax.Array) -> jax.Array:
+  """x at each row's last taken turn: B."""
+  last_B = jnp.maximum(jnp.sum(turns_BxN, axis=1) - 1, 0)
+  return jnp.take_along_axis(x_BxN, last_B[:, None], axis=1)[:, 0]
+
+
+def per_turn_returns(rewards_BxN, turns_BxN, gamma=None):
+  """Each turn rewarded by its own correctness."""
+  del gamma
+  return jnp.where(turns_BxN, rewards_BxN, 0.0)
+
+
+def outcome_returns(rewards_BxN, turns_BxN, gamma=None):
+  """The episode's final outcome (its last taken turn's reward) on every turn."""
+  del gamma
+  return jnp.where(turns_BxN, last_taken(rewards_BxN, turns_BxN)[:, None], 0.0)
+
+
+def decayed_returns(rewards_BxN, turns_BxN, gamma):
+  """Success at turn t earns gamma^(t-1), given to every turn of the episode."""
+  t_N = jnp.arange(rewards_BxN.shape[1], dtype=jnp.float32)
+  earned_B = jnp.max(jnp.where(turns_BxN, rewards_BxN * gamma ** t_N, 0.0), axis=1)
+  return jnp.where(turns_BxN, earned_B[:, None], 0.0)
+
+
+# name -> (returns_fn, one value per episode: advantages are normalised over episodes).
+REWARD_ASSIGNMENTS: dict[str, tuple[Callable, bool]] = {
+    "per_turn": (per_turn_returns, False), "outcome": (outcome_returns, True),
+    "decayed": (decayed_returns, True)}
+
+
+def masked_group_advantages(returns_BxN: jax.Array, turns_BxN: jax.Array, group_size: int,
+                            per_episode: bool, eps: float = 1e-6) -> jax.Array:
+  """GRPO advantages when rows took different numbers of turns.
+
+  per_episode (one return per episode): (R - mean) / (std + eps) over the G episodes of
+  a prompt, on every turn each took. Otherwise over all the turns the G episodes took,
+  pooled, so a group is normalised once whatever its rows' lengths. Untaken turns: 0.
+  """
+  valid = turns_BxN.astype(jnp.float32)
+  if per_episode:
+    r_Bx1 = last_taken(returns_BxN, turns_BxN)[:, None]
+    return jnp.where(turns_BxN, group_advantages(r_Bx1, group_size, eps), 0.0)
+  g, w = _groups(returns_BxN, group_size), _groups(valid, group_size)
+  count = jnp.maximum(w.sum(axis=(1, 2), keepdims=True), 1.0)
+  mean = (g * w).sum(axis=(1, 2), keepdims=True) / count
+  std = jnp.sqrt((jnp.square(g - mean) * w).sum(axis=(1, 2), keepdims=True) / count)
+  return (w * (g - mean) / (std + eps)).reshape(returns_BxN.shape)
+
+
 # ----------------------------------------------------------------------------
 # Advantages over the G samples of each prompt, per turn.
 
@@ -204,6 +259,14 @@ def clipped_ratio_loss(logp_BxT, advantages_BxT, old_logp_BxT, clip_eps=0.2):
   adv = jax.lax.stop_gradient(advantages_BxT)
   ratio = jnp.exp(logp_BxT - jax.lax.stop_gradient(old_logp_BxT))
   return -jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+
+
+def clip_binds(logp_BxT, advantages_BxT, old_logp_BxT, clip_eps=0.2) -> jax.Array:
+  """Where the clipped term wins the min, so the token gets no gradient: ratio above
+  1 + eps with A > 0, or below 1 - eps with A < 0."""
+  ratio = jnp.exp(logp_BxT - old_logp_BxT)
+  return ((advantages_BxT > 0) & (ratio > 1 + clip_eps)) | (
+      (advantages_BxT < 0) & (ratio < 1 - clip_eps))
 
 
 POLICY_LOSSES: dict[str, Callable] = {"reinforce": reinforce_loss, "clipped": clipped_ratio_loss}

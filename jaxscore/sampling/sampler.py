@@ -239,17 +239,22 @@ class Sampler:
     return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
                         sampling=static)
 
-  def add_message(self, state: SamplerState,
-                  messages: Sequence[Sequence[int]]) -> SamplerState:
+  def add_message(self, state: SamplerState, messages: Sequence[Sequence[int]],
+                  active: Sequence[bool] | None = None) -> SamplerState:
     """Appends each row's next message (e.g. the instruction) after its last token
-    (this process's rows)."""
+    (this process's rows).
+
+    Rows with `active` False take no message and are finished: the next `generate`
+    samples nothing for them, while the batch keeps its shape (no recompiles).
+    """
     b = len(messages)
-    width = bucket(max(len(m) for m in messages))
+    active = np.ones((b,), bool) if active is None else np.asarray(active, bool)
+    width = bucket(max([len(m) for m in messages] + [1]))
     msg = np.full((b, width), self.pad_id, np.int32)
     for i, m in enumerate(messages):
       msg[i, :len(m)] = m
-    return self._append(state, self._rows(msg),
-                        self._rows(np.array([len(m) for m in messages], np.int32)))
+    lengths = np.array([len(m) for m in messages], np.int32) * active
+    return self._append(state, self._rows(msg), self._rows(lengths), self._rows(active))
 
   def episode(self, state: SamplerState) -> Episode:
     return Episode(tokens_BxT=state.tokens_BxT, logp_BxT=state.logp_BxT,
@@ -278,21 +283,21 @@ class Sampler:
     rows_BxM = jnp.broadcast_to(jnp.arange(buf_BxT.shape[0])[:, None], slots_BxM.shape)
     return buf_BxT.at[rows_BxM, slots_BxM].set(values_BxM.astype(buf_BxT.dtype), mode="drop")
 
-  def _append_impl(self, state: SamplerState, msg_BxM, msg_len_B):
+  def _append_impl(self, state: SamplerState, msg_BxM, msg_len_B, active_B):
     last_B = jnp.take_along_axis(state.tokens_BxT, state.length_B[:, None] - 1, axis=1)[:, 0]
     ended_B = jnp.isin(last_B, jnp.asarray(self.stop_ids))
     tokens, length = state.tokens_BxT, state.length_B
     if self.end_of_turn_id is not None:
       # A reply cut at the length limit is closed before the next user turn.
-      close_B = (~ended_B).astype(jnp.int32)
+      close_B = (~ended_B & active_B).astype(jnp.int32)
       eot_Bx1 = jnp.full((msg_BxM.shape[0], 1), self.end_of_turn_id, jnp.int32)
       tokens = self._write(tokens, eot_Bx1, length, close_B)
       length = jnp.minimum(length + close_B, self.max_len)
     tokens = self._write(tokens, msg_BxM, length, msg_len_B)
     length = jnp.minimum(length + msg_len_B, self.max_len)
-    # A row with no room left cannot take another turn.
+    # A row with no room left cannot take another turn; an inactive row takes none.
     return state.replace(tokens_BxT=tokens, length_B=length,
-                         done_B=length >= self.max_len)
+                         done_B=(length >= self.max_len) | ~active_B)
 
   def _expand_impl(self, state: SamplerState, logits_BxV, group: int):
     """Each row repeated `group` times, in place: B rows -> B * group rows."""
