@@ -28,7 +28,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import score as score_config  # pylint: disable=g-import-not-at-top
-from jaxscore import main as main_lib
 from jaxscore.loops import online
 from jaxscore.loops import train as train_lib
 from jaxscore.objectives import rl
@@ -63,7 +62,7 @@ def main():
   c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
   c.sampler.max_new_tokens = args.new_tokens
   c.score.stages = "II:1"  # Stage II: every attempt rewarded, the progress bonus.
-  setup, _, params = main_lib.build(c)
+  setup, _, params = rollout_lib.from_config(c)
   ref_params = params
   cfg = setup.cfg
   peak = matmul_peak_flops()

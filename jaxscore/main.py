@@ -24,24 +24,6 @@ _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train_and_evaluate", "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def build(c):
-  """(training setup, evaluation setup, params) from a config."""
-  import jax
-
-  from jaxscore import tasks
-  from jaxscore.models import pretrained
-  from jaxscore.sampling import formats, rollout
-
-  model = pretrained.load(c.model.name, param_dtype=c.model.param_dtype, dtype=c.model.dtype)
-  params = jax.device_put(model.params)
-  fmt = formats.make_format(model.tokenizer, c.format)
-  task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
-  eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())
-               if c.task.eval_name else task)
-  setup = rollout.Setup(cfg=model.cfg, tokenizer=model.tokenizer, fmt=fmt, task=task)
-  return setup, rollout.Setup(model.cfg, model.tokenizer, fmt, eval_task), params
-
-
 def eval_turns(c) -> int:
   return c.evaluate.num_turns or c.rollout.num_turns
 
@@ -100,6 +82,7 @@ def main(argv):
   from jaxscore import evaluate, objectives
   from jaxscore.infra import distributed, files
   from jaxscore.loops import common
+  from jaxscore.sampling import rollout as rollout_lib
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -111,7 +94,7 @@ def main(argv):
   if jax.process_index() == 0 and mode != "evaluate":
     (workdir / "config.json").write_text(c.to_json(indent=1))
   title = objectives.get(c.objective).title
-  setup, eval_setup, params = build(c)
+  setup, eval_setup, params = rollout_lib.from_config(c)
   results = {}
   if mode == "train_and_evaluate" and c.evaluate.before:
     results["before"] = run_eval(c, eval_setup, params, workdir, "before")

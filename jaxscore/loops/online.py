@@ -178,6 +178,9 @@ class OnlineLoop:
           if self.feedback.stops_when_correct else float(rewards[:, t].mean())
           for t in range(rewards.shape[1])}
     m |= {"turns/mean": float(taken.sum(1).mean())} if self.feedback.stops_when_correct else {}
+    # The sample budget: episodes and tokens sampled (all turns) this step.
+    m |= {"budget/episodes": len(rows),
+          "budget/tokens": sum(len(r) for turn_ids in ro.ids for r in turn_ids)}
     m |= {"reward": float(rewards.sum(1).mean()), **batch_metrics,
           "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
     phase = self.objective.phase(step)

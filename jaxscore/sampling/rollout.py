@@ -54,7 +54,9 @@ class Feedback:
   """What the user says after an attempt (see the module docstring)."""
 
   kind: str = "instruction"  # instruction | none | unary | template
-  template: str = ""  # kind=template: e.g. "Incorrect: {reason}. Try again."
+  # kind=template: e.g. "Incorrect: {reason}. Try again."; kind=instruction: replaces the
+  # task's instruction (e.g. Self-Refine's critique-then-revise prompt).
+  template: str = ""
 
   def __post_init__(self):
     if self.kind not in FEEDBACK_KINDS:
@@ -74,7 +76,7 @@ class Feedback:
 
   def message(self, task: base.Task | None, score: base.Score | None = None) -> str:
     if self.kind == "instruction":
-      return task.instruction if task else ""
+      return self.template or (task.instruction if task else "")
     if self.kind == "none":
       return ""
     if self.kind == "unary":
@@ -120,6 +122,25 @@ class Rollouts:
             for i in range(min(n, len(self.problems)))]
 
 
+def from_config(c) -> tuple[Setup, Setup, Any]:
+  """(training setup, evaluation setup, params) of an experiment config (`model`,
+  `format`, `task`)."""
+  import jax
+
+  from jaxscore import tasks
+  from jaxscore.models import pretrained
+  from jaxscore.sampling import formats
+
+  model = pretrained.load(c.model.name, param_dtype=c.model.param_dtype, dtype=c.model.dtype)
+  params = jax.device_put(model.params)
+  fmt = formats.make_format(model.tokenizer, c.format)
+  task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
+  eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())
+               if c.task.eval_name else task)
+  return (Setup(model.cfg, model.tokenizer, fmt, task),
+          Setup(model.cfg, model.tokenizer, fmt, eval_task), params)
+
+
 def episode_len_bound(prompt_lens: Sequence[int], num_turns: int, max_new_tokens: int,
                       message_len: int) -> int:
   """The longest episode the sampler can write: the longest prompt, every attempt at
@@ -131,7 +152,7 @@ def episode_len_bound(prompt_lens: Sequence[int], num_turns: int, max_new_tokens
 
 def instruction_len(setup: Setup, feedback: Feedback = Feedback()) -> int:
   """Tokens of the longest message between attempts (default: the task's instruction)."""
-  if setup.task is None and feedback.kind == "instruction":
+  if setup.task is None and feedback.kind == "instruction" and not feedback.template:
     return 0
   return max(len(setup.fmt.instruction_ids(m)) for m in feedback.messages(setup.task))
 

@@ -33,6 +33,7 @@ class Replier:
     self.setup, self.batch_size = setup, batch_size
     self.sampler = rollout_lib.make_sampler(setup, [max_prompt_len], 1, max_new_tokens)
     self.max_new_tokens = max_new_tokens
+    self.tokens_sampled = 0  # Over all calls: the sample budget spent.
 
   def __call__(self, params, prompts: Sequence[Sequence[int]], temperature: float,
                rng, group: int = 1) -> list[str]:
@@ -50,6 +51,7 @@ class Replier:
       state = self.sampler.generate_grouped(params, state, sampling, group,
                                             pending=self.sampler.max_prompt_len)
       ids = self.sampler.episode(state).response_ids(1)[:len(chunk) * group]
+      self.tokens_sampled += sum(map(len, ids))
       out += [tok.decode(r, skip_special_tokens=True) for r in ids]
     return out
 
