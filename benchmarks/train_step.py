@@ -14,6 +14,7 @@ Writes `train_step.md` and `train_step.json` under --out.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -45,6 +46,55 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * n**3 / best
+
+
+class TimedTask:
+  """A task whose `score` calls are timed (the rollout calls it between turns)."""
+
+  def __init__(self, task):
+    self.task, self.seconds = task, 0.0
+    self.name, self.instruction = task.name, task.instruction
+
+  def problems(self, split):
+    return self.task.problems(split)
+
+  def score(self, problems, responses):
+    t0 = time.perf_counter()
+    out = self.task.score(problems, responses)
+    self.seconds += time.perf_counter() - t0
+    return out
+
+
+def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
+  """Episodes/s and the share of rollout time spent scoring, for feedback that stops
+  rows at their first correct answer (unary) and for the instruction after every turn."""
+  timed_task = TimedTask(setup.task)
+  setup = rollout_lib.Setup(setup.cfg, setup.tokenizer, setup.fmt, timed_task)
+  sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
+  lens = rollout_lib.prompt_lens(setup, problems)
+  out = {"turns": turns, "kinds": {}}
+  for kind in ("unary", "instruction"):
+    fb = rollout_lib.Feedback(kind)
+    smp = rollout_lib.make_sampler(setup, lens, turns, args.new_tokens,
+                                   message_len=rollout_lib.instruction_len(setup, fb))
+    seconds = scoring = taken = episodes = 0.0
+    for i in range(args.steps + 1):  # The first iteration compiles.
+      rows = [p for p in online.batch_problems(problems, i, args.prompts, 1)
+              for _ in range(args.group)]
+      timed_task.seconds = 0.0
+      t0 = time.perf_counter()
+      with concurrent.futures.ThreadPoolExecutor(2) as pool:  # As the online loop does.
+        ro = rollout_lib.rollout(params, smp, setup, rows, turns, sampling,
+                                 jax.random.key(100 + i), score_pool=pool, feedback=fb)
+      if i:
+        seconds += time.perf_counter() - t0
+        scoring += timed_task.seconds
+        taken += float(ro.turns_BxN.sum())
+        episodes += len(rows)
+    out["kinds"][kind] = {"episodes_per_s": episodes / seconds,
+                          "turns_per_episode": taken / episodes,
+                          "scoring_share": scoring / seconds}
+  return out
 
 
 def main():
@@ -105,6 +155,7 @@ def main():
                            update=t4 - t3, tokens=tokens, total=t4 - t0 - score_s))
   timed = iterations[1:]
   mean = {k: float(np.mean([it[k] for it in timed])) for k in timed[0]}
+  feedback = feedback_rollouts(setup, state.params, problems, args, turns=3)
   b, l = batch.tokens_BxT.shape
   # Forward + backward: 6 FLOPs per parameter per token, plus attention (QK^T and PV,
   # forward and backward: 12 * layers * heads * head_dim * L per token).
@@ -117,7 +168,8 @@ def main():
       update_fraction_of_peak=flops / mean["update"] / peak,
       iteration_s=mean["total"], iteration_tokens_per_s=mean["tokens"] / mean["total"],
       shares={k: mean[k] / mean["total"] for k in
-              ("rollout", "rewards", "reference_and_advantages", "update")})
+              ("rollout", "rewards", "reference_and_advantages", "update")},
+      feedback_rollouts=feedback)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / "train_step.json").write_text(json.dumps(result, indent=2))
@@ -137,6 +189,16 @@ def main():
       f"| full RL iteration | {result['iteration_s']:.2f} s "
       f"({result['iteration_tokens_per_s']:.0f} tokens/s) |"]
   lines += [f"| share: {k} | {100 * v:.0f}% |" for k, v in result["shares"].items()]
+  lines += ["", f"## Rollouts with feedback ({feedback['turns']} turns, same batch)", "",
+            "`unary`: an episode stops at its first correct answer and only wrong rows get "
+            "the feedback, so the device waits for each turn's scores; `instruction`: "
+            "every row takes every turn and scoring runs in a thread while the next turn "
+            "samples (its share is overlapped time, not added time).", "",
+            "| feedback | episodes/s | turns per episode | time scoring (share of rollout) |",
+            "|---|---|---|---|"]
+  for kind, r in feedback["kinds"].items():
+    lines.append(f"| {kind} | {r['episodes_per_s']:.2f} | {r['turns_per_episode']:.2f} | "
+                 f"{100 * r['scoring_share']:.1f}% |")
   (out / "train_step.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
