@@ -322,23 +322,24 @@ def write_summary(workdir, results: dict, c) -> None:
   plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/study.py[:variant]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where each arm and the summary go.")
-
-
 def main(argv):
   del argv
   from jaxscore.infra import files
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  workdir = files.path(_WORKDIR.value)
+  c = flags.FLAGS.config
+  workdir = files.path(flags.FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(_CONFIG.value.to_json(indent=1))
-  Study(_CONFIG.value, workdir).run()
+  (workdir / "config.json").write_text(c.to_json(indent=1))
+  Study(c, workdir).run()
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that importing this module (tests, notebooks) next to
+  # another entry point does not define --config twice.
+  config_flags.DEFINE_config_file("config", None, "configs/study.py[:variant]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where each arm and the summary go.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
