@@ -245,8 +245,6 @@ def run_tests(candidate: str, tests: str, setup: str = "", entry_point: str | No
   the tests ran out of time, `error` otherwise (the candidate does not load, raises,
   returns something that is not plain data, exits, crashes or floods its output).
   """
-  from jaxscore.tasks import sandbox_worker
-
   start = time.monotonic()
   deadline = start + limits.timeout_s
   peers = []
@@ -280,21 +278,25 @@ def run_tests(candidate: str, tests: str, setup: str = "", entry_point: str | No
       if verdict == "error" and candidate_peer.failure == "timeout":
         verdict = "timeout"
       return result(verdict, str(message.get("detail", "")))
-    reply = {"failed": "the candidate is gone"}
-    if candidate_peer.failure is None and candidate_peer.send(message):
-      answer = candidate_peer.receive(deadline)
-      if answer is None:
-        reply = {"failed": f"the candidate {candidate_peer.failure}"}
-        candidate_peer.kill()
-      elif "value" in answer:
-        try:  # Re-encoded here, so only plain data reaches the tests.
-          value = sandbox_worker.encode(sandbox_worker.decode(answer["value"]))
-          reply = {"value": value}
-        except (sandbox_worker.NotPlain, RecursionError) as e:
-          reply = {"failed": f"returned {e}"}
-      else:
-        reply = {"failed": f"raised {str(answer.get('raised'))[:500]}"}
-    tests_peer.send(reply)
+    tests_peer.send(_call_candidate(candidate_peer, message, deadline))
+
+
+def _call_candidate(candidate_peer: _Peer, call: dict, deadline: float) -> dict:
+  """Relays one call from the tests to the candidate; the reply the tests get."""
+  from jaxscore.tasks import sandbox_worker
+
+  if candidate_peer.failure is not None or not candidate_peer.send(call):
+    return {"failed": "the candidate is gone"}
+  answer = candidate_peer.receive(deadline)
+  if answer is None:
+    candidate_peer.kill()
+    return {"failed": f"the candidate {candidate_peer.failure}"}
+  if "value" not in answer:
+    return {"failed": f"raised {str(answer.get('raised'))[:500]}"}
+  try:  # Re-encoded here, so only plain data reaches the tests.
+    return {"value": sandbox_worker.encode(sandbox_worker.decode(answer["value"]))}
+  except (sandbox_worker.NotPlain, RecursionError) as e:
+    return {"failed": f"returned {e}"}
 
 
 def run_tests_many(jobs: Sequence[dict], limits: Limits = Limits(), workers: int = 2,
