@@ -133,7 +133,7 @@ def test_humaneval_canonical_solutions_pass():
 # Arithmetic.
 
 
-@pytest.mark.parametrize("level", ["add1", "add2", "mul1", "mul2", "chain", "word"])
+@pytest.mark.parametrize("level", ["add1", "add2", "mul1", "mul2", "chain", "mixed", "word"])
 def test_arithmetic_deterministic_disjoint_and_correct(level):
   task = ArithmeticTask(level=level, num_train=300, num_test=60, seed=3)
   train, test = task.problems("train"), task.problems("test")
@@ -147,9 +147,9 @@ def test_arithmetic_deterministic_disjoint_and_correct(level):
     numbers = [int(n) for n in re.findall(r"\d+", p.question)]
     if level == "word":
       expected = numbers[0] * numbers[1] - numbers[2]
-    elif level == "chain":
+    elif level in ("chain", "mixed") and len(numbers) == 3:
       expected = numbers[0] + numbers[1] - numbers[2]
-    elif level.startswith("add"):
+    elif level.startswith("add") or level == "mixed":
       expected = numbers[0] + numbers[1]
     else:
       expected = numbers[0] * numbers[1]
@@ -163,6 +163,9 @@ def test_arithmetic_deterministic_disjoint_and_correct(level):
       lhs, rhs = line.replace("×", "*").split("=")
       assert eval(lhs) == int(rhs), line  # noqa: S307  (our own generated arithmetic)
   assert all(s.reward == 1.0 for s in task.score(train, [p.solution for p in train]))
+  if level == "mixed":  # Both kinds, each with its own number of steps.
+    steps = {p.metadata["level"]: p.solution.count("\n") for p in train}
+    assert steps == {"add": 1, "chain": 2}
 
 
 def test_arithmetic_add1_has_every_problem_once():

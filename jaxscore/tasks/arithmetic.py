@@ -1,8 +1,9 @@
 """A built-in procedural arithmetic task: no download, seeded, disjoint splits.
 
 Levels: `add1` / `add2` (1- and 2-digit addition), `mul1` / `mul2` (multiplication),
-`chain` (a + b - c, two steps), `word` (two-step word problems with a stated numeric
-answer). Every problem carries a gold solution: one line of arithmetic per step, then
+`chain` (a + b - c, two steps), `mixed` (one-digit a + b or a + b - c, half each:
+rationales of one or two steps, the way GSM8K's vary in length), `word` (two-step word problems with a
+stated numeric answer). Every problem carries a gold solution: one line of arithmetic per step, then
 "The answer is N." A problem belongs to the
 test split when a hash of its text falls in the test fraction, so the splits never share
 a problem, whatever the seeds. Small levels have few distinct problems (`add1` has 100
@@ -17,7 +18,7 @@ import random
 
 from jaxscore.tasks import answers, base
 
-LEVELS = ("add1", "add2", "mul1", "mul2", "chain", "word")
+LEVELS = ("add1", "add2", "mul1", "mul2", "chain", "mixed", "word")
 _NAMES = ("Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Juno")
 _ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "coins", "shells", "cards")
 
@@ -29,6 +30,11 @@ def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
 
 def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
   """(question, answer, operands) of one random problem of `level`."""
+  if level == "mixed":  # Single digits: this is about steps, not digits.
+    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+      return f"What is {a} + {b}?", a + b, {"a": a, "b": b, "op": "+", "level": "add"}
+    return f"What is {a} + {b} - {c}?", a + b - c, {"a": a, "b": b, "c": c, "level": "chain"}
   if level in ("add1", "add2", "mul1", "mul2"):
     a, b = _operands(rng, int(level[-1]))
     op = "+" if level.startswith("add") else "*"
@@ -51,6 +57,7 @@ def generate(rng: random.Random, level: str) -> tuple[str, int, dict]:
 
 def solution(level: str, answer: int, operands: dict) -> str:
   """A worked gold response: one line of arithmetic per step, then the answer."""
+  level = operands.get("level", level)  # A `mixed` problem's own level.
   if level == "chain":
     total = operands["a"] + operands["b"]
     steps = [f"{operands['a']} + {operands['b']} = {total}", f"{total} - {operands['c']} = {answer}"]
