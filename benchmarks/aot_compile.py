@@ -37,6 +37,9 @@ def main():
   parser.add_argument("--rules", default="fsdp_tp")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--remat", default="none", help="none | full | dots (ModelConfig.remat)")
+  parser.add_argument("--logits_chunk", type=int, default=0,
+                      help="positions per log-prob chunk (ModelConfig.logits_chunk; 0: all)")
   parser.add_argument("--fallback_cpu", type=int, default=0,
                       help="device count of a fake CPU mesh to use when libtpu is missing")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
@@ -70,7 +73,8 @@ def main():
   mesh = Mesh(np.array(devices).reshape(sizes), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 3)
   rules = sharding.RULES[args.rules]
-  cfg = model_lib.ModelConfig(**MODELS[args.model], param_dtype="bfloat16", dtype="bfloat16")
+  cfg = model_lib.ModelConfig(**MODELS[args.model], param_dtype="bfloat16", dtype="bfloat16",
+                              remat=args.remat, logits_chunk=args.logits_chunk)
 
   param_sh = sharding.param_shardings(cfg, mesh, rules)
   shapes = jax.eval_shape(functools.partial(model_lib.init, cfg), jax.random.key(0))
@@ -98,7 +102,8 @@ def main():
   gib = lambda x: x / 2**30
   result = dict(
       target=target, model=args.model, mesh=dict(zip(sharding.MESH_AXES, sizes)),
-      rules=args.rules, batch=args.batch, seq=args.seq, compile_s=round(seconds, 1),
+      rules=args.rules, batch=args.batch, seq=args.seq, remat=args.remat,
+      logits_chunk=args.logits_chunk, compile_s=round(seconds, 1),
       params_b=sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) / 1e9,
       argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
       temp_gib=gib(mem.temp_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
@@ -114,11 +119,12 @@ def main():
         "bfloat16 params and compute, Adam state, SCoRe policy-gradient loss; per-device "
         "memory from XLA's memory analysis (arguments + outputs + temporaries - aliased).\n\n"
         "| target | model | params (B) | mesh (data, fsdp, tensor) | rules | batch x seq "
-        "| per-device GiB | temp GiB | compile s |\n|---|---|---|---|---|---|---|---|---|\n")
+        "| remat | logits chunk | per-device GiB | temp GiB | compile s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n")
   with open(md, "a") as f:
     f.write(f"| {target} | {args.model} | {result['params_b']:.2f} | "
-            f"{tuple(sizes)} | {args.rules} | {args.batch} x {args.seq} | "
-            f"{result['total_per_device_gib']:.2f} | {result['temp_gib']:.2f} | "
+            f"{tuple(sizes)} | {args.rules} | {args.batch} x {args.seq} | {args.remat} | "
+            f"{args.logits_chunk or 'none'} | {result['total_per_device_gib']:.2f} | {result['temp_gib']:.2f} | "
             f"{result['compile_s']} |\n")
 
 

@@ -358,7 +358,7 @@ _NO_RECOMPILE = textwrap.dedent("""
     c.score.stages = "I:2,II:2"
     mesh, rules = sharding.make_mesh(2, 2, 1), sharding.RULES["fsdp"]
     names = ("train_step", "token_logprobs", "_init_impl", "_prefill_impl",
-             "_decode_impl", "_append_impl")
+             "_decode_impl", "_append_impl", "_live_end_impl", "_finish_impl")
     steps = []
     with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
       loop = online.OnlineLoop(c, setup, online.make_objective(c, setup),
@@ -368,6 +368,8 @@ _NO_RECOMPILE = textwrap.dedent("""
         state, m, _ = loop.step(state, ref_params, pool)
         steps.append({"stage": m["phase"], **{n: compiles[n] for n in names}})
       loop.run.ckpt.close()
+    windows = len({loop.sampler.window(n) for n in range(1, loop.sampler.max_len + 1)})
+    print("WINDOWS", windows)
     print("COMPILES", json.dumps(steps))
 """)
 
@@ -376,7 +378,9 @@ _NO_RECOMPILE = textwrap.dedent("""
 def test_sharded_steps_compile_once_for_the_whole_run(tmp_path):
   """With pad_multiple=0 every step has one shape and every output keeps its input's
   sharding, so after the first step nothing compiles again (counted from JAX's compile
-  log), across the stage I -> II switch, on an FSDP mesh."""
+  log), across the stage I -> II switch, on an FSDP mesh. Decode compiles once per
+  cache-length window its episodes reach (at most one per window size), everything
+  else once."""
   require_embedded()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
@@ -387,5 +391,7 @@ def test_sharded_steps_compile_once_for_the_whole_run(tmp_path):
   steps = json.loads(line.split(" ", 1)[1])
   assert [s.pop("stage") for s in steps] == ["I", "I", "II", "II"]
   assert steps[0]["train_step"] == steps[0]["token_logprobs"] == 1, steps[0]
-  assert steps[0]["_decode_impl"] == steps[0]["_append_impl"] == 1, steps[0]
+  windows = int(next(l for l in out.stdout.splitlines() if l.startswith("WINDOWS")).split()[1])
+  assert 1 <= steps[0]["_decode_impl"] <= windows, (steps[0], windows)
+  assert all(n == 1 for k, n in steps[0].items() if k != "_decode_impl"), steps[0]
   assert all(s == steps[0] for s in steps), steps

@@ -142,3 +142,21 @@ def test_bad_config_is_rejected():
                           num_kv_heads=2, mlp_dim=8)
   with pytest.raises(ValueError, match="dtype"):
     CFG.replace(dtype="float64")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_rematerialized_layers_give_the_same_loss_and_gradients(params, policy):
+  tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, CFG.vocab_size)
+
+  def loss(p, cfg):
+    logits, _ = model_lib.apply(p, tokens, cfg)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+  want_loss, want = jax.value_and_grad(loss)(params, CFG)
+  got_loss, got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
+      params, CFG.replace(remat=policy))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  with pytest.raises(ValueError, match="remat='some'"):
+    CFG.replace(remat="some")

@@ -49,8 +49,8 @@ def test_every_kl_is_zero_when_policy_equals_reference():
   params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
   tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 31)
   mask = jnp.ones((2, 7), bool)
-  logp, logits = rl.token_logprobs(params, tokens, mask, cfg)
-  full = rl.shifted_log_softmax(logits)
+  logp, _ = rl.token_logprobs(params, tokens, mask, cfg)
+  full = rl.shifted_log_softmax(model_lib.apply(params, tokens, cfg)[0])
   for name, fn in rl.KL_ESTIMATORS.items():
     np.testing.assert_allclose(fn(logp, logp, full, full), 0.0, atol=1e-6, err_msg=name)
 
@@ -208,3 +208,54 @@ def test_clipped_ratio_loss():
   logp, old = jnp.log(jnp.array([1.5])), jnp.zeros(1)
   np.testing.assert_allclose(rl.clipped_ratio_loss(logp, jnp.array([2.0]), old, 0.2), [-2.4])
   np.testing.assert_allclose(rl.clipped_ratio_loss(logp, jnp.array([-2.0]), old, 0.2), [3.0])
+
+
+# ---------------------------------------------------------------------------
+# Per-token statistics from logits formed in chunks.
+
+
+def _stats_loss(params, ref_params, tokens, cfg):
+  """A scalar mixing every statistic, so gradients check all three."""
+  x, _ = model_lib.apply(params, tokens, cfg, return_hidden=True)
+  ref_x, _ = model_lib.apply(ref_params, tokens, cfg, return_hidden=True)
+  logp, entropy, kl = rl.token_stats(params, x, tokens, cfg, ref_params, ref_x)
+  return jnp.sum(logp * 0.7 + entropy * 0.2 + kl * 1.3), (logp, entropy, kl)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7])
+def test_token_stats_in_chunks_equal_the_whole_logits(chunk):
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  ref_params = model_lib.init(CFG, jax.random.key(1), stddev=0.3)
+  tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, CFG.vocab_size)
+  # Reference: the full B x T x V log-softmaxes, written out.
+  full = lambda p: rl.shifted_log_softmax(model_lib.apply(p, tokens, CFG)[0])
+  logp_V, ref_V = full(params), full(ref_params)
+  want_logp = rl.taken_logprobs(logp_V, tokens)
+  want_entropy = jnp.pad(-jnp.sum(jnp.exp(logp_V) * logp_V, -1), ((0, 0), (1, 0)))
+  want_kl = rl.kl_exact(None, None, logp_V, ref_V)
+  whole_grad, whole = jax.grad(_stats_loss, has_aux=True)(params, ref_params, tokens, CFG)
+  chunked = CFG.replace(logits_chunk=chunk)  # 7 positions: chunks of 4 and 7 need padding.
+  grad, got = jax.grad(_stats_loss, has_aux=True)(params, ref_params, tokens, chunked)
+  for name, w, g, h in zip(("logp", "entropy", "kl"), (want_logp, want_entropy, want_kl),
+                           got, whole):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(h, w, rtol=1e-5, atol=1e-6, err_msg=name)
+  for (path, g), h in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree.leaves(whole_grad)):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_chunked_logits_never_hold_every_position_at_once():
+  """XLA's own memory analysis of the compiled loss gradient: with chunks its
+  temporaries are below one B x T x V float32 logits array; without, they are above."""
+  cfg = model_lib.ModelConfig(vocab_size=8192, num_layers=1, embed_dim=16, num_heads=2,
+                              num_kv_heads=1, mlp_dim=24)
+  params = model_lib.init(cfg, jax.random.key(0))
+  tokens = jnp.zeros((4, 64), jnp.int32)
+  logits_bytes = 4 * 64 * cfg.vocab_size * 4
+
+  def temp_bytes(c):
+    loss = lambda p: jnp.sum(rl.token_logprobs(p, tokens, jnp.ones_like(tokens, bool), c)[0])
+    return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(cfg), temp_bytes(cfg.replace(logits_chunk=8))
+  assert chunked < logits_bytes < whole and chunked < whole / 4, (chunked, whole)

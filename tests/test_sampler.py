@@ -139,6 +139,33 @@ def test_same_bucket_batches_never_retrace(tiny):
   assert smp._append._cache_size() == 1
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_decode_in_cache_length_windows_equals_reading_the_whole_buffer(tiny, temperature):
+  cfg, params = tiny
+  sampling = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=8)
+  messages = [[[40, 41, 42, 43, 44, 45], [43], [45, 46]], [[50, 51]] * 3]
+
+  def run(min_window):
+    smp = sampler_lib.Sampler(cfg, max_len=128, stop_ids=[EOS], end_of_turn_id=EOT,
+                              min_window=min_window)
+    state = smp.generate(params, smp.start(PROMPTS, jax.random.key(3)), sampling)
+    for msgs in messages:
+      state = smp.generate(params, smp.add_message(state, msgs), sampling)
+    return smp, smp.episode(state)
+
+  windowed, ep = run(8)
+  whole, ref = run(128)
+  np.testing.assert_array_equal(ep.tokens_BxT, ref.tokens_BxT)
+  np.testing.assert_array_equal(ep.turn_BxT, ref.turn_BxT)
+  np.testing.assert_array_equal(ep.length_B, ref.length_B)
+  np.testing.assert_allclose(ep.logp_BxT, ref.logp_BxT, atol=1e-5)
+  # Rows grow from 13 prompt tokens to about 45: windows 16, 32 and 64 (8 is never
+  # enough), one compile each; the whole buffer is one window.
+  assert int(ep.length_B.max()) > 32
+  assert windowed._decode._cache_size() == 3
+  assert whole._decode._cache_size() == 1
+
+
 def test_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   k2 = sampler_lib.filter_logits(logits, top_k=2, top_p=1.0)

@@ -40,6 +40,9 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and numerics of a Llama-family decoder."""
@@ -60,6 +63,14 @@ class ModelConfig:
   max_position_embeddings: int = 4096
   param_dtype: str = "float32"
   dtype: str = "float32"  # Compute dtype; softmax and norms always run in float32.
+  # What the backward pass keeps of each scanned layer (training memory, not results):
+  # none (every activation), full (only the layer's input; the rest is recomputed),
+  # dots (the weight matmuls' outputs; norms, RoPE, attention and SiLU are recomputed).
+  remat: str = "none"
+  # Per-token log-probs from logits `logits_chunk` positions at a time, so the
+  # B x T x vocabulary float32 logits never exist at once (backward pass included);
+  # 0 computes them all at once.
+  logits_chunk: int = 0
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -68,6 +79,10 @@ class ModelConfig:
       raise ValueError(
           f"num_heads={self.num_heads} is not a multiple of "
           f"num_kv_heads={self.num_kv_heads}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+    if self.logits_chunk < 0:
+      raise ValueError(f"logits_chunk={self.logits_chunk}: expected >= 0 (0: no chunks)")
     for field in ("param_dtype", "dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{field}={getattr(self, field)!r}: expected float32, "
@@ -280,6 +295,21 @@ def _block(x_BxTxD, lp, cfg, positions_BxT, inv_freq, attend):
   return nn.with_logical_constraint(x_BxTxD, ACT_EMBED), extra
 
 
+def remat(layer_fn, policy: str):
+  """`layer_fn` wrapped so that its backward pass recomputes what `policy` does not keep
+  (see `ModelConfig.remat`)."""
+  if policy == "none":
+    return layer_fn
+  # Under a scan the recomputation cannot be merged with the forward pass, so CSE
+  # prevention (which costs fusion) is not needed.
+  if policy == "full":
+    return jax.checkpoint(layer_fn, prevent_cse=False)
+  if policy == "dots":
+    return jax.checkpoint(layer_fn, prevent_cse=False,
+                          policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  raise ValueError(f"remat={policy!r}: expected one of {', '.join(REMAT_POLICIES)}")
+
+
 def embed(params: Params, tokens_BxT: jax.Array, cfg: ModelConfig) -> jax.Array:
   return jnp.take(params["embed"], tokens_BxT, axis=0).astype(cfg.dtype)
 
@@ -303,6 +333,7 @@ def apply(
     mask_BxT: jax.Array | None = None,
     positions_BxT: jax.Array | None = None,
     cache: Cache | None = None,
+    attend_len: int | None = None,
     return_hidden: bool = False,
 ) -> tuple[jax.Array, Cache | None]:
   """Forward pass.
@@ -318,6 +349,10 @@ def apply(
       position of a token is its slot.
     cache: if given, the new tokens are appended to it per row and attend to
       everything the row wrote before.
+    attend_len: with a cache, attention reads only its first `attend_len` cached slots,
+      which must hold every row's earlier tokens (cache end <= attend_len; rows past
+      it compute garbage). Decoding a short episode in a long buffer then reads what
+      is filled, not the whole buffer. None reads all slots.
     return_hidden: return the final hidden states `x_BxTxD` instead of logits.
 
   Returns:
@@ -342,19 +377,20 @@ def apply(
                     lambda q, k, v: (attention(q, k.transpose(0, 2, 1, 3),
                                                v.transpose(0, 2, 1, 3), visible), None))
 
-    x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, params["layers"])
+    x_BxTxD, _ = jax.lax.scan(remat(layer, cfg.remat), x_BxTxD, params["layers"])
     new_cache = None
   else:
     if positions_BxT is not None:
       raise ValueError("positions_BxT cannot be set with a cache: a cached "
                        "token's position is its slot")
-    x_BxTxD, new_cache = _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq)
+    x_BxTxD, new_cache = _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq,
+                                       attend_len)
   if return_hidden:
     return x_BxTxD, new_cache
   return unembed(params, x_BxTxD, cfg), new_cache
 
 
-def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq):
+def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq, attend_len=None):
   """Attends to the row's cached slots and to the new chunk, then writes the chunk.
 
   Inside the layer scan the cache is only read; each layer's new keys and values come
@@ -362,7 +398,7 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq):
   the scan instead makes XLA copy large buffers every layer.
   """
   b, t = mask_BxT.shape
-  s = cache.max_len
+  s = cache.max_len if attend_len is None else min(attend_len, cache.max_len)
   end_B = cache.end_B
   slots_BxT = end_B[:, None] + jnp.arange(t)[None, :]
   idx_S = jnp.arange(s)
@@ -385,8 +421,9 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq):
 
     return _block(x, lp, cfg, slots_BxT, inv_freq, attend)
 
+  read = lambda kv: kv if s == cache.max_len else kv[:, :, :, :s]
   x_BxTxD, (k_LxBxKxTxH, v_LxBxKxTxH) = jax.lax.scan(
-      layer, x_BxTxD, (params["layers"], cache.k_LxBxKxSxH, cache.v_LxBxKxSxH))
+      layer, x_BxTxD, (params["layers"], read(cache.k_LxBxKxSxH), read(cache.v_LxBxKxSxH)))
   rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
   def write(cache_LxBxKxSxH, new_LxBxKxTxH):

@@ -65,12 +65,22 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
 
 
 def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
-         param_dtype: str = "float32", dtype: str = "float32") -> Pretrained:
-  """Loads config, params (as numpy) and tokenizer."""
+         param_dtype: str = "float32", dtype: str = "float32", remat: str = "none",
+         logits_chunk: int = 0) -> Pretrained:
+  """Loads config, params (as numpy) and tokenizer; `remat` and `logits_chunk` set the
+  training-memory options of `ModelConfig`."""
   path = resolve(name_or_path)
   if path.suffix == ".gguf":
     cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype)
   else:
     cfg, params = weights.load_hf(path, param_dtype=param_dtype, dtype=dtype)
+  cfg = cfg.replace(remat=remat, logits_chunk=logits_chunk)
   return Pretrained(cfg=cfg, params=params,
                     tokenizer=tokenizer_lib.load_tokenizer(path), path=path)
+
+
+def from_config(model) -> Pretrained:
+  """`load` from an experiment config's `model` group (name, dtypes, memory options;
+  a config without the memory options gets the defaults)."""
+  return load(model.name, param_dtype=model.param_dtype, dtype=model.dtype,
+              remat=model.get("remat", "none"), logits_chunk=model.get("logits_chunk", 0))

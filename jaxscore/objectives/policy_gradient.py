@@ -51,33 +51,41 @@ def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
                          cfg: model_lib.ModelConfig, loss_cfg: PolicyLossConfig):
   """Policy-gradient loss plus per-token, per-turn-weighted KL to the reference."""
   del rng
-  logits, _ = model_lib.apply(params, batch.tokens_BxT, cfg, mask_BxT=batch.mask_BxT)
-  logp_BxTxV = rl.shifted_log_softmax(logits)
-  logp = rl.taken_logprobs(logp_BxTxV, batch.tokens_BxT)
-  ref_logp_BxTxV = None
+  x_BxTxD, _ = model_lib.apply(params, batch.tokens_BxT, cfg, mask_BxT=batch.mask_BxT,
+                               return_hidden=True)
+  ref_x_BxTxD = None
   if loss_cfg.kl_estimator == "exact" and not loss_cfg.kl_in_reward:
     if ref_params is None:
       raise ValueError("the exact KL needs ref_params")
-    ref_logits, _ = model_lib.apply(jax.lax.stop_gradient(ref_params), batch.tokens_BxT,
-                                    cfg, mask_BxT=batch.mask_BxT)
-    ref_logp_BxTxV = rl.shifted_log_softmax(ref_logits)
-  return token_objective(logp, batch, loss_cfg, logp_BxTxV, ref_logp_BxTxV)
+    ref_x_BxTxD, _ = model_lib.apply(jax.lax.stop_gradient(ref_params), batch.tokens_BxT,
+                                     cfg, mask_BxT=batch.mask_BxT, return_hidden=True)
+  logp, entropy, exact_kl = rl.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg,
+                                           ref_params, ref_x_BxTxD)
+  return token_objective(logp, batch, loss_cfg, exact_kl_BxT=exact_kl, entropy_BxT=entropy)
 
 
 def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
-                    logp_BxTxV=None, ref_logp_BxTxV=None):
-  """The loss as a function of the policy's per-token log-probs (and the full
-  log-softmaxes for the exact KL). Only sampled tokens of real turns enter it."""
+                    exact_kl_BxT=None, entropy_BxT=None):
+  """The loss as a function of the policy's per-token log-probs (and, for the exact
+  KL, its per-token value from `rl.token_stats`). Only sampled tokens of real turns
+  enter it."""
   response = (batch.turn_BxT > 0) & batch.mask_BxT.astype(bool)
   pg = rl.pick(rl.POLICY_LOSSES, loss_cfg.policy_loss, "policy_loss")(
       logp_BxT, batch.advantages_BxT, batch.old_logp_BxT, loss_cfg.clip_eps)
-  kl = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")(
-      logp_BxT, batch.ref_logp_BxT, logp_BxTxV, ref_logp_BxTxV)
+  if loss_cfg.kl_estimator == "exact":
+    if exact_kl_BxT is None:
+      raise ValueError("kl_estimator='exact' needs the per-token exact KL (rl.token_stats)")
+    kl = exact_kl_BxT
+  else:
+    kl = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")(
+        logp_BxT, batch.ref_logp_BxT)
   weighted_kl = jnp.zeros_like(pg) if loss_cfg.kl_in_reward else batch.kl_coef_BxT * kl
   loss = rl.aggregate(pg + weighted_kl, response, loss_cfg.aggregation)
   mean = functools.partial(rl.aggregate, how="token_mean")
   metrics = {"loss/pg": mean(pg, response), "loss/kl_term": mean(weighted_kl, response),
              "kl/mean": mean(kl, response), "tokens/response": jnp.sum(response)}
+  if entropy_BxT is not None:
+    metrics["policy/entropy"] = mean(jax.lax.stop_gradient(entropy_BxT), response)
   for t in range(1, loss_cfg.num_turns + 1):
     metrics[f"kl/t{t}"] = mean(kl, response & (batch.turn_BxT == t))
   if loss_cfg.policy_loss == "clipped":

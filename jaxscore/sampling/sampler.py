@@ -6,10 +6,14 @@ laid out contiguously from slot 0, with the same slots in the KV cache. A turn i
   1. prefill: feed each row's tokens that the cache has not seen yet (the previous
      turn's last sampled token and the new message) at the row's own cache end;
   2. decode: a `lax.while_loop` that samples a token per row, appends it, and feeds it,
-     until every row hit a stop token, `max_new_tokens`, or the buffer's end.
+     until every row hit a stop token, `max_new_tokens`, or the buffer's end. It runs
+     in segments by cache-length bucket: attention reads only the first `window`
+     slots (a power of two >= the longest live row, at least `min_window`), and a
+     segment ends when a live row fills its window; the next one doubles it. So a step
+     reads at most about twice the filled slots however long the buffer is.
 
-So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks are
-padded to power-of-two buckets, so a batch of the same bucket never traces again.
+So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks and
+decode windows are power-of-two buckets: one compile per bucket, never more.
 
   sampler = Sampler(cfg, max_len=512, stop_ids=[eos])
   state = sampler.start(prompts, rng)
@@ -141,7 +145,8 @@ class Sampler:
   def __init__(self, cfg: model_lib.ModelConfig, *, max_len: int,
                stop_ids: Sequence[int], end_of_turn_id: int | None = None,
                pad_id: int = 0, batch_sharding: jax.sharding.NamedSharding | None = None,
-               rules: sharding.Rules | None = None, max_prompt_len: int | None = None):
+               rules: sharding.Rules | None = None, max_prompt_len: int | None = None,
+               min_window: int = 64):
     """
     Args:
       cfg: the model.
@@ -158,6 +163,9 @@ class Sampler:
         None splits only its rows.
       max_prompt_len: the longest prompt any row will have, if known; it sizes the
         first prefill identically on every process.
+      min_window: the smallest decode window (cache slots attention reads); windows
+        double up to `max_len`, one compile each. `max_len` reads the whole buffer
+        every step (one compile).
     """
     if not stop_ids:
       raise ValueError("stop_ids is empty: at least EOS is needed")
@@ -168,6 +176,7 @@ class Sampler:
     self.pad_id = pad_id
     self.batch_sharding = batch_sharding
     self.max_prompt_len = max_prompt_len
+    self.min_window = min_window
     self.state_shardings = None
     state_out = prefill_out = {}  # One device: nothing to pin.
     if batch_sharding is not None:
@@ -178,10 +187,24 @@ class Sampler:
     self._init = jax.jit(self._init_impl, **state_out)
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
                             donate_argnames=("state",), **prefill_out)
-    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling",),
-                           donate_argnames=("state",), **state_out)
+    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "window"),
+                           donate_argnames=("state",),
+                           **({"out_shardings": (self.state_shardings, logits_sharding,
+                                                 self.state_shardings.turn)}
+                              if batch_sharding is not None else {}))
+    self._finish = jax.jit(self._finish_impl, donate_argnums=0, **state_out)
+    self._live_end = jax.jit(self._live_end_impl)
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
     self._expand = jax.jit(self._expand_impl, static_argnames=("group",), **prefill_out)
+
+  @property
+  def row_shards(self) -> int:
+    """How many pieces the batch's rows are split into (the batch must divide)."""
+    if self.batch_sharding is None or not self.batch_sharding.spec:
+      return 1
+    rows = self.batch_sharding.spec[0]
+    axes = (rows,) if isinstance(rows, str) else (rows or ())
+    return math.prod(self.batch_sharding.mesh.shape[a] for a in axes)
 
   # -- Host-side entry points. ----------------------------------------------
 
@@ -218,8 +241,27 @@ class Sampler:
     # max_new_tokens is traced, so changing it does not recompile.
     static = dataclasses.replace(sampling, max_new_tokens=0)
     state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
-    return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
-                        sampling=static)
+    return self._decode_segments(params, state, logits_BxV, sampling)
+
+  def window(self, filled: int) -> int:
+    """The decode window for rows holding up to `filled` cached tokens."""
+    return min(bucket(filled, self.min_window), self.max_len)
+
+  def _decode_segments(self, params, state: SamplerState, logits_BxV,
+                       sampling: SamplingConfig) -> SamplerState:
+    """Decodes the turn in windows that double as rows grow (one sync per segment)."""
+    static = dataclasses.replace(sampling, max_new_tokens=0)
+    max_new_tokens, step = jnp.int32(sampling.max_new_tokens), jnp.int32(0)
+    filled = int(self._live_end(state))
+    while True:
+      window = self.window(filled)
+      state, logits_BxV, step = self._decode(params, state, logits_BxV, step, max_new_tokens,
+                                             sampling=static, window=window)
+      # The segment ended because the turn did (no live row left) or because a live row
+      # outgrew the window.
+      filled = int(self._live_end(state))
+      if filled <= window:
+        return self._finish(state)
 
   def generate_grouped(self, params: model_lib.Params, state: SamplerState,
                        sampling: SamplingConfig, group: int,
@@ -236,8 +278,7 @@ class Sampler:
     static = dataclasses.replace(sampling, max_new_tokens=0)
     state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
     state, logits_BxV = self._expand(state, logits_BxV, group=group)
-    return self._decode(params, state, logits_BxV, jnp.int32(sampling.max_new_tokens),
-                        sampling=static)
+    return self._decode_segments(params, state, logits_BxV, sampling)
 
   def add_message(self, state: SamplerState, messages: Sequence[Sequence[int]],
                   active: Sequence[bool] | None = None) -> SamplerState:
@@ -317,20 +358,34 @@ class Sampler:
     idx_BxC = jnp.minimum(end_B[:, None] + jnp.arange(chunk), self.max_len - 1)
     tokens_BxC = jnp.take_along_axis(state.tokens_BxT, idx_BxC, axis=1)
     mask_BxC = jnp.arange(chunk) < count_B[:, None]
-    logits_BxCxV, cache = model_lib.apply(params, tokens_BxC, self.cfg,
-                                          mask_BxT=mask_BxC, cache=state.cache)
+    x_BxCxD, cache = model_lib.apply(params, tokens_BxC, self.cfg, mask_BxT=mask_BxC,
+                                     cache=state.cache, return_hidden=True)
+    # Only each row's last position is sampled from: project that one to the vocabulary.
     last_B = jnp.maximum(count_B - 1, 0)
-    logits_BxV = jnp.take_along_axis(logits_BxCxV, last_B[:, None, None], axis=1)[:, 0]
+    x_Bx1xD = jnp.take_along_axis(x_BxCxD, last_B[:, None, None], axis=1)
+    logits_BxV = model_lib.unembed(params, x_Bx1xD, self.cfg)[:, 0]
     return state.replace(cache=cache, turn=state.turn + 1), logits_BxV
 
-  def _decode_impl(self, params, state: SamplerState, logits_BxV, max_new_tokens,
-                   sampling: SamplingConfig):
+  def _live_end_impl(self, state: SamplerState) -> jax.Array:
+    """The longest cache among rows still sampling (0 if none)."""
+    return jnp.max(jnp.where(state.done_B, 0, state.cache.end_B))
+
+  def _finish_impl(self, state: SamplerState) -> SamplerState:
+    return state.replace(done_B=jnp.ones_like(state.done_B))
+
+  def _decode_impl(self, params, state: SamplerState, logits_BxV, step, max_new_tokens,
+                   sampling: SamplingConfig, window: int):
+    """Decode steps while a row is live and every live row's cache fits in `window`.
+
+    Returns (state, logits of the next token, steps taken in the turn so far).
+    """
     stop_ids = jnp.asarray(self.stop_ids)
     turn_rng = jax.random.fold_in(state.rng, state.turn)
 
     def cond(carry):
       state, _, step = carry
-      return (step < max_new_tokens) & ~jnp.all(state.done_B)
+      return ((step < max_new_tokens) & ~jnp.all(state.done_B)
+              & (self._live_end_impl(state) <= window))
 
     def body(carry):
       state, logits_BxV, step = carry
@@ -349,9 +404,9 @@ class Sampler:
       # Feed the new token for rows that go on; a finished row's last token stays
       # pending and is prefilled with its next message.
       logits_Bx1xV, cache = model_lib.apply(params, token_B[:, None], self.cfg,
-                                            mask_BxT=~done_B[:, None], cache=state.cache)
+                                            mask_BxT=~done_B[:, None], cache=state.cache,
+                                            attend_len=window)
       return state.replace(cache=cache), logits_Bx1xV[:, 0], step + 1
 
     state = state.replace(done_B=state.done_B | (state.length_B >= self.max_len))
-    state, _, _ = jax.lax.while_loop(cond, body, (state, logits_BxV, jnp.int32(0)))
-    return state.replace(done_B=jnp.ones_like(state.done_B))
+    return jax.lax.while_loop(cond, body, (state, logits_BxV, step))

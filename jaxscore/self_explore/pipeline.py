@@ -51,7 +51,7 @@ class Pipeline:
   def __init__(self, c, workdir):
     self.c, self.workdir = c, files.path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    model = pretrained.load(c.model.name, param_dtype=c.model.param_dtype, dtype=c.model.dtype)
+    model = pretrained.from_config(c.model)
     task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
     self.setup = rollout.Setup(model.cfg, model.tokenizer,
                                formats.make_format(model.tokenizer, c.format), task)

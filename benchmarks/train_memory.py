@@ -1,0 +1,194 @@
+"""Train-step memory and speed of the memory options, side by side in one run.
+
+  python benchmarks/train_memory.py [--batch 16] [--seq 160] [--chunk 128]
+                                    [--model embedded|1.5b|8b] [--out benchmarks/results]
+
+The SCoRe policy-gradient train step (Adam, k3 KL in the loss) on one batch of the
+given shape, compiled once per variant:
+  * baseline: float32, whole logits, no rematerialization;
+  * `logits_chunk`: per-token log-probs from logits --chunk positions at a time;
+  * `remat=full` and `remat=dots`: what the backward pass keeps of each layer;
+  * chunked logits with full remat;
+  * mixed precision: float32 params and optimizer state, bfloat16 compute.
+For each: XLA's memory analysis of the compiled step (temporaries: the activation and
+logits memory the step needs beyond its inputs and outputs) and the step time, the
+variants timed in alternating rounds; FLOP/s against a float32 matmul measured in the
+same run. On a GPU or TPU the same script runs unchanged (bfloat16 variants matter
+there). Writes `train_memory.md` and `train_memory.json` (per backend) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscore.loops import train as train_lib
+from jaxscore.models import model as model_lib
+from jaxscore.models import pretrained
+from jaxscore.objectives import policy_gradient as pg
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Random weights in the shapes of larger models (--model), for accelerators.
+SHAPES = {
+    "1.5b": dict(vocab_size=151936, num_layers=28, embed_dim=1536, num_heads=12,
+                 num_kv_heads=2, mlp_dim=8960, qkv_bias=True, tie_embeddings=True),
+    "8b": dict(vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32,
+               num_kv_heads=8, mlp_dim=14336, rope_theta=500000.0),
+}
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best
+
+
+def load(name: str):
+  if name == "embedded":
+    m = pretrained.load(pretrained.DEFAULT_MODEL)
+    return m.cfg, jax.device_put(m.params)
+  cfg = model_lib.ModelConfig(**SHAPES[name])
+  return cfg, model_lib.init(cfg, jax.random.key(0))
+
+
+def make_batch(cfg, b: int, t: int) -> pg.RLBatch:
+  """Two turns per row: prompt (first quarter), attempt, instruction, attempt."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (b, t), dtype=np.int32)
+  turn = np.zeros((b, t), np.int32)
+  q = t // 4
+  turn[:, q:2 * q] = 1
+  turn[:, 2 * q + q // 4:] = 2
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return pg.RLBatch(tokens_BxT=jnp.asarray(tokens), mask_BxT=jnp.ones((b, t), bool),
+                    turn_BxT=jnp.asarray(turn), advantages_BxT=f(rng.normal(size=(b, t))),
+                    kl_coef_BxT=f(np.full((b, t), 0.1)),
+                    ref_logp_BxT=f(-rng.random((b, t)) * 5),
+                    old_logp_BxT=f(-rng.random((b, t)) * 5))
+
+
+def loss_head_temp_gib(cfg, params, batch: pg.RLBatch) -> float:
+  """Temporaries of the loss alone: from final hidden states to the policy-gradient
+  loss (final norm, vocabulary projection, log-softmax, KL), forward and backward."""
+  from jaxscore.objectives import rl  # pylint: disable=g-import-not-at-top
+
+  b, t = batch.tokens_BxT.shape
+  x = jax.ShapeDtypeStruct((b, t, cfg.embed_dim), jnp.dtype(cfg.dtype))
+
+  def loss(params, x_BxTxD):
+    logp, entropy, _ = rl.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg)
+    return pg.token_objective(logp, batch, pg.PolicyLossConfig(), entropy_BxT=entropy)[0]
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return compiled.memory_analysis().temp_size_in_bytes / 2**30
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--model", default="embedded", choices=["embedded", *SHAPES])
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--seq", type=int, default=160)
+  parser.add_argument("--chunk", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  args = parser.parse_args()
+
+  backend = jax.default_backend()
+  cfg0, params = load(args.model)
+  accel = backend != "cpu"
+  if accel:  # bfloat16 compute is the accelerator baseline.
+    cfg0 = cfg0.replace(dtype="bfloat16")
+  variants = {
+      "baseline": {},
+      f"logits_chunk={args.chunk}": dict(logits_chunk=args.chunk),
+      "remat=full": dict(remat="full"),
+      "remat=dots": dict(remat="dots"),
+      f"logits_chunk={args.chunk}, remat=full": dict(logits_chunk=args.chunk, remat="full"),
+  }
+  if not accel:
+    variants["bfloat16 compute (float32 params)"] = dict(dtype="bfloat16")
+  opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
+  batch = make_batch(cfg0, args.batch, args.seq)
+  peak = matmul_peak_flops(dtype=jnp.bfloat16 if accel else jnp.float32)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  b, t = args.batch, args.seq
+  flops = (6 * n_params * b * t
+           + 12 * cfg0.num_layers * cfg0.num_heads * cfg0.head_dim * t * b * t)
+
+  steps, results = {}, {}
+  for name, fields in variants.items():
+    cfg = dataclasses.replace(cfg0, **fields)
+    loss_fn = lambda *a, cfg=cfg: pg.policy_gradient_loss(
+        *a, cfg=cfg, loss_cfg=pg.PolicyLossConfig())
+    step = jax.jit(train_lib.make_train_step(loss_fn, opt))
+    state = train_lib.TrainState.create(params, opt)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, jax.random.key(0), params).compile()
+    mem = compiled.memory_analysis()
+    steps[name] = (compiled, state)
+    results[name] = dict(compile_s=time.perf_counter() - t0,
+                         temp_gib=mem.temp_size_in_bytes / 2**30,
+                         loss_head_temp_gib=loss_head_temp_gib(cfg, params, batch),
+                         argument_gib=mem.argument_size_in_bytes / 2**30, times=[])
+    jax.block_until_ready(compiled(state, batch, jax.random.key(0), params))  # Warm-up.
+    print(name, json.dumps(results[name]), flush=True)
+  for _ in range(args.rounds):
+    for name, (compiled, state) in steps.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(state, batch, jax.random.key(0), params))
+      results[name]["times"].append(time.perf_counter() - t0)
+  base = results["baseline"]
+  for r in results.values():
+    r["step_s"] = float(np.median(r["times"]))
+    r["fraction_of_peak"] = flops / r["step_s"] / peak
+    r["temp_vs_baseline"] = base["temp_gib"] / r["temp_gib"]
+    r["loss_head_vs_baseline"] = base["loss_head_temp_gib"] / r["loss_head_temp_gib"]
+    r["speed_vs_baseline"] = base["step_s"] / r["step_s"] if "step_s" in base else 1.0
+
+  meta = dict(backend=backend, device=str(jax.devices()[0]), cpus=os.cpu_count(),
+              jax=jax.__version__, model=args.model, params_m=n_params / 1e6,
+              vocab=cfg0.vocab_size, batch=b, seq=t, matmul_peak_gflops=peak / 1e9,
+              dtype=cfg0.dtype, rounds=args.rounds)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  stem = "train_memory" if backend == "cpu" else f"train_memory_{backend}"
+  (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, results=results), indent=2))
+  lines = [f"# Train-step memory options (generated by benchmarks/train_memory.py)", "",
+           f"{args.model} ({meta['params_m']:.0f}M params, vocabulary {meta['vocab']}), "
+           f"{meta['dtype']} compute, {meta['device']}, {meta['cpus']} CPUs, jax "
+           f"{meta['jax']}. SCoRe policy-gradient train step (Adam) on a batch of {b} x {t} "
+           f"tokens; the float32 logits alone are {b * t * cfg0.vocab_size * 4 / 2**30:.2f} "
+           f"GiB. Temporaries: XLA's memory analysis of the compiled step (memory beyond its "
+           f"inputs and outputs); `loss` is the same for the loss alone (from the final "
+           f"hidden states: norm, vocabulary projection, log-softmax, KL; forward and "
+           f"backward). Step time: median of {args.rounds} rounds, the variants "
+           f"alternating; matmul peak {meta['matmul_peak_gflops']:.0f} GFLOP/s measured in "
+           "the same run.", "",
+           "| variant | step temporaries GiB | vs baseline | loss temporaries GiB | vs baseline "
+           "| step s | vs baseline | % of matmul peak |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    lines.append(f"| {name} | {r['temp_gib']:.2f} | {r['temp_vs_baseline']:.2f}x lower | "
+                 f"{r['loss_head_temp_gib']:.2f} | {r['loss_head_vs_baseline']:.2f}x lower | "
+                 f"{r['step_s']:.2f} | {r['speed_vs_baseline']:.2f}x | "
+                 f"{100 * r['fraction_of_peak']:.0f}% |")
+  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
