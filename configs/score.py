@@ -20,6 +20,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.model.name = "smollm2-135m-instruct"  # Embedded name, GGUF file or HF directory.
   c.model.param_dtype = "float32"  # float32 | bfloat16
   c.model.dtype = "float32"  # Compute dtype; softmax, norms and log-probs stay float32.
+  # Training memory (jaxscore.models.model.ModelConfig): what the backward pass keeps of
+  # each layer, none | full | dots (weight matmul outputs); and per-token log-probs from
+  # logits this many positions at a time (0: all at once).
+  c.model.remat = "none"
+  c.model.logits_chunk = 0
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | gsm8k | math | mbpp | humaneval
@@ -54,6 +59,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # answer and only wrong answers get the message (arXiv 2510.21339).
   c.rollout.feedback = "instruction"
   c.rollout.feedback_template = ""
+  # Feedback that stops rows: cut each batch into this many parts so one is scored while
+  # the others sample (worth it when scoring is slow, e.g. code tests); 1 = whole batch.
+  c.rollout.score_overlap_splits = 1
 
   # The objective trained (a name in jaxscore.objectives); its fields are the config
   # group of the same name.

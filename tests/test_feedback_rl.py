@@ -233,8 +233,9 @@ def test_feedback_rollout_stops_rows_at_their_first_correct_answer():
   finally:
     jax.config.update("jax_log_compiles", False)
     logging.getLogger("jax").removeHandler(handler)
-  # Three turns, one compiled decode and one append; nothing new the second time.
-  assert first["_decode_impl"] == 1 and first["_append_impl"] == 1, first
+  # Three turns, one append, and one decode per cache-length window the episodes reach
+  # (64 and 128 here); nothing new the second time.
+  assert first["_decode_impl"] == 2 and first["_append_impl"] == 1, first
   assert dict(compiles) == first, (first, dict(compiles))
   np.testing.assert_array_equal(ro.turns_BxN, TURNS)
   np.testing.assert_array_equal(ro.rewards_BxN, REWARDS)
@@ -253,6 +254,79 @@ def test_feedback_rollout_stops_rows_at_their_first_correct_answer():
     assert all(ro.texts[t][row] == "" for t in range(taken, 3))
   # Row 0 stopped after attempt 1: nothing follows it in the buffer.
   assert length[0] == len(setup.fmt.prompt_ids(problems[0].prompt)) + len(ro.ids[0][0])
+
+
+def test_feedback_rollout_in_parts_scores_one_part_while_the_other_samples(monkeypatch):
+  setup, params = _scripted_setup()
+  problems = setup.task.problems("train")
+  feedback = rollout_lib.Feedback("unary")
+  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
+                                 message_len=rollout_lib.instruction_len(setup, feedback))
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=4)
+  whole = rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                              feedback=feedback)
+  events = []
+  for name in ("dispatch", "collect"):
+    method = getattr(rollout_lib._FeedbackRows, name)
+
+    def record(self, turn, name=name, method=method):
+      events.append((name, "AB"[int(self.problems[0].id) // 2], turn))
+      return method(self, turn)
+
+    monkeypatch.setattr(rollout_lib._FeedbackRows, name, record)
+  setup.task.calls.clear()
+  parts = rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                              feedback=feedback, score_overlap_splits=2)
+  # Part A is problems 0, 1 and part B problems 2, 3. A part's next turn is queued as
+  # soon as it is scored, behind the other part's turn: while one part is scored, the
+  # device samples the other.
+  assert events == [("dispatch", "A", 1), ("dispatch", "B", 1),
+                    ("collect", "A", 1), ("dispatch", "A", 2),
+                    ("collect", "B", 1), ("dispatch", "B", 2),
+                    ("collect", "A", 2), ("dispatch", "A", 3),
+                    ("collect", "B", 2), ("dispatch", "B", 3),
+                    ("collect", "A", 3), ("collect", "B", 3)]
+  # Greedy results do not depend on the split, and rows keep their order.
+  np.testing.assert_array_equal(parts.rewards_BxN, whole.rewards_BxN)
+  np.testing.assert_array_equal(parts.turns_BxN, whole.turns_BxN)
+  assert parts.texts == whole.texts and parts.ids == whole.ids
+  assert [[s and s.reward for s in t] for t in parts.scores] == \
+      [[s and s.reward for s in t] for t in whole.scores]
+  for field in ("tokens_BxT", "turn_BxT", "length_B"):
+    np.testing.assert_array_equal(getattr(parts.episode, field),
+                                  getattr(whole.episode, field))
+  with pytest.raises(ValueError, match="do not split into 3 equal parts"):
+    rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                        feedback=feedback, score_overlap_splits=3)
+
+
+@pytest.mark.parametrize("kind", ["instruction", "unary"])
+def test_rollout_of_groups_prefills_each_prompt_once_with_the_same_samples(kind):
+  setup, params = _scripted_setup()
+  problems = [p for p in setup.task.problems("train") for _ in range(2)]  # Groups of 2.
+  feedback = rollout_lib.Feedback(kind)
+  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
+                                 message_len=rollout_lib.instruction_len(setup, feedback))
+  sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=4)
+  run = lambda group: rollout_lib.rollout(params, smp, setup, problems, 3, sampling,
+                                          jax.random.key(7), feedback=feedback, group=group)
+  setup.task.calls.clear()
+  each = run(1)
+  setup.task.calls.clear()
+  started = []
+  start = smp.start
+  smp.start = lambda prompts, rng: started.append(len(prompts)) or start(prompts, rng)
+  grouped = run(2)
+  assert started == [4]  # One row per prompt, copied to its group after prefill.
+  assert grouped.texts == each.texts and grouped.ids == each.ids
+  np.testing.assert_array_equal(grouped.rewards_BxN, each.rewards_BxN)
+  np.testing.assert_array_equal(grouped.episode.tokens_BxT, each.episode.tokens_BxT)
+  np.testing.assert_allclose(grouped.episode.logp_BxT, each.episode.logp_BxT, atol=1e-5)
+  # Samples differ within a group: the copies decode independently.
+  assert any(each.ids[0][i] != each.ids[0][i + 1] for i in range(0, 8, 2))
+  with pytest.raises(ValueError, match="do not share one prompt"):
+    rollout_lib.rollout(params, smp, setup, problems[1:] + problems[:1], 3, sampling,
+                        jax.random.key(7), feedback=feedback, group=2)
 
 
 def test_instruction_feedback_keeps_every_turn_and_templates_are_checked():

@@ -39,6 +39,10 @@ class RolloutConfig:
   # answer; wrong rows get the message).
   feedback: str = "instruction"
   feedback_template: str = ""  # feedback=template: may contain {reason}.
+  # Feedback that stops rows: > 1 cuts each batch into this many parts that take turns
+  # on the device, so one part is scored while the others sample (slow scorers, e.g.
+  # sandboxed code tests); 1 samples the batch whole (fastest when scoring is cheap).
+  score_overlap_splits: int = 1
 
   @property
   def feedback_config(self) -> rollout_lib.Feedback:
@@ -161,7 +165,9 @@ class OnlineLoop:
             for _ in range(ro_cfg.group_size)]
     rng = jax.random.fold_in(jax.random.key(c.seed), step)
     ro = rollout_lib.rollout(state.params, self.sampler, self.setup, rows, ro_cfg.num_turns,
-                             self.sampling, rng, score_pool=pool, feedback=self.feedback)
+                             self.sampling, rng, score_pool=pool, feedback=self.feedback,
+                             score_overlap_splits=ro_cfg.score_overlap_splits,
+                             group=ro_cfg.group_size)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
     objective = self.objective

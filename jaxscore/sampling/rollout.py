@@ -12,8 +12,9 @@ the user says between attempts is a `Feedback`:
   - `none`, `unary` ("Your answer is incorrect. Please try again.") or `template` (any
     text, optionally with the checker's `{reason}`): a row stops at its first correct
     answer; only wrong rows get the message and sample again. The message depends on
-    the score, so the device waits for it; stopped rows stay in the batch as finished
-    (one compiled shape) and the rollout ends early when every row has stopped.
+    the score, so a batch waits for it; split in parts, one part is scored while the
+    others sample. Stopped rows stay in the batch as finished (one compiled shape) and
+    the rollout ends early when every row has stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxscore.infra import sharding
@@ -125,13 +128,11 @@ class Rollouts:
 def from_config(c) -> tuple[Setup, Setup, Any]:
   """(training setup, evaluation setup, params) of an experiment config (`model`,
   `format`, `task`)."""
-  import jax
-
   from jaxscore import tasks
   from jaxscore.models import pretrained
   from jaxscore.sampling import formats
 
-  model = pretrained.load(c.model.name, param_dtype=c.model.param_dtype, dtype=c.model.dtype)
+  model = pretrained.from_config(c.model)
   params = jax.device_put(model.params)
   fmt = formats.make_format(model.tokenizer, c.format)
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
@@ -177,25 +178,58 @@ def make_sampler(setup: Setup, prompt_lens: Sequence[int], num_turns: int,
       batch_sharding=batch_sharding, rules=rules, max_prompt_len=max(prompt_lens))
 
 
+def start_groups(smp: sampler_lib.Sampler, prompts: Sequence[Sequence[int]], rng,
+                 group: int) -> tuple[sampler_lib.SamplerState, int]:
+  """(state, group): a sampler state for rows that come in runs of `group` identical
+  prompts (an RL group's samples), holding each prompt once, so that turn 1
+  (`first_turn`) prefills each prompt once and copies its cache to the group. When the
+  prompts alone do not split over the devices that hold rows, every row is started
+  (group 1)."""
+  if group > 1:
+    if len(prompts) % group:
+      raise ValueError(f"{len(prompts)} rows are not whole groups of {group} "
+                       "(rollout.group_size)")
+    for i in range(0, len(prompts), group):
+      if any(list(p) != list(prompts[i]) for p in prompts[i + 1:i + group]):
+        raise ValueError(f"rows {i}..{i + group - 1} do not share one prompt: groups of "
+                         f"{group} must be consecutive copies of a problem")
+    if (len(prompts) // group * jax.process_count()) % smp.row_shards:
+      group = 1
+    else:
+      prompts = prompts[::group]
+  return smp.start(prompts, rng), group
+
+
+def first_turn(params, smp: sampler_lib.Sampler, state, sampling, group: int, pending: int):
+  """Turn 1 from `start_groups`' state: each prompt prefilled once for its `group` rows."""
+  if group > 1:
+    return smp.generate_grouped(params, state, sampling, group, pending=pending)
+  return smp.generate(params, state, sampling, pending=pending)
+
+
 def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
             problems: Sequence[base.Problem], num_turns: int,
             sampling: sampler_lib.SamplingConfig, rng, score_pool=None,
-            feedback: Feedback = Feedback()) -> Rollouts:
+            feedback: Feedback = Feedback(), score_overlap_splits: int = 1,
+            group: int = 1) -> Rollouts:
   """Samples up to `num_turns` attempts per problem with `feedback` between them.
 
   With a multi-process sampler, each process tokenizes, feeds and scores only its rows.
   The sampler must hold the longest message (`make_sampler(message_len=
-  instruction_len(setup, feedback))`).
+  instruction_len(setup, feedback))`). With feedback that stops rows,
+  `score_overlap_splits` > 1 scores one part of the rows while the others sample (see
+  `_feedback_rollout`). `group` > 1: rows come in runs of `group` copies of a problem,
+  whose prompt is prefilled once for the run.
   """
   if feedback.stops_when_correct:
     return _feedback_rollout(params, smp, setup, problems, num_turns, sampling, rng,
-                             feedback)
+                             feedback, score_overlap_splits, group)
   fmt, tokenizer, task = setup.fmt, setup.tokenizer, setup.task
   instruction = fmt.instruction_ids(task.instruction)
   mine = slice(*sharding.process_rows(len(problems)))
   feed = problems[mine] if smp.batch_sharding is not None else problems
   prompts = [fmt.prompt_ids(p.prompt) for p in feed]
-  state = smp.start(prompts, rng)
+  state, group = start_groups(smp, prompts, rng, group)
   texts, ids, pending = [], [], []
   # Unseen tokens per row, known here: no device-to-host sync to size the prefill, and
   # the same bound (hence the same program) on every process.
@@ -204,7 +238,9 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
     if turn > 1:
       state = smp.add_message(state, [instruction] * len(feed))
       unseen = 2 + len(instruction)  # Last sampled token, a closing end-of-turn, message.
-    state = smp.generate(params, state, sampling, pending=unseen)
+      state = smp.generate(params, state, sampling, pending=unseen)
+    else:
+      state = first_turn(params, smp, state, sampling, group, unseen)
     turn_ids = smp.episode(state).response_ids(turn)
     turn_texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in turn_ids]
     texts.append(turn_texts)
@@ -220,42 +256,126 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
                   smp.episode(state))
 
 
-def _feedback_rollout(params, smp, setup: Setup, problems, num_turns, sampling, rng,
-                      feedback: Feedback) -> Rollouts:
-  """Turns until each row's first correct answer; only wrong rows get `feedback`."""
-  fmt, tokenizer, task = setup.fmt, setup.tokenizer, setup.task
-  mine = slice(*sharding.process_rows(len(problems)))
-  feed = problems[mine] if smp.batch_sharding is not None else problems
-  local_rows = range(len(problems))[mine]
-  state = smp.start([fmt.prompt_ids(p.prompt) for p in feed], rng)
-  n = len(problems)
-  texts = [[""] * n for _ in range(num_turns)]
-  ids = [[[] for _ in range(n)] for _ in range(num_turns)]
-  scores = [[None] * len(local_rows) for _ in range(num_turns)]
-  rewards = np.zeros((len(local_rows), num_turns), np.float32)
-  taken = np.zeros((len(local_rows), num_turns), bool)
-  active = np.ones((len(local_rows),), bool)  # This process's rows still answering.
-  unseen = smp.max_prompt_len or max(len(fmt.prompt_ids(p.prompt)) for p in feed)
-  for turn in range(1, num_turns + 1):
+class _FeedbackRows:
+  """Some rows of a feedback rollout with their own sampler state. `dispatch` queues a
+  turn on the device and returns at once (JAX dispatches asynchronously); `collect`
+  waits for it, then decodes and scores the rows that took it."""
+
+  def __init__(self, params, smp, setup: Setup, problems, num_turns, sampling, rng,
+               feedback: Feedback, group: int = 1):
+    self.params, self.smp, self.setup, self.sampling = params, smp, setup, sampling
+    self.feedback, self.problems = feedback, list(problems)
+    fmt = setup.fmt
+    self.mine = slice(*sharding.process_rows(len(problems)))
+    feed = self.problems[self.mine] if smp.batch_sharding is not None else self.problems
+    self.local_rows = range(len(problems))[self.mine]
+    self.state, self.group = start_groups(smp, [fmt.prompt_ids(p.prompt) for p in feed],
+                                          rng, group)
+    n, m = len(problems), len(self.local_rows)
+    self.texts = [[""] * n for _ in range(num_turns)]
+    self.ids = [[[] for _ in range(n)] for _ in range(num_turns)]
+    self.scores = [[None] * m for _ in range(num_turns)]
+    self.rewards = np.zeros((m, num_turns), np.float32)
+    self.taken = np.zeros((m, num_turns), bool)
+    self.active = np.ones((m,), bool)  # This process's rows still answering.
+    self.unseen = smp.max_prompt_len or max(len(fmt.prompt_ids(p.prompt)) for p in feed)
+
+  def any_active(self) -> bool:
+    """Whether any row of any process still answers (the same on every process)."""
+    return bool(sharding.gather_rows(self.active[:, None]).any())
+
+  def dispatch(self, turn: int) -> None:
     if turn > 1:
-      if not sharding.gather_rows(active[:, None]).any():
-        break  # Every row has answered correctly: no more turns to sample.
-      msgs = [fmt.instruction_ids(feedback.message(task, scores[turn - 2][i]))
-              if active[i] else [] for i in range(len(local_rows))]
-      state = smp.add_message(state, msgs, active=active)
-      unseen = 2 + max(map(len, msgs))  # Last sampled token, end-of-turn, message.
-    state = smp.generate(params, state, sampling, pending=unseen)
-    turn_ids = smp.episode(state).response_ids(turn)
-    live = np.flatnonzero(active)
-    for i in range(n):
-      ids[turn - 1][i] = turn_ids[i]
-      texts[turn - 1][i] = tokenizer.decode(turn_ids[i], skip_special_tokens=True).strip()
-    turn_scores = task.score([problems[local_rows[i]] for i in live],
-                             [texts[turn - 1][local_rows[i]] for i in live])
+      task, fmt = self.setup.task, self.setup.fmt
+      msgs = [fmt.instruction_ids(self.feedback.message(task, self.scores[turn - 2][i]))
+              if self.active[i] else [] for i in range(len(self.local_rows))]
+      self.state = self.smp.add_message(self.state, msgs, active=self.active)
+      self.unseen = 2 + max(map(len, msgs))  # Last sampled token, end-of-turn, message.
+      self.state = self.smp.generate(self.params, self.state, self.sampling,
+                                     pending=self.unseen)
+    else:
+      self.state = first_turn(self.params, self.smp, self.state, self.sampling, self.group,
+                              self.unseen)
+
+  def collect(self, turn: int) -> None:
+    turn_ids = self.smp.episode(self.state).response_ids(turn)  # Waits for the device.
+    decode = self.setup.tokenizer.decode
+    for i, row_ids in enumerate(turn_ids):
+      self.ids[turn - 1][i] = row_ids
+      self.texts[turn - 1][i] = decode(row_ids, skip_special_tokens=True).strip()
+    live = np.flatnonzero(self.active)
+    turn_scores = self.setup.task.score(
+        [self.problems[self.local_rows[i]] for i in live],
+        [self.texts[turn - 1][self.local_rows[i]] for i in live])
     for i, sc in zip(live, turn_scores):
-      scores[turn - 1][i] = sc
-      rewards[i, turn - 1] = sc.reward
-      taken[i, turn - 1] = True
-      active[i] = sc.reward < 1.0
-  return Rollouts(list(problems), texts, ids, scores, sharding.gather_rows(rewards), mine,
-                  smp.episode(state), turns_BxN=sharding.gather_rows(taken))
+      self.scores[turn - 1][i] = sc
+      self.rewards[i, turn - 1] = sc.reward
+      self.taken[i, turn - 1] = True
+      self.active[i] = sc.reward < 1.0
+
+
+def split_rows(num_rows: int, splits: int, group: int = 1) -> list[np.ndarray]:
+  """Global row indices of each of `splits` parts: every process's rows cut into
+  `splits` equal consecutive pieces of whole groups, so each part is itself a batch in
+  process order."""
+  processes = jax.process_count()
+  if num_rows % (processes * splits * group):
+    raise ValueError(f"{num_rows} rows do not split into {splits} equal parts of whole "
+                     f"groups of {group} over {processes} process(es) "
+                     "(rollout.score_overlap_splits)")
+  local, piece = num_rows // processes, num_rows // processes // splits
+  return [np.concatenate([p * local + np.arange(k * piece, (k + 1) * piece)
+                          for p in range(processes)]) for k in range(splits)]
+
+
+def _feedback_rollout(params, smp, setup: Setup, problems, num_turns, sampling, rng,
+                      feedback: Feedback, splits: int = 1, group: int = 1) -> Rollouts:
+  """Turns until each row's first correct answer; only wrong rows get `feedback`.
+
+  The next message depends on the score, so one batch cannot sample while it is
+  scored. With `splits` > 1 the rows are cut into parts that take turns on the device:
+  a part is scored while the others sample. Greedy results do not depend on `splits`.
+  """
+  index = split_rows(len(problems), splits, group)
+  rngs = [rng] if splits == 1 else [jax.random.fold_in(rng, k) for k in range(splits)]
+  parts = [_FeedbackRows(params, smp, setup, [problems[i] for i in idx], num_turns,
+                         sampling, r, feedback, group) for idx, r in zip(index, rngs)]
+  # Dispatch every part, then as each is collected queue its next turn behind the
+  # others: the device works on the other parts while this one is scored.
+  sampled = [1] * len(parts)
+  for part in parts:
+    part.dispatch(1)
+  for turn in range(1, num_turns + 1):
+    for k, part in enumerate(parts):
+      if sampled[k] != turn:
+        continue  # Every row of this part has answered correctly.
+      part.collect(turn)
+      if turn < num_turns and part.any_active():
+        part.dispatch(turn + 1)
+        sampled[k] = turn + 1
+  return _merge(parts, index, problems)
+
+
+def _merge(parts: Sequence[_FeedbackRows], index: Sequence[np.ndarray],
+           problems) -> Rollouts:
+  """One Rollouts in the original row order from the parts of `split_rows`."""
+  if len(parts) == 1:
+    p = parts[0]
+    return Rollouts(p.problems, p.texts, p.ids, p.scores, sharding.gather_rows(p.rewards),
+                    p.mine, p.smp.episode(p.state),
+                    turns_BxN=sharding.gather_rows(p.taken))
+  order = np.argsort(np.concatenate(index))  # Original row -> row of the concatenation.
+  rows = lambda per_part: [per_part[i] for i in order]
+  num_turns = len(parts[0].texts)
+  texts = [rows([t for p in parts for t in p.texts[n]]) for n in range(num_turns)]
+  ids = [rows([t for p in parts for t in p.ids[n]]) for n in range(num_turns)]
+  # This process's rows are its pieces of every part, in order: concatenation keeps them.
+  scores = [[s for p in parts for s in p.scores[n]] for n in range(num_turns)]
+  gathered = lambda field: np.concatenate(
+      [sharding.gather_rows(getattr(p, field)) for p in parts])[order]
+  episodes = [p.smp.episode(p.state) for p in parts]
+  episode = jax.tree.map(lambda *xs: jnp.take(jnp.concatenate(xs), jnp.asarray(order),
+                                              axis=0), *episodes)
+  return Rollouts(list(problems), texts, ids, scores, gathered("rewards"),
+                  slice(*sharding.process_rows(len(problems))), episode,
+                  turns_BxN=gathered("taken"))
