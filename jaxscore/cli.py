@@ -48,6 +48,16 @@ def _chat(args) -> int:
   return 0
 
 
+def _export(args) -> int:
+  from jaxscore import export
+
+  info = export.export(args.workdir, args.out, args.step, args.dtype)
+  print(f"wrote {args.out}: step {info['step']} ({args.step}) of {args.workdir}, "
+        f"{args.dtype} weights, tokenizer with its chat template; load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="jaxscore", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -58,8 +68,24 @@ def main(argv: list[str] | None = None) -> int:
   chat.add_argument("--instruction", default=prompts.MATH_SELF_CORRECTION)
   chat.add_argument("--max_new_tokens", type=int, default=128)
   chat.set_defaults(run=_chat)
+  export = sub.add_parser(
+      "export", help="write a trained checkpoint as a transformers model directory",
+      description="Writes config.json, model.safetensors and the tokenizer (with its chat "
+                  "template) of a run's checkpoint, for transformers' from_pretrained.")
+  export.add_argument("--workdir", required=True,
+                      help="the run's directory (holds config.json and checkpoints/)")
+  export.add_argument("--step", default="latest",
+                      help="latest | best (by evaluation) | a step number")
+  export.add_argument("--out", required=True, help="directory to write")
+  export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                      help="weights' dtype in the safetensors file")
+  export.set_defaults(run=_export)
   args = parser.parse_args(argv)
-  return args.run(args)
+  try:
+    return args.run(args)
+  except (ValueError, FileNotFoundError) as e:  # A user error: one line, no traceback.
+    print(f"jaxscore {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

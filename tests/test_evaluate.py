@@ -6,9 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_embedded
+from conftest import report_parity, require_embedded, require_torch
 
 from jaxscore import evaluate
 
@@ -80,6 +81,48 @@ def test_evaluate_mode_evaluates_the_trained_checkpoint(tmp_path):
   report = json.loads((tmp_path / "report.json").read_text())
   assert list(report) == ["after SCoRe"] and report["after SCoRe"]["num_problems"] == 2
   assert "| after SCoRe |" in out.stdout
+  _export_round_trip(tmp_path, best_step)
+
+
+def _export_round_trip(workdir, best_step):
+  """`jaxscore export` writes a directory transformers loads, with the trained weights
+  (the same logits as jaxscore on the restored params) and the chat template."""
+  torch = require_torch()
+  import transformers
+
+  from jaxscore.export import run_config
+  from jaxscore.loops import common
+  from jaxscore.models import model as model_lib
+  from jaxscore.models import pretrained
+  from jaxscore.sampling import formats
+
+  out = workdir / "exported"
+  cli = lambda *a: subprocess.run([sys.executable, "-m", "jaxscore.cli", "export", *a],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
+  done = cli(f"--workdir={workdir}", "--step=best", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert json.loads((out / "jaxscore_export.json").read_text())["step"] == best_step
+  c = run_config(workdir)
+  base = pretrained.from_config(c.model)
+  params, step = common.restore_params(c, workdir, base.cfg, base.params, "best")
+  assert step == best_step
+  hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  ids = formats.ChatFormat(tok).prompt_ids("What is 2 + 3?")
+  assert tok.chat_template and ids == formats.ChatFormat(base.tokenizer).prompt_ids(
+      "What is 2 + 3?")
+  with torch.no_grad():
+    theirs = hf(torch.tensor([ids])).logits[0].numpy()
+  ours = np.asarray(model_lib.apply(params, jnp.asarray([ids]), base.cfg)[0][0])
+  trained = np.asarray(model_lib.apply(base.params, jnp.asarray([ids]), base.cfg)[0][0])
+  report_parity("export: transformers logits vs jaxscore (trained)",
+                np.abs(theirs - ours).max(), 2e-3)
+  np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=1e-3)
+  assert np.abs(ours - trained).max() > 1e-4  # The export holds the trained weights.
+  # A user error is one line naming the problem, with no traceback.
+  bad = cli(f"--workdir={workdir / 'missing'}", f"--out={out}")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "config.json does not exist" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_wilson_interval_closed_form():
