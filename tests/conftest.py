@@ -1,9 +1,24 @@
 """Shared fixtures: tiny Hugging Face checkpoints and a parity report."""
 
+import atexit
 import importlib.util
+import os
 import pathlib
+import shutil
+import tempfile
 
+import jax
 import pytest
+
+# Many tests build samplers and train steps of the same shapes (every study arm, every
+# Self-Explore stage, each a fresh jit): XLA's persistent cache compiles each program
+# once per run. Subprocess tests inherit it through the environment.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxscore-test-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 _PARITY: list[tuple[str, float, float]] = []
