@@ -29,7 +29,37 @@ MODELS = {
 }
 
 
-def main():
+def memory_gib(compiled) -> dict:
+  """Per-device memory of a compiled step, from XLA's memory analysis, in GiB."""
+  mem = compiled.memory_analysis()
+  gib = lambda x: x / 2**30
+  return dict(argument_gib=gib(mem.argument_size_in_bytes),
+              output_gib=gib(mem.output_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
+              alias_gib=gib(mem.alias_size_in_bytes),
+              total_per_device_gib=gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                       + mem.temp_size_in_bytes - mem.alias_size_in_bytes))
+
+
+def append_row(out: pathlib.Path, result: dict, target: str, sizes, args) -> None:
+  """Appends one compile's row to `aot_compile.md` (writing the header first)."""
+  out.mkdir(parents=True, exist_ok=True)
+  md = out / "aot_compile.md"
+  if not md.exists():
+    md.write_text(
+        "# Ahead-of-time compile of the sharded train step (benchmarks/aot_compile.py)\n\n"
+        "bfloat16 params and compute, Adam state, SCoRe policy-gradient loss; per-device "
+        "memory from XLA's memory analysis (arguments + outputs + temporaries - aliased).\n\n"
+        "| target | model | params (B) | mesh (data, fsdp, tensor) | rules | batch x seq "
+        "| remat | logits chunk | per-device GiB | temp GiB | compile s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n")
+  with open(md, "a") as f:
+    f.write(f"| {target} | {args.model} | {result['params_b']:.2f} | "
+            f"{tuple(sizes)} | {args.rules} | {args.batch} x {args.seq} | {args.remat} | "
+            f"{args.logits_chunk or 'none'} | {result['total_per_device_gib']:.2f} | {result['temp_gib']:.2f} | "
+            f"{result['compile_s']} |\n")
+
+
+def parse_args():
   parser = argparse.ArgumentParser()
   parser.add_argument("--topology", default="v5e:4x4", help="e.g. v5e:4x4 (v5e-16), v4:2x2x4 (v4-32)")
   parser.add_argument("--model", default="1.5b", choices=sorted(MODELS))
@@ -43,20 +73,16 @@ def main():
   parser.add_argument("--fallback_cpu", type=int, default=0,
                       help="device count of a fake CPU mesh to use when libtpu is missing")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-  args = parser.parse_args()
-  if args.fallback_cpu:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.fallback_cpu}"
+  return parser.parse_args()
 
+
+def target_mesh(args):
+  """(mesh, target name, mesh sizes) over the TPU topology's devices (or fake CPUs)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+  from jax.sharding import AxisType, Mesh
 
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   from jaxscore.infra import sharding
-  from jaxscore.loops import train as train_lib
-  from jaxscore.models import model as model_lib
-  from jaxscore.objectives import policy_gradient as pg
 
   if args.fallback_cpu:
     devices, target = jax.devices(), f"fake CPU mesh of {args.fallback_cpu} devices"
@@ -72,6 +98,26 @@ def main():
     raise sharding.ShardingError(f"mesh {sizes} does not use the {len(devices)} devices")
   mesh = Mesh(np.array(devices).reshape(sizes), sharding.MESH_AXES,
               axis_types=(AxisType.Auto,) * 3)
+  return mesh, target, sizes
+
+
+def main():
+  args = parse_args()
+  if args.fallback_cpu:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.fallback_cpu}"
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from jaxscore.infra import sharding
+  from jaxscore.loops import train as train_lib
+  from jaxscore.models import model as model_lib
+  from jaxscore.objectives import policy_gradient as pg
+
+  mesh, target, sizes = target_mesh(args)
   rules = sharding.RULES[args.rules]
   cfg = model_lib.ModelConfig(**MODELS[args.model], param_dtype="bfloat16", dtype="bfloat16",
                               remat=args.remat, logits_chunk=args.logits_chunk)
@@ -98,34 +144,13 @@ def main():
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     seconds = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  gib = lambda x: x / 2**30
-  result = dict(
-      target=target, model=args.model, mesh=dict(zip(sharding.MESH_AXES, sizes)),
-      rules=args.rules, batch=args.batch, seq=args.seq, remat=args.remat,
-      logits_chunk=args.logits_chunk, compile_s=round(seconds, 1),
-      params_b=sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) / 1e9,
-      argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
-      temp_gib=gib(mem.temp_size_in_bytes), alias_gib=gib(mem.alias_size_in_bytes),
-      total_per_device_gib=gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                               + mem.temp_size_in_bytes - mem.alias_size_in_bytes))
+  result = dict(target=target, model=args.model, mesh=dict(zip(sharding.MESH_AXES, sizes)),
+                rules=args.rules, batch=args.batch, seq=args.seq, remat=args.remat,
+                logits_chunk=args.logits_chunk, compile_s=round(seconds, 1),
+                params_b=sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) / 1e9,
+                **memory_gib(compiled))
   print(json.dumps(result, indent=1))
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  md = out / "aot_compile.md"
-  if not md.exists():
-    md.write_text(
-        "# Ahead-of-time compile of the sharded train step (benchmarks/aot_compile.py)\n\n"
-        "bfloat16 params and compute, Adam state, SCoRe policy-gradient loss; per-device "
-        "memory from XLA's memory analysis (arguments + outputs + temporaries - aliased).\n\n"
-        "| target | model | params (B) | mesh (data, fsdp, tensor) | rules | batch x seq "
-        "| remat | logits chunk | per-device GiB | temp GiB | compile s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n")
-  with open(md, "a") as f:
-    f.write(f"| {target} | {args.model} | {result['params_b']:.2f} | "
-            f"{tuple(sizes)} | {args.rules} | {args.batch} x {args.seq} | {args.remat} | "
-            f"{args.logits_chunk or 'none'} | {result['total_per_device_gib']:.2f} | {result['temp_gib']:.2f} | "
-            f"{result['compile_s']} |\n")
+  append_row(pathlib.Path(args.out), result, target, sizes, args)
 
 
 if __name__ == "__main__":

@@ -55,30 +55,10 @@ def read_bandwidth_bytes_per_s() -> float:
   return x.nbytes / min(t_np, t_jax)
 
 
-def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
+def whole_buffer_turn1(model, params, prompts_ids, max_len: int, greedy):
+  """(seconds, response ids) of turn 1 with attention over the whole buffer every step
+  (one decode window), for comparison with windowed decode."""
   tok = model.tokenizer
-  b = len(prompts_ids)
-  max_len = sampler_lib.bucket(max(map(len, prompts_ids)) + 2 * new_tokens
-                               + len(instruction_ids) + 1)
-  smp = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[NEVER],
-                            pad_id=tok.pad_token_id or 0)
-  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
-  params = jax.device_put(model.params)
-  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
-  chunk = sampler_lib.bucket(max(map(len, prompts_ids)))
-
-  def prefill():
-    state = smp.start(prompts_ids, jax.random.key(0))
-    state, logits = smp._prefill(params, state, chunk=chunk, sampling=static)
-    jax.block_until_ready(logits)
-    return state, logits
-
-  def turn1():
-    state = smp.generate(params, smp.start(prompts_ids, jax.random.key(0)), greedy,
-                         pending=max(map(len, prompts_ids)))
-    return jax.block_until_ready(state)
-
-  # The same turn with attention over the whole buffer every step (one window).
   whole = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[NEVER],
                               pad_id=tok.pad_token_id or 0, min_window=max_len)
 
@@ -87,14 +67,13 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
                            pending=max(map(len, prompts_ids)))
     return jax.block_until_ready(state)
 
-  t_prefill = timed(prefill)
-  t_turn1, t_turn1_whole = timed(turn1), timed(turn1_whole)
-  state1 = turn1()
-  same_whole = (smp.episode(state1).response_ids(1)
-                == whole.episode(turn1_whole()).response_ids(1))
-  # Cache slots a windowed decode step reads, averaged over the turn's steps.
-  longest = max(map(len, prompts_ids))
-  mean_window = float(np.mean([smp.window(longest + i) for i in range(new_tokens)]))
+  return timed(turn1_whole), whole.episode(turn1_whole()).response_ids(1)
+
+
+def turn2_runs(smp, params, state1, instruction_ids, greedy, static) -> dict:
+  """Turn 2 on the carried cache against re-prefilling the whole conversation: whole
+  turns, prefills alone, and whether the tokens agree."""
+  b = state1.length_B.shape[0]
 
   # Turn 2 on the carried cache: prefill 1 + instruction tokens, decode.
   def carried():
@@ -127,13 +106,48 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
   # Turn 2's tokens must not depend on how the context got into the cache.
   same = (smp.episode(carried()).response_ids(2)
           == smp.episode(reprefill()).response_ids(1))
+  return dict(turn2_carried_s=t_carried, turn2_reprefill_s=t_reprefill,
+              turn2_prefill_carried_s=t_carried_prefill, turn2_prefill_full_s=t_full_prefill,
+              turn2_tokens_identical=bool(same))
+
+
+def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
+  tok = model.tokenizer
+  b = len(prompts_ids)
+  max_len = sampler_lib.bucket(max(map(len, prompts_ids)) + 2 * new_tokens
+                               + len(instruction_ids) + 1)
+  smp = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[NEVER],
+                            pad_id=tok.pad_token_id or 0)
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+  params = jax.device_put(model.params)
+  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
+  chunk = sampler_lib.bucket(max(map(len, prompts_ids)))
+
+  def prefill():
+    state = smp.start(prompts_ids, jax.random.key(0))
+    state, logits = smp._prefill(params, state, chunk=chunk, sampling=static)
+    jax.block_until_ready(logits)
+    return state, logits
+
+  def turn1():
+    state = smp.generate(params, smp.start(prompts_ids, jax.random.key(0)), greedy,
+                         pending=max(map(len, prompts_ids)))
+    return jax.block_until_ready(state)
+
+  t_prefill = timed(prefill)
+  t_turn1 = timed(turn1)
+  state1 = turn1()
+  t_turn1_whole, whole_ids = whole_buffer_turn1(model, params, prompts_ids, max_len, greedy)
+  same_whole = smp.episode(state1).response_ids(1) == whole_ids
+  # Cache slots a windowed decode step reads, averaged over the turn's steps.
+  longest = max(map(len, prompts_ids))
+  mean_window = float(np.mean([smp.window(longest + i) for i in range(new_tokens)]))
+
+  turn2 = turn2_runs(smp, params, state1, instruction_ids, greedy, static)
   return dict(prefill_s=t_prefill, turn1_s=t_turn1, decode_s=t_turn1 - t_prefill,
               turn1_whole_s=t_turn1_whole, decode_whole_s=t_turn1_whole - t_prefill,
               whole_tokens_identical=bool(same_whole), mean_window=mean_window,
-              turn2_carried_s=t_carried, turn2_reprefill_s=t_reprefill,
-              turn2_prefill_carried_s=t_carried_prefill, turn2_prefill_full_s=t_full_prefill,
-              turn2_tokens_identical=bool(same), max_len=max_len,
-              responses=ep.response_ids(1))
+              max_len=max_len, responses=smp.episode(state1).response_ids(1), **turn2)
 
 
 def hf_run(hf_model, tok, prompts_ids, new_tokens):
@@ -161,6 +175,15 @@ def _same_until_eos(ours, theirs, eos):
   return ours[:cut] == theirs[:cut]
 
 
+def load_hf_model(gguf_path: pathlib.Path):
+  """transformers' model from the same GGUF file, dequantized, in float32."""
+  import torch
+  import transformers
+
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--batches", default="1,16,64")
@@ -175,14 +198,7 @@ def main():
   bandwidth = read_bandwidth_bytes_per_s()
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
   cfg = model.cfg
-  hf_model = None
-  if not args.no_hf:
-    import torch
-    import transformers
-
-    path = model.path
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+  hf_model = None if args.no_hf else load_hf_model(model.path)
 
   rows = []
   for b in map(int, args.batches.split(",")):

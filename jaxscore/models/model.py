@@ -366,19 +366,8 @@ def apply(
   x_BxTxD = nn.with_logical_constraint(embed(params, tokens_BxT, cfg),
                                        ACT_EMBED)
   if cache is None:
-    if positions_BxT is None:
-      positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
-    idx_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    visible = _visible(positions_BxT, positions_BxT, mask_BxT, idx_BxT,
-                       jnp.arange(t), cfg.sliding_window)
-
-    def layer(x, lp):
-      return _block(x, lp, cfg, positions_BxT, inv_freq,
-                    lambda q, k, v: (attention(q, k.transpose(0, 2, 1, 3),
-                                               v.transpose(0, 2, 1, 3), visible), None))
-
-    x_BxTxD, _ = jax.lax.scan(remat(layer, cfg.remat), x_BxTxD, params["layers"])
-    new_cache = None
+    x_BxTxD, new_cache = _apply_full(params, x_BxTxD, mask_BxT, positions_BxT, cfg,
+                                     inv_freq), None
   else:
     if positions_BxT is not None:
       raise ValueError("positions_BxT cannot be set with a cache: a cached "
@@ -388,6 +377,24 @@ def apply(
   if return_hidden:
     return x_BxTxD, new_cache
   return unembed(params, x_BxTxD, cfg), new_cache
+
+
+def _apply_full(params, x_BxTxD, mask_BxT, positions_BxT, cfg, inv_freq):
+  """Every token attends to the earlier real tokens of its row; no cache."""
+  b, t = mask_BxT.shape
+  if positions_BxT is None:
+    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
+  idx_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+  visible = _visible(positions_BxT, positions_BxT, mask_BxT, idx_BxT,
+                     jnp.arange(t), cfg.sliding_window)
+
+  def layer(x, lp):
+    return _block(x, lp, cfg, positions_BxT, inv_freq,
+                  lambda q, k, v: (attention(q, k.transpose(0, 2, 1, 3),
+                                             v.transpose(0, 2, 1, 3), visible), None))
+
+  x_BxTxD, _ = jax.lax.scan(remat(layer, cfg.remat), x_BxTxD, params["layers"])
+  return x_BxTxD
 
 
 def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, inv_freq, attend_len=None):
