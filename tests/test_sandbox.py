@@ -106,10 +106,15 @@ def test_hostile_programs_score_zero_with_reasons():
 
 
 def test_runs_in_parallel_workers():
-  # Each program reports when it started and ended: with two workers the two runs
-  # overlap in time (each sleeps 3 s, far longer than a process start).
-  program = "import time\nt = time.time()\ntime.sleep(3)\nprint(t, time.time())"
-  results = sandbox.run_many([program] * 2, LIMITS, workers=2)
+  # Each program reports when it started, then sleeps until a shared deadline 8 s away.
+  # Run one after the other, the second would start after the first ended; with two
+  # workers both start before the deadline, however slowly a loaded machine starts them
+  # (up to 8 s), so the runs overlap.
+  deadline = time.time() + 8
+  program = (f"import time\nt = time.time()\ntime.sleep(max(0.0, {deadline} - t))\n"
+             "print(t, time.time())")
+  limits = sandbox.Limits(timeout_s=60.0, cpu_seconds=2, memory_bytes=512 << 20)
+  results = sandbox.run_many([program] * 2, limits, workers=2)
   assert all(r.passed for r in results)
   (start_a, end_a), (start_b, end_b) = (map(float, r.stdout.split()) for r in results)
   assert max(start_a, start_b) < min(end_a, end_b)
