@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from sampler import QUESTIONS, timed  # pylint: disable=g-import-not-at-top
+from bench_util import timed  # pylint: disable=g-import-not-at-top
+from sampler import QUESTIONS  # pylint: disable=g-import-not-at-top
 
 from jaxscore.models import pretrained
 from jaxscore.sampling import formats

@@ -18,7 +18,6 @@ import json
 import os
 import pathlib
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +28,11 @@ from jaxscore.sampling import formats
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import prompts
 
+from bench_util import timed  # pylint: disable=g-import-not-at-top
+
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
              [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
 NEVER = -1  # A stop id no token matches, so every row decodes all new tokens.
-
-
-def timed(fn, repeats=3):
-  """Best-of-n wall time of fn() (after one warm-up call that compiles)."""
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def read_bandwidth_bytes_per_s() -> float:
@@ -113,7 +103,6 @@ def turn2_runs(smp, params, state1, instruction_ids, greedy, static) -> dict:
 
 def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
   tok = model.tokenizer
-  b = len(prompts_ids)
   max_len = sampler_lib.bucket(max(map(len, prompts_ids)) + 2 * new_tokens
                                + len(instruction_ids) + 1)
   smp = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[NEVER],

@@ -31,24 +31,9 @@ from jaxscore.sampling import formats
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
+from bench_util import TimedTask  # pylint: disable=g-import-not-at-top
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-class TimedTask:
-  """A task whose `score` calls are timed."""
-
-  def __init__(self, task):
-    self.task, self.seconds = task, 0.0
-    self.name, self.instruction = task.name, task.instruction
-
-  def problems(self, split):
-    return self.task.problems(split)
-
-  def score(self, problems, responses):
-    t0 = time.perf_counter()
-    out = self.task.score(problems, responses)
-    self.seconds += time.perf_counter() - t0
-    return out
 
 
 def measure(model, task, split: str, args) -> dict:

@@ -35,34 +35,7 @@ from jaxscore.objectives import rl
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best
-
-
-class TimedTask:
-  """A task whose `score` calls are timed (the rollout calls it between turns)."""
-
-  def __init__(self, task):
-    self.task, self.seconds = task, 0.0
-    self.name, self.instruction = task.name, task.instruction
-
-  def problems(self, split):
-    return self.task.problems(split)
-
-  def score(self, problems, responses):
-    t0 = time.perf_counter()
-    out = self.task.score(problems, responses)
-    self.seconds += time.perf_counter() - t0
-    return out
+from bench_util import TimedTask, matmul_peak_flops  # pylint: disable=g-import-not-at-top
 
 
 def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
