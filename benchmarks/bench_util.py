@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
 import time
 
 import jax
@@ -41,3 +43,11 @@ class TimedTask:
     out = self.task.score(problems, responses)
     self.seconds += time.perf_counter() - t0
     return out
+
+
+def write_results(out: pathlib.Path, stem: str, payload: dict, lines: list[str]) -> None:
+  """`<stem>.json` (the numbers) and `<stem>.md` (the table) under `out`; prints the table."""
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+  (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))

@@ -202,6 +202,12 @@ def _scripted_setup():
   return setup, model_lib.init(cfg, jax.random.key(0), stddev=0.5)
 
 
+def _sampler(setup, problems, feedback):
+  """A sampler for 3 turns of up to 4 tokens with `feedback` between them."""
+  return rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
+                                  message_len=rollout_lib.instruction_len(setup, feedback))
+
+
 def _count(seq, sub) -> int:
   return sum(seq[i:i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
 
@@ -210,8 +216,7 @@ def test_feedback_rollout_stops_rows_at_their_first_correct_answer():
   setup, params = _scripted_setup()
   problems = setup.task.problems("train")
   feedback = rollout_lib.Feedback("unary")
-  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
-                                 message_len=rollout_lib.instruction_len(setup, feedback))
+  smp = _sampler(setup, problems, feedback)
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=4)
   compiles = collections.Counter()
 
@@ -260,8 +265,7 @@ def test_feedback_rollout_in_parts_scores_one_part_while_the_other_samples(monke
   setup, params = _scripted_setup()
   problems = setup.task.problems("train")
   feedback = rollout_lib.Feedback("unary")
-  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
-                                 message_len=rollout_lib.instruction_len(setup, feedback))
+  smp = _sampler(setup, problems, feedback)
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=4)
   whole = rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
                               feedback=feedback)
@@ -305,8 +309,7 @@ def test_rollout_of_groups_prefills_each_prompt_once_with_the_same_samples(kind)
   setup, params = _scripted_setup()
   problems = [p for p in setup.task.problems("train") for _ in range(2)]  # Groups of 2.
   feedback = rollout_lib.Feedback(kind)
-  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 3, 4,
-                                 message_len=rollout_lib.instruction_len(setup, feedback))
+  smp = _sampler(setup, problems, feedback)
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=4)
   run = lambda group: rollout_lib.rollout(params, smp, setup, problems, 3, sampling,
                                           jax.random.key(7), feedback=feedback, group=group)
