@@ -93,8 +93,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       "multi_turn_per_turn": multi + ";grpo.reward=per_turn",
       "multi_turn_outcome": multi + ";grpo.reward=outcome",
       "multi_turn_decayed": multi + ";grpo.reward=decayed",
-      "score": (f"method=rl;objective=score;rollout.num_turns=2;rollout.feedback=instruction;"
-                f"score.stages=" + (f"I:{stage1},II:{steps - stage1}" if stage1
+      "score": ("method=rl;objective=score;rollout.num_turns=2;rollout.feedback=instruction;"
+                "score.stages=" + (f"I:{stage1},II:{steps - stage1}" if stage1
                                     else f"II:{steps}")),
       "star": "method=star;objective=sft",
       "pair_sft": "method=pair_sft;objective=sft",

@@ -19,6 +19,7 @@ actually sampled. Evaluation, on the same test problems for every arm:
     answer: Acc@t is the fraction answered correctly by turn t (Self-Refine's own
     critique prompt instead, given after every answer: its Acc@t is turn t's answer).
 Each arm writes `<workdir>/arms/<name>/result.json` when finished; a rerun skips it.
+Its training runs then keep only their parameters (`.../params/`, no optimizer state).
 Then `summary.json`, `summary.md` and `summary.png`, with 95% bootstrap intervals over
 the test problems.
 """
@@ -31,8 +32,10 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from jaxscore.infra import entry
 
 METHODS = ("none", "rl", "star", "pair_sft")
 
@@ -248,9 +251,18 @@ class Study:
               **self.evaluate(ac, params, directory),
               "seconds": {"train": t1 - t0, "evaluate": time.perf_counter() - t1}}
     done.write_text(json.dumps(result, indent=1))
+    self._keep_params_only(ac, directory)
     m = result["metrics"]
     print(f"[{name}] " + ", ".join(f"{k}={v[0]:.3f}" for k, v in m.items()))
     return result
+
+  def _keep_params_only(self, ac, directory) -> None:
+    """A finished arm is never resumed: its training runs keep their parameters (to
+    export or evaluate again) and drop the optimizer state."""
+    from jaxscore.loops import common
+
+    for run in sorted(p.parent for p in directory.glob("*/checkpoints")):
+      common.keep_params_only(ac, run, self.setup.cfg, self.base_params)
 
   def run(self) -> dict:
     names = [n.strip() for n in self.c.study.arms.split(",") if n.strip()]
@@ -338,8 +350,8 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that importing this module (tests, notebooks) next to
   # another entry point does not define --config twice.
-  config_flags.DEFINE_config_file("config", None, "configs/study.py[:variant]",
+  config_flags.DEFINE_config_file("config", None, entry.config_help("study.py:cpu"),
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where each arm and the summary go.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  entry.run(main, "jaxscore.study")

@@ -12,10 +12,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import require_embedded
 
 from jaxscore.infra import checkpoint as checkpoint_lib
+from jaxscore.loops import train as train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -71,6 +73,31 @@ def test_a_checkpoint_that_fails_its_checksums_is_reported_and_skipped(tmp_path,
   with pytest.raises(checkpoint_lib.CorruptCheckpoint, match=r"step 2 .*corrupt.*\['b'\]"):
     ckpt.restore(_ABSTRACT, step=2)  # A step asked for by number is never replaced.
   ckpt.close()
+
+
+def test_parameters_alone_are_restored_and_verified_against_their_checksums(tmp_path):
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,), jnp.bfloat16)}
+  state = train_lib.TrainState.create(params, optax.adam(1e-3))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, keep=2, best_metric=None)
+  for step in (1, 2):
+    ckpt.save(step, state, {"step": step})
+  ckpt.close()
+  abstract = {"params": checkpoint_lib.abstract_like(params)}
+  reader = checkpoint_lib.Checkpointer(tmp_path, keep=2, best_metric=None)
+  got, meta = reader.restore(abstract, partial=True)
+  assert meta["step"] == 2 and set(got) == {"params"}
+  jax.tree.map(np.testing.assert_array_equal, got["params"], params)
+  reader.close()
+  # Only the restored arrays are checked: a bad optimizer checksum does not matter here,
+  # a bad parameter checksum does.
+  _rewrite_meta(tmp_path, 2, lambda m: m["checksums"].update({".opt_state[0].mu['w']": 1}))
+  _rewrite_meta(tmp_path, 1, lambda m: m["checksums"].update({".params['w']": 1}))
+  reader = checkpoint_lib.Checkpointer(tmp_path, keep=2, best_metric=None)
+  got, _ = reader.restore(abstract, step=2, partial=True)
+  jax.tree.map(np.testing.assert_array_equal, got["params"], params)
+  with pytest.raises(checkpoint_lib.CorruptCheckpoint, match=r"step 1 .*\.params\['w'\]"):
+    reader.restore(abstract, step=1, partial=True)
+  reader.close()
 
 
 def test_a_truncated_metadata_file_is_named_and_skipped(tmp_path, capsys):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxscore import objectives
+from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.loops import common, offline, online
 from jaxscore.loops import train as train_lib
 from jaxscore.models import model as model_lib
@@ -182,6 +183,38 @@ def test_offline_loop_resumes_exactly_and_learns(tmp_path):
   # The best checkpoint is the lowest evaluation loss.
   best, step = common.restore_params(c, tmp_path / "a", CFG, params, "best")
   assert step == 2 + 2 * int(np.argmin(evals))
+
+
+def _disk_bytes(directory) -> int:
+  return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def test_a_finished_run_keeps_its_latest_and_best_params_without_the_optimizer(tmp_path):
+  c = _offline_config()
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=1, best_metric="eval/loss",
+                                     best_mode="min")
+  for step, loss in ((1, 0.5), (2, 0.9), (3, 0.7)):
+    p = jax.tree.map(lambda x: x + step, params)
+    ckpt.save(step, train_lib.TrainState.create(p, optimizer), {"step": step},
+              metrics={"eval/loss": loss})
+  ckpt.close()
+  full_bytes = _disk_bytes(tmp_path / "checkpoints")
+  # Reading parameters does not depend on the optimizer's state or its config.
+  c.optim.optimizer = "rmsprop"
+  assert common.keep_params_only(c, tmp_path, CFG, params) == [1, 3]  # Best and latest.
+  assert not (tmp_path / "checkpoints").exists()
+  # No optimizer arrays are written (with Adam, two moments per parameter).
+  assert _disk_bytes(tmp_path / "params") < 0.7 * full_bytes
+  for step in (1, 3):
+    meta = json.loads((tmp_path / "params" / str(step) / "meta" / "metadata").read_text())
+    assert meta["params_only"] and meta["step"] == step
+    assert all(k.startswith("['params']") for k in meta["checksums"]), meta["checksums"]
+  for which, step in (("best", 1), ("latest", 3), ("3", 3)):
+    got, got_step = common.restore_params(c, tmp_path, CFG, params, which)
+    assert got_step == step
+    jax.tree.map(lambda g, x: np.testing.assert_array_equal(g, x + step), got, params)
 
 
 def test_offline_batches_follow_a_seeded_permutation_per_epoch():

@@ -10,12 +10,18 @@ Every checkpoint also records a checksum of each array, and a restore checks the
 checkpoint whose data was corrupted on disk is reported and the newest one that checks
 out is restored instead. The step a run last restored from is never deleted by
 retention, and parameters that are not finite are never saved.
+
+A reader that needs only the parameters (evaluation, export, the next stage of a
+pipeline) restores them alone (`restore(..., partial=True)`), and a finished stage that
+nothing resumes keeps its parameters alone (`keep_params_only`): with Adam the optimizer
+state is twice the parameters' size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,9 +141,12 @@ class Checkpointer:
         scored.append((sign * value, step))
     return max(scored)[1] if scored else None
 
-  def restore(self, abstract_state: Any, step: int | None = None):
+  def restore(self, abstract_state: Any, step: int | None = None, partial: bool = False):
     """(state, meta) restored into the abstract state's shapes, dtypes and shardings,
     and verified against its checksums; None if there is no checkpoint.
+
+    With `partial`, `abstract_state` is a dict of some of the saved state's top-level
+    fields (e.g. `{"params": ...}`) and only those are read.
 
     With `step` None, the newest checkpoint that restores and verifies: a corrupt one is
     reported (logged and printed) and the next older one tried. With a `step`, a corrupt
@@ -146,7 +155,7 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
     for candidate in steps:
       try:
-        state, meta = self._restore_verified(abstract_state, candidate)
+        state, meta = self._restore_verified(abstract_state, candidate, partial)
       except CorruptCheckpoint as e:
         if step is not None:
           raise
@@ -178,12 +187,17 @@ class Checkpointer:
     self.manager.reload()
     return target
 
-  def _restore_verified(self, abstract_state: Any, step: int):
+  def _restore_verified(self, abstract_state: Any, step: int, partial: bool = False):
     where = f"checkpoint step {step} in {self.manager.directory}"
+    if partial:
+      state_args = ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     try:
       restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        meta=ocp.args.JsonRestore()))
+          step, args=ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (any unreadable data)
       raise CorruptCheckpoint(f"{where} cannot be read: {type(e).__name__}: {e}") from e
     state, meta = restored["state"], restored["meta"]
@@ -191,6 +205,9 @@ class Checkpointer:
     if expected is None:
       return state, meta  # Saved before checksums were recorded.
     actual = _flat_checksums(state)
+    if partial:
+      actual = {_saved_key(k, expected): v for k, v in actual.items()}
+      expected = {k: v for k, v in expected.items() if k in actual}
     bad = [k for k in expected if actual.get(k) != expected[k]]
     if bad or set(actual) != set(expected):
       raise CorruptCheckpoint(f"{where} is corrupt: {len(bad)} array(s) do not match their "
@@ -203,6 +220,61 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _saved_key(key: str, expected: dict) -> str:
+  """The checksum key a partially restored array was saved under: a dataclass state
+  (TrainState) records its fields as attributes, `.params[...]`, where the partial
+  tree, a dict, has `['params'][...]`."""
+  if key in expected:
+    return key
+  return re.sub(r"^\['([^']*)'\]", r".\1", key)
+
+
+def keep_params_only(source, target, abstract_params: Any) -> list[int]:
+  """Replaces the checkpoints in `source` (of a finished run) by its parameters alone,
+  written to `target`; returns the steps kept (the latest and the best).
+
+  Nothing resumes a finished stage of a pipeline, so its optimizer state is dead weight
+  that a study of several arms would otherwise keep for each. The parameters are
+  written completely (orbax's atomic saves) before `source` is deleted, so a crash in
+  between loses nothing: a reader prefers `target` once it has a step.
+  """
+  source, target = files.path(source), files.path(target)
+  if not source.exists():
+    return []
+  full = Checkpointer(source, keep=1 << 30, async_save=False)
+  kept = sorted({s for s in (full.latest_step(), full.best_step()) if s is not None})
+  out = None
+  for step in kept:
+    state, meta = full.restore({"params": abstract_params}, step=step, partial=True)
+    if out is None:
+      out = Checkpointer(target, keep=1 << 30, async_save=False,
+                         best_metric=meta.get("best_metric"),
+                         best_mode=meta.get("best_mode") or "max")
+    record = {k: v for k, v in meta.items()
+              if k not in ("checksums", "metrics", "best_metric", "best_mode")}
+    out.save(step, state, dict(record, params_only=True), metrics=meta.get("metrics") or None)
+  full.close()
+  if out is not None:
+    out.close()
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices(f"params of {source} written")
+  if jax.process_index() == 0:
+    source.rmtree()
+  multihost_utils.sync_global_devices(f"{source} deleted")
+  return kept
+
+
+def params_directory(workdir) -> Any:
+  """Where a run's parameters are read from: `params/` once a finished run kept only
+  its parameters there, else `checkpoints/`."""
+  workdir = files.path(workdir)
+  params = workdir / "params"
+  if params.exists() and any(p.name.isdigit() for p in params.iterdir()):
+    return params
+  return workdir / "checkpoints"
 
 
 def pick_step(ckpt: Checkpointer, which: str) -> int | None:

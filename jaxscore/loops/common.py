@@ -155,32 +155,43 @@ class Run:
     return state, info
 
 
+def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):
+  if mesh is None:
+    mesh, rules = mesh_from_config(c)
+  param_sh = sharding.param_shardings(model_cfg, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      params, param_sh)
+
+
 def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: str = "latest",
                    mesh=None, rules=None) -> tuple[Any, int | None]:
   """(params, step) of the workdir's `latest` or `best` checkpoint (or a step number as
-  text), in their shardings; `(params, None)` unchanged when the workdir has none."""
-  if mesh is None:
-    mesh, rules = mesh_from_config(c)
-  with sharding.activate(mesh, rules):
-    param_sh = sharding.param_shardings(model_cfg, mesh, rules)
-    optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
-    abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    state_sh = train_lib.state_shardings(optimizer, abstract_params, param_sh, mesh)
-    abstract = jax.eval_shape(lambda p: train_lib.TrainState.create(p, optimizer),
-                              abstract_params)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, state_sh)
-    ckpt = checkpoint_lib.Checkpointer(files.path(workdir) / "checkpoints", keep=1 << 30)
-    try:
-      if which == "latest":  # The newest intact one: a corrupt latest is reported.
-        restored = ckpt.restore(abstract)
-        if restored is None:
-          return params, None
-        return restored[0].params, int(restored[0].step)
-      step = checkpoint_lib.pick_step(ckpt, which)
-      if step is None:
+  text), in their shardings; `(params, None)` unchanged when the workdir has none.
+
+  Only the parameters are read, so the optimizer (and its config) does not matter, and
+  a finished run that kept its parameters alone reads the same way."""
+  abstract = {"params": _abstract_params(c, model_cfg, params, mesh, rules)}
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.params_directory(workdir), keep=1 << 30)
+  try:
+    if which == "latest":  # The newest intact one: a corrupt latest is reported.
+      restored = ckpt.restore(abstract, partial=True)
+      if restored is None:
         return params, None
-      state, _ = ckpt.restore(abstract, step=step)
-      return state.params, step
-    finally:
-      ckpt.close()
+      return restored[0]["params"], int(restored[1]["step"])
+    step = checkpoint_lib.pick_step(ckpt, which)
+    if step is None:
+      return params, None
+    state, _ = ckpt.restore(abstract, step=step, partial=True)
+    return state["params"], step
+  finally:
+    ckpt.close()
+
+
+def keep_params_only(c, workdir, model_cfg: model_lib.ModelConfig, params, mesh=None,
+                     rules=None) -> list[int]:
+  """A finished run keeps its latest and best parameters (in `<workdir>/params`) and
+  drops its optimizer state; `restore_params` reads them as before."""
+  workdir = files.path(workdir)
+  return checkpoint_lib.keep_params_only(
+      workdir / "checkpoints", workdir / "params",
+      _abstract_params(c, model_cfg, params, mesh, rules))

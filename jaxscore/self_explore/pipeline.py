@@ -12,7 +12,8 @@
 
 Each stage writes its data (JSONL) and checkpoint under `<workdir>/<stage>/` and then
 `done.json`; a rerun skips finished stages and resumes an unfinished training stage from
-its checkpoint.
+its checkpoint. A finished training stage keeps only its parameters (`<stage>/params/`,
+latest and best): nothing resumes it, and Adam's moments would triple its disk use.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class Pipeline:
     if info["preempted"]:
       raise SystemExit(f"SIGTERM during {stage}: rerun the same command to resume")
     self._finish(stage, {"examples": len(examples), "steps": info["step"]})
+    # Nothing resumes a finished stage: it keeps its parameters, not the optimizer.
+    common.keep_params_only(c, self._dir(stage), cfg, init_params)
     return state.params
 
   # -- The stages. --------------------------------------------------------------
