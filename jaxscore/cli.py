@@ -58,6 +58,31 @@ def _export(args) -> int:
   return 0
 
 
+def _evaluate(args) -> int:
+  from jaxscore import evaluate, export
+  from jaxscore import main as main_lib
+  from jaxscore.infra import files
+  from jaxscore.loops import common
+  from jaxscore.sampling import rollout
+
+  c = export.run_config(args.workdir)
+  for key, value in (("num_problems", args.num_problems), ("num_turns", args.num_turns),
+                     ("pass_k_samples", args.pass_k_samples)):
+    if value is not None:
+      c.evaluate[key] = value
+  workdir = files.path(args.workdir)
+  _, eval_setup, base = rollout.from_config(c)
+  params, step = common.restore_params(c, workdir, eval_setup.cfg, base, args.step)
+  if step is None:
+    raise export.ExportError(f"{workdir} has no checkpoint yet: train first, or evaluate "
+                             f"the base model with `python -m jaxscore.main --mode=evaluate`")
+  label = f"step {step} ({args.step})"
+  result = main_lib.run_eval(c, eval_setup, params, workdir, f"step{step}")
+  print("\n" + evaluate.format_table({label: result}, main_lib.eval_turns(c)))
+  print(f"\nreport: {workdir / 'eval'}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="jaxscore", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -80,12 +105,29 @@ def main(argv: list[str] | None = None) -> int:
   export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="weights' dtype in the safetensors file")
   export.set_defaults(run=_export)
+  ev = sub.add_parser(
+      "evaluate", help="evaluate a trained checkpoint of a run",
+      description="Greedy T-turn accuracy (and pass@k if configured) of a run's checkpoint "
+                  "on the evaluation split, with the run's own config (<workdir>/config.json); "
+                  "writes <workdir>/eval/step<N>.json and prints the table.")
+  ev.add_argument("--workdir", required=True,
+                  help="the run's directory (holds config.json and checkpoints/)")
+  ev.add_argument("--step", default="latest",
+                  help="latest | best (by the run's best metric) | a step number")
+  ev.add_argument("--num_problems", type=int, default=None,
+                  help="evaluate the first N problems (default: the run's evaluate.num_problems)")
+  ev.add_argument("--num_turns", type=int, default=None,
+                  help="turns of the dialogue (default: the run's evaluate.num_turns)")
+  ev.add_argument("--pass_k_samples", type=int, default=None,
+                  help="samples per problem for pass@k (0: none; default: the run's)")
+  ev.set_defaults(run=_evaluate)
   args = parser.parse_args(argv)
+  from jaxscore.infra import entry
+
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError) as e:  # A user error: one line, no traceback.
-    print(f"jaxscore {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except entry.user_errors() as e:  # One line, no traceback.
+    entry.fail(f"jaxscore {args.command}", e)
 
 
 if __name__ == "__main__":

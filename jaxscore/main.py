@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.",
-                                          lock_config=True)
+from jaxscore.infra import entry
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, entry.config_help("score.py:cpu"), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Checkpoints, logs and reports: a local path or gs://.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train_and_evaluate", "train", "evaluate"],
@@ -122,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main, "jaxscore.main")

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from jaxscore.infra import files
+from jaxscore.infra import entry, files
 
 _CONFIG = flags.DEFINE_string("config", None, "configs/<file>.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the runs' workdirs.")
@@ -40,10 +40,10 @@ def load_sweep(config: str) -> list[dict[str, Any]]:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   if not hasattr(module, "get_sweep"):
-    raise ValueError(f"{path} defines no get_sweep()")
+    raise entry.UsageError(f"{path} defines no get_sweep()")
   sweep = list(module.get_sweep(arg) if arg else module.get_sweep())
   if not sweep:
-    raise ValueError(f"{path}: get_sweep() returned no runs")
+    raise entry.UsageError(f"{path}: get_sweep() returned no runs")
   # Validate each key against the config now, not hours into the sweep.
   cfg = module.get_config(arg) if arg else module.get_config()
   for overrides in sweep:
@@ -51,7 +51,7 @@ def load_sweep(config: str) -> list[dict[str, Any]]:
       node = cfg
       for part in key.split("."):
         if part not in node:
-          raise KeyError(f"{path}: sweep key {key!r} is not a config field")
+          raise entry.UsageError(f"{path}: sweep key {key!r} is not a config field")
         node = node[part]
   return sweep
 
@@ -113,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  entry.run(main, "jaxscore.sweep")

@@ -82,6 +82,16 @@ def test_evaluate_mode_evaluates_the_trained_checkpoint(tmp_path):
   assert list(report) == ["after SCoRe"] and report["after SCoRe"]["num_problems"] == 2
   assert "| after SCoRe |" in out.stdout
   _export_round_trip(tmp_path, best_step)
+  # `jaxscore evaluate` reads the run's own config and gives the same numbers.
+  cli = subprocess.run([sys.executable, "-m", "jaxscore.cli", "evaluate", f"--workdir={tmp_path}",
+                        "--step=best", "--num_problems=2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=900)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  assert f"| step {best_step} (best) |" in cli.stdout
+  again = json.loads((tmp_path / "eval" / f"step{best_step}.json").read_text())["metrics"]
+  compared = [k for k in report["after SCoRe"] if k.startswith(("acc@", "delta", "num_"))]
+  assert "acc@t1" in compared
+  assert {k: again[k] for k in compared} == {k: report["after SCoRe"][k] for k in compared}
 
 
 def _export_round_trip(workdir, best_step):

@@ -101,7 +101,7 @@ def test_sweep_rejects_unknown_keys(tmp_path):
   cfg = tmp_path / "bad.py"
   cfg.write_text((ROOT / "configs" / "score.py").read_text() +
                  "\ndef get_sweep(arg='cpu'):\n  return [{'score.alpah': 1.0}]\n")
-  with pytest.raises(KeyError, match="score.alpah"):
+  with pytest.raises(ValueError, match="score.alpah"):
     sweep.load_sweep(str(cfg) + ":cpu")
 
 

@@ -7,11 +7,13 @@ Rerunning the same command skips finished stages and resumes an unfinished one.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Self-Explore config.",
-                                          lock_config=True)
+from jaxscore.infra import entry
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, entry.config_help("self_explore.py:cpu"), lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Stages' data, checkpoints and reports.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -29,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  entry.run(main, "jaxscore.self_explore")
