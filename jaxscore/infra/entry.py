@@ -47,15 +47,21 @@ def describe(e: BaseException) -> str:
     package = {"tensorflow_datasets": "tensorflow-datasets", "math_verify": "math-verify"}
     return (f"the optional dependency {e.name!r} is not installed: "
             f"pip install {package.get(e.name, e.name)}")
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return " ".join(lines) if lines else type(e).__name__
+
+
+def _config_error(e: BaseException) -> str:
+  """absl and ml_collections wrap a config file's error (with its traceback, as text);
+  the original error is the text's last line."""
   if isinstance(e, (KeyError, AttributeError)):
-    # ml_collections' message names the key and may suggest a close one.
+    # A --config.* override: ml_collections names the key and may suggest a close one.
     text = str(e.args[0] if e.args else e)
     key = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
     guess = re.search(r'Did you mean \W*"([^"\\]+)', text)
     return (f"{key.group(0) if key else text!r} is not a config field"
             + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
             + ": check the --config.* overrides")
-  # Config-file errors arrive wrapped, with the original error in the text's last line.
   lines = [l.strip() for l in str(e).splitlines() if l.strip()]
   return lines[-1] if lines else type(e).__name__
 
@@ -79,9 +85,10 @@ def _parse(prog: str, argv: list[str]) -> list[str]:
       sys.exit(0)
     raise
   except Exception as e:  # pylint: disable=broad-except  (all from the command line)
-    if isinstance(e, flags.Error) and "--help" not in str(e):
-      e = flags.Error(f"{describe(e)} {_HINT}")
-    fail(prog, e)
+    if os.environ.get("JAXSCORE_TRACEBACK"):
+      raise
+    hint = f" {_HINT}" if isinstance(e, flags.Error) and "--help" not in str(e) else ""
+    fail(prog, UsageError(_config_error(e) + hint))
   return rest
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -114,8 +115,9 @@ class Run:
     step = first = int(state.step)
     writer = metric_writers.MetricsWriter(self.workdir, start_step=step)
     running: dict[str, float] = {}
+    # No bar in logs and pipes; a notebook's output is no TTY either, but shows it live.
     bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
-               disable=None)
+               disable=False if "ipykernel" in sys.modules else None)
     phase = None
     with Preemption() as preempt:
       while step < total:
