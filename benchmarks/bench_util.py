@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: timing, the matmul peak, timed scoring."""
+"""Pieces the benchmark scripts share: timing, the matmul peak, timed scoring, and the
+model and precision for the backend they run on (CPU, GPU or TPU, unchanged)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,74 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from jaxscore.models import model as model_lib
+from jaxscore.models import pretrained, weights
+
+# Random weights in the shapes of larger models (--model), for accelerators.
+SHAPES = {
+    "1.5b": dict(vocab_size=151936, num_layers=28, embed_dim=1536, num_heads=12,  # Qwen2.5
+                 num_kv_heads=2, mlp_dim=8960, qkv_bias=True, tie_embeddings=True),
+    "8b": dict(vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32,  # Llama-3
+               num_kv_heads=8, mlp_dim=14336, rope_theta=500000.0),
+}
+MODELS = ("embedded", *SHAPES)
+
+
+def accelerated() -> bool:
+  return jax.default_backend() != "cpu"
+
+
+def load_model(name: str, training: bool = False):
+  """(cfg, params, tokenizer): the embedded model, or random weights in the shape of a
+  larger one with the embedded tokenizer (its ids are valid in either vocabulary).
+
+  float32 on CPU. On an accelerator, compute is bfloat16, its baseline; weights are
+  bfloat16 for sampling and float32 (master weights, mixed precision) for training."""
+  m = pretrained.load(pretrained.DEFAULT_MODEL)
+  if name == "embedded":
+    cfg, params = m.cfg, jax.device_put(m.params)
+  else:
+    cfg = model_lib.ModelConfig(**SHAPES[name])
+    params = model_lib.init(cfg, jax.random.key(0))
+  if accelerated():
+    cfg = cfg.replace(dtype="bfloat16")
+    if not training:
+      cfg = cfg.replace(param_dtype="bfloat16")
+      params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  return cfg, params, m.tokenizer
+
+
+def results_stem(stem: str) -> str:
+  """Results per backend: `<stem>` on CPU, `<stem>_gpu` / `<stem>_tpu` elsewhere."""
+  backend = jax.default_backend()
+  return stem if backend == "cpu" else f"{stem}_{backend}"
+
+
+def transformers_model(cfg: model_lib.ModelConfig, params):
+  """transformers' model of the same architecture with the same weights, for
+  `generate`; on CUDA (bfloat16) when JAX runs on a GPU, float32 on CPU."""
+  import torch
+  import transformers
+
+  hf = weights.config_to_hf(cfg)
+  model_type = hf.pop("model_type")
+  for key in ("architectures", "torch_dtype", "dtype"):
+    hf.pop(key)
+  config = transformers.AutoConfig.for_model(model_type, **hf)
+  gpu = jax.default_backend() == "gpu"
+  dtype = torch.bfloat16 if gpu else torch.float32
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+  tensors = weights.params_to_tensors(params, cfg)
+  missing, unexpected = model.load_state_dict(
+      {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+  tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+  if set(missing) - tied or unexpected:
+    raise ValueError(f"weights do not match transformers' {model_type}: missing "
+                     f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+  if cfg.tie_embeddings:
+    model.tie_weights()
+  return model.to("cuda" if gpu else "cpu").eval()
 
 
 def timed(fn, repeats=3):

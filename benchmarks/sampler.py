@@ -1,6 +1,12 @@
-"""Sampler throughput on the embedded SmolLM2-135M, float32, side by side with transformers.
+"""Sampler throughput side by side with transformers `generate` on the same weights.
 
-  python benchmarks/sampler.py [--batches 1,16,64] [--new_tokens 64] [--out benchmarks/results]
+  python benchmarks/sampler.py [--model embedded|1.5b|8b] [--batches 1,16,64]
+                               [--new_tokens 64] [--out benchmarks/results]
+
+The embedded SmolLM2-135M by default, or random weights in the shape of Qwen2.5-1.5B or
+Llama-3-8B; float32 on CPU, bfloat16 weights and compute on a GPU or TPU (transformers
+runs on CUDA there; on TPU there is no transformers baseline). Results per backend:
+`sampler.md` on CPU, `sampler_gpu.md` / `sampler_tpu.md` elsewhere.
 
 Measures, in one run on this machine:
   * decode tokens/s of jaxscore's sampler vs transformers `generate` (PyTorch, same
@@ -8,7 +14,7 @@ Measures, in one run on this machine:
   * the fraction of the memory-bandwidth roofline reached by jaxscore's decode steps
     (weight + KV-cache bytes read per step / read bandwidth measured here);
   * turn-2 time with the carried KV cache vs re-prefilling the whole conversation.
-Writes `sampler.md` and `sampler.json` under --out.
+Writes `<stem>.md` and `<stem>.json` under --out.
 """
 
 from __future__ import annotations
@@ -18,17 +24,18 @@ import json
 import os
 import pathlib
 import platform
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore.models import pretrained
 from jaxscore.sampling import formats
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import prompts
 
-from bench_util import timed  # pylint: disable=g-import-not-at-top
+from bench_util import (MODELS, load_model, results_stem,  # pylint: disable=g-import-not-at-top
+                        timed, transformers_model, write_results)
 
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
              [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
@@ -146,6 +153,7 @@ def hf_run(hf_model, tok, prompts_ids, new_tokens):
   pad = tok.pad_token_id or 0
   ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts_ids])
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
+  ids, mask = ids.to(hf_model.device), mask.to(hf_model.device)
   out = {}
 
   def gen():
@@ -153,6 +161,8 @@ def hf_run(hf_model, tok, prompts_ids, new_tokens):
       out["ids"] = hf_model.generate(
           input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    if hf_model.device.type == "cuda":
+      torch.cuda.synchronize()
 
   t = timed(gen, repeats=2)
   return t, [row[width:].tolist() for row in out["ids"]]
@@ -164,78 +174,89 @@ def _same_until_eos(ours, theirs, eos):
   return ours[:cut] == theirs[:cut]
 
 
-def load_hf_model(gguf_path: pathlib.Path):
-  """transformers' model from the same GGUF file, dequantized, in float32."""
-  import torch
-  import transformers
-
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
-
-
-def main():
-  parser = argparse.ArgumentParser()
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="embedded", choices=MODELS,
+                      help="the embedded model, or random weights of Qwen2.5-1.5B / Llama-3-8B shape")
   parser.add_argument("--batches", default="1,16,64")
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   parser.add_argument("--no_hf", action="store_true", help="skip transformers")
-  args = parser.parse_args()
+  return parser.parse_args()
 
-  model = pretrained.load(pretrained.DEFAULT_MODEL)
+
+def measure_batch(model, b: int, args, instruction_ids, bandwidth, param_bytes, hf_model):
   fmt = formats.ChatFormat(model.tokenizer)
-  instruction_ids = fmt.instruction_ids(prompts.MATH_SELF_CORRECTION)
-  bandwidth = read_bandwidth_bytes_per_s()
-  param_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
   cfg = model.cfg
-  hf_model = None if args.no_hf else load_hf_model(model.path)
+  prompts_ids = [fmt.prompt_ids(QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
+  r = jax_runs(model, prompts_ids, args.new_tokens, instruction_ids)
+  steps = args.new_tokens
+  # Bytes one decode step reads: every weight once (the tied embedding is the LM head)
+  # and both K and V of the cache window in every layer.
+  kv_bytes = (2 * cfg.num_layers * b * r["mean_window"] * cfg.num_kv_heads * cfg.head_dim
+              * jnp.dtype(cfg.dtype).itemsize)
+  step_s = r["decode_s"] / steps
+  row = dict(
+      batch=b, jax_decode_tok_s=b * steps / r["decode_s"],
+      whole_buffer_decode_tok_s=b * steps / r["decode_whole_s"],
+      windowed_vs_whole=r["decode_whole_s"] / r["decode_s"],
+      whole_tokens_identical=r["whole_tokens_identical"], max_len=r["max_len"],
+      mean_window=r["mean_window"],
+      jax_total_s=r["turn1_s"], jax_prefill_s=r["prefill_s"],
+      roofline_weights=(param_bytes / bandwidth) / step_s,
+      roofline_weights_and_kv=((param_bytes + kv_bytes) / bandwidth) / step_s,
+      turn2_carried_s=r["turn2_carried_s"], turn2_reprefill_s=r["turn2_reprefill_s"],
+      turn2_speedup=r["turn2_reprefill_s"] / r["turn2_carried_s"],
+      turn2_prefill_speedup=r["turn2_prefill_full_s"] / r["turn2_prefill_carried_s"],
+      turn2_tokens_identical=r["turn2_tokens_identical"])
+  if hf_model is not None:
+    hf_s, hf_out = hf_run(hf_model, model.tokenizer, prompts_ids, steps)
+    row |= dict(hf_total_s=hf_s, hf_tok_s=b * steps / hf_s,
+                speedup_end_to_end=hf_s / r["turn1_s"],
+                greedy_rows_identical=sum(
+                    _same_until_eos(a, h, model.tokenizer.eos_token_id)
+                    for a, h in zip(r["responses"], hf_out)))
+  return row
 
+
+def main():
+  args = parse_args()
+  cfg, params, tokenizer = load_model(args.model)
+  model = types.SimpleNamespace(cfg=cfg, params=params, tokenizer=tokenizer)
+  instruction_ids = formats.ChatFormat(tokenizer).instruction_ids(prompts.MATH_SELF_CORRECTION)
+  bandwidth = read_bandwidth_bytes_per_s()
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  # transformers has no TPU backend: there the table has jaxscore's side only.
+  skip_hf = args.no_hf or jax.default_backend() == "tpu"
+  hf_model = None if skip_hf else transformers_model(cfg, params)
   rows = []
   for b in map(int, args.batches.split(",")):
-    prompts_ids = [fmt.prompt_ids(QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
-    r = jax_runs(model, prompts_ids, args.new_tokens, instruction_ids)
-    steps = args.new_tokens
-    # Bytes one decode step reads: every weight once (the tied embedding is the LM head)
-    # and both K and V of the cache window in every layer.
-    kv_bytes = 2 * cfg.num_layers * b * r["mean_window"] * cfg.num_kv_heads * cfg.head_dim * 4
-    step_s = r["decode_s"] / steps
-    row = dict(
-        batch=b, jax_decode_tok_s=b * steps / r["decode_s"],
-        whole_buffer_decode_tok_s=b * steps / r["decode_whole_s"],
-        windowed_vs_whole=r["decode_whole_s"] / r["decode_s"],
-        whole_tokens_identical=r["whole_tokens_identical"], max_len=r["max_len"],
-        mean_window=r["mean_window"],
-        jax_total_s=r["turn1_s"], jax_prefill_s=r["prefill_s"],
-        roofline_weights=(param_bytes / bandwidth) / step_s,
-        roofline_weights_and_kv=((param_bytes + kv_bytes) / bandwidth) / step_s,
-        turn2_carried_s=r["turn2_carried_s"], turn2_reprefill_s=r["turn2_reprefill_s"],
-        turn2_speedup=r["turn2_reprefill_s"] / r["turn2_carried_s"],
-        turn2_prefill_speedup=r["turn2_prefill_full_s"] / r["turn2_prefill_carried_s"],
-        turn2_tokens_identical=r["turn2_tokens_identical"])
-    if hf_model is not None:
-      hf_s, hf_out = hf_run(hf_model, model.tokenizer, prompts_ids, steps)
-      row |= dict(hf_total_s=hf_s, hf_tok_s=b * steps / hf_s,
-                  speedup_end_to_end=hf_s / r["turn1_s"],
-                  greedy_rows_identical=sum(
-                      _same_until_eos(a, h, model.tokenizer.eos_token_id)
-                      for a, h in zip(r["responses"], hf_out)))
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+    rows.append(measure_batch(model, b, args, instruction_ids, bandwidth, param_bytes,
+                              hf_model))
+    print(json.dumps(rows[-1]), flush=True)
+  meta = dict(device=str(jax.devices()[0]), backend=jax.default_backend(),
+              cpus=os.cpu_count(), jax=jax.__version__, machine=platform.machine(),
+              read_bandwidth_GBps=bandwidth / 1e9, param_MB=param_bytes / 1e6,
+              new_tokens=args.new_tokens, model=args.model, dtype=cfg.dtype,
+              params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+  write_results(pathlib.Path(args.out), results_stem("sampler"), dict(meta=meta, rows=rows),
+                render(meta, rows).splitlines())
 
-  meta = dict(device=str(jax.devices()[0]), cpus=os.cpu_count(), jax=jax.__version__,
-              machine=platform.machine(), read_bandwidth_GBps=bandwidth / 1e9,
-              param_MB=param_bytes / 1e6, new_tokens=args.new_tokens)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "sampler.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-  (out / "sampler.md").write_text(render(meta, rows))
-  print(render(meta, rows))
+
+def _model_name(meta) -> str:
+  model = meta.get("model", "embedded")
+  if model == "embedded":
+    return "SmolLM2-135M-Instruct (embedded GGUF, dequantized)"
+  shape = {"1.5b": "Qwen2.5-1.5B", "8b": "Llama-3-8B"}[model]
+  return f"random weights in the shape of {shape} ({meta['params_m']:.0f}M params)"
 
 
 def render(meta, rows) -> str:
   lines = [
       "# Sampler benchmark (generated by benchmarks/sampler.py)", "",
-      f"SmolLM2-135M-Instruct (embedded GGUF, dequantized), float32, greedy, "
-      f"{meta['new_tokens']} new tokens per row, no early stop. {meta['device']}, "
+      f"{_model_name(meta)}, {meta.get('dtype', 'float32')}, greedy, "
+      f"{meta['new_tokens']} new tokens per row, no early stop; transformers `generate` "
+      f"on the same weights. {meta['device']}, "
       f"{meta['cpus']} CPUs, jax {meta['jax']}. Measured read bandwidth "
       f"{meta['read_bandwidth_GBps']:.1f} GB/s; weights {meta['param_MB']:.0f} MB. Decode "
       f"attends to cache windows of 64, 128, ... slots (mean window per step in the table) "

@@ -1,21 +1,26 @@
-"""Train-step and full RL-iteration throughput on the embedded SmolLM2-135M (float32, CPU).
+"""Train-step and full RL-iteration throughput, on any backend.
 
-  python benchmarks/train_step.py [--prompts 4] [--group 4] [--new_tokens 32]
+  python benchmarks/train_step.py [--model embedded|1.5b|8b] [--prompts 4] [--group 4]
+                                  [--new_tokens 32] [--remat none|full|dots] [--logits_chunk N]
+
+The embedded SmolLM2-135M by default, or random weights in the shape of Qwen2.5-1.5B or
+Llama-3-8B; float32 on CPU, bfloat16 weights and compute on a GPU or TPU, with the peak
+measured in the same dtype. Results per backend: `train_step.md` on CPU,
+`train_step_gpu.md` / `train_step_tpu.md` elsewhere.
 
 Measures, in one run:
-  * a float32 matmul peak of this machine (XLA dot of 2048^3, best of several);
+  * the matmul peak of this machine in the compute dtype (XLA dot of 2048^3, best of several);
   * tokens/s of the SCoRe train step (forward + backward + Adam) on real episodes, and
     its achieved FLOP/s (6 * params * tokens + attention) as a fraction of that peak;
   * one full RL iteration (two-turn rollout, rewards, reference log-probs, advantages,
     update) with the share of time in each stage.
-Writes `train_step.md` and `train_step.json` under --out.
+Writes `<stem>.md` and `<stem>.json` under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import pathlib
 import sys
@@ -35,7 +40,8 @@ from jaxscore.objectives import rl
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
-from bench_util import TimedTask, matmul_peak_flops  # pylint: disable=g-import-not-at-top
+from bench_util import (MODELS, TimedTask, load_model,  # pylint: disable=g-import-not-at-top
+                        matmul_peak_flops, results_stem, write_results)
 
 
 def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
@@ -70,27 +76,39 @@ def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
   return out
 
 
-def main():
-  parser = argparse.ArgumentParser()
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="embedded", choices=MODELS,
+                      help="the embedded model, or random weights of Qwen2.5-1.5B / Llama-3-8B shape")
   parser.add_argument("--prompts", type=int, default=4)
   parser.add_argument("--group", type=int, default=4)
   parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--pad_multiple", type=int, default=0,
                       help="Train-batch width rounding (0: the longest possible episode).")
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  parser.add_argument("--logits_chunk", type=int, default=0)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-  args = parser.parse_args()
+  return parser.parse_args()
 
+
+def make_setup(args):
+  """(config, setup, params): the cpu SCoRe config (Stage II) with the --model's weights
+  and precision for this backend."""
   c = score_config.get_config("cpu")
   c.rollout.prompts_per_step, c.rollout.group_size = args.prompts, args.group
   c.sampler.max_new_tokens = args.new_tokens
   c.score.stages = "II:1"  # Stage II: every attempt rewarded, the progress bonus.
-  setup, _, params = rollout_lib.from_config(c)
-  ref_params = params
-  cfg = setup.cfg
-  peak = matmul_peak_flops()
-  n_params = sum(x.size for x in jax.tree.leaves(params))
+  setup, _, _ = rollout_lib.from_config(c)
+  cfg, params, _ = load_model(args.model, training=True)
+  cfg = cfg.replace(remat=args.remat, logits_chunk=args.logits_chunk)
+  return c, rollout_lib.Setup(cfg, setup.tokenizer, setup.fmt, setup.task), params
 
+
+def rl_iterations(c, setup, params, args):
+  """Timed RL iterations (after one that compiles): (mean seconds and tokens per stage,
+  the last train batch, the final state)."""
+  cfg, ref_params = setup.cfg, params
   objective = online.make_objective(c, setup)
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
   step_fn = jax.jit(train_lib.make_train_step(objective.loss_fn, opt), donate_argnums=(0,))
@@ -102,7 +120,6 @@ def main():
   max_len = rollout_lib.episode_len_bound(lens, 2, args.new_tokens,
                                           rollout_lib.instruction_len(setup))
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=args.new_tokens)
-
   iterations = []
   for i in range(args.steps + 1):  # The first iteration compiles.
     rows = [p for p in online.batch_problems(problems, i, args.prompts, 0)
@@ -123,18 +140,30 @@ def main():
     state, m = step_fn(state, batch, jax.random.key(i), ref_params)
     jax.block_until_ready(m)
     t4 = time.perf_counter()
-    tokens = int(batch.tokens_BxT.size)
     iterations.append(dict(rollout=t1 - t0, rewards=score_s, reference_and_advantages=t3 - t2,
-                           update=t4 - t3, tokens=tokens, total=t4 - t0 - score_s))
-  timed = iterations[1:]
-  mean = {k: float(np.mean([it[k] for it in timed])) for k in timed[0]}
+                           update=t4 - t3, tokens=int(batch.tokens_BxT.size),
+                           total=t4 - t0 - score_s))
+  mean = {k: float(np.mean([it[k] for it in iterations[1:]])) for k in iterations[0]}
+  return mean, batch, state
+
+
+def main():
+  args = parse_args()
+  c, setup, params = make_setup(args)
+  cfg = setup.cfg
+  peak = matmul_peak_flops(dtype=jnp.dtype(cfg.dtype))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  mean, batch, state = rl_iterations(c, setup, params, args)
+  problems = setup.task.problems("train")
   feedback = feedback_rollouts(setup, state.params, problems, args, turns=3)
   b, l = batch.tokens_BxT.shape
   # Forward + backward: 6 FLOPs per parameter per token, plus attention (QK^T and PV,
   # forward and backward: 12 * layers * heads * head_dim * L per token).
   flops = 6 * n_params * b * l + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * l * b * l
   result = dict(
-      device=str(jax.devices()[0]), cpus=os.cpu_count(), params=n_params, batch=b, length=l,
+      device=str(jax.devices()[0]), backend=jax.default_backend(), cpus=os.cpu_count(),
+      model=args.model, dtype=cfg.dtype, remat=cfg.remat, logits_chunk=cfg.logits_chunk,
+      params=n_params, batch=b, length=l,
       matmul_peak_gflops=peak / 1e9, update_s=mean["update"],
       update_tokens_per_s=mean["tokens"] / mean["update"],
       update_gflops=flops / mean["update"] / 1e9,
@@ -143,18 +172,24 @@ def main():
       shares={k: mean[k] / mean["total"] for k in
               ("rollout", "rewards", "reference_and_advantages", "update")},
       feedback_rollouts=feedback)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "train_step.json").write_text(json.dumps(result, indent=2))
+  write_results(pathlib.Path(args.out), results_stem("train_step"), result,
+                render(result, args))
+
+
+def render(result, args) -> list[str]:
+  b, l, feedback = result["batch"], result["length"], result["feedback_rollouts"]
+  name = ("Embedded SmolLM2-135M" if args.model == "embedded" else
+          f"Random weights in the shape of {'Qwen2.5-1.5B' if args.model == '1.5b' else 'Llama-3-8B'}")
   lines = [
       "# Train-step benchmark (generated by benchmarks/train_step.py)", "",
-      f"Embedded SmolLM2-135M ({n_params / 1e6:.1f}M params), float32, {result['device']}, "
+      f"{name} ({result['params'] / 1e6:.1f}M params), {result['dtype']} compute, "
+      f"remat={result['remat']}, logits_chunk={result['logits_chunk']}, {result['device']}, "
       f"{result['cpus']} CPUs. Batch {b} episodes ({args.prompts} prompts x {args.group}), "
       f"{l} tokens each (two turns of up to {args.new_tokens} new tokens; "
       f"pad_multiple={args.pad_multiple}, 0 being the longest possible episode). Mean of "
       f"{args.steps} iterations after a compiling one.", "",
       "| measure | value |", "|---|---|",
-      f"| float32 matmul peak (XLA, 2048^3) | {result['matmul_peak_gflops']:.1f} GFLOP/s |",
+      f"| {result['dtype']} matmul peak (XLA, 2048^3) | {result['matmul_peak_gflops']:.1f} GFLOP/s |",
       f"| train step time | {result['update_s']:.2f} s |",
       f"| train step tokens/s | {result['update_tokens_per_s']:.0f} |",
       f"| train step achieved | {result['update_gflops']:.1f} GFLOP/s "
@@ -172,8 +207,7 @@ def main():
   for kind, r in feedback["kinds"].items():
     lines.append(f"| {kind} | {r['episodes_per_s']:.2f} | {r['turns_per_episode']:.2f} | "
                  f"{100 * r['scoring_share']:.1f}% |")
-  (out / "train_step.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  return lines
 
 
 if __name__ == "__main__":
