@@ -4,6 +4,7 @@ import gzip
 import json
 import re
 
+import numpy as np
 import pytest
 from conftest import shared_data
 
@@ -241,10 +242,12 @@ _GSM8K_RECORDS = {
 }
 
 
-def _tiny_tfds_gsm8k(data_dir):
-  """Prepares a GSM8K-shaped TFDS dataset (array_record files) under `data_dir`, as any
-  TFDS dataset is prepared, without TensorFlow."""
+@pytest.fixture(scope="module")
+def tiny_tfds_gsm8k(tmp_path_factory):
+  """A GSM8K-shaped TFDS dataset (array_record files), prepared as any TFDS dataset is,
+  without TensorFlow: the prepared directory (its data dir is two levels up)."""
   tfds = pytest.importorskip("tensorflow_datasets")
+  data_dir = tmp_path_factory.mktemp("tfds")
 
   class JaxscoreTinyGsm8k(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
@@ -265,13 +268,14 @@ def _tiny_tfds_gsm8k(data_dir):
   return data_dir / "jaxscore_tiny_gsm8k" / "1.0.0"
 
 
-def test_tfds_sources_read_like_jsonl_through_data_source(tmp_path, monkeypatch):
-  prepared = _tiny_tfds_gsm8k(tmp_path / "tfds")
+def test_tfds_sources_read_like_jsonl_through_data_source(tiny_tfds_gsm8k, tmp_path,
+                                                         monkeypatch):
+  prepared = tiny_tfds_gsm8k
   assert list(prepared.glob("*.array_record*"))  # Random-access files, not TFRecords.
   for split, rows in _GSM8K_RECORDS.items():
     (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   jsonl = make_task("gsm8k", sources={s: str(tmp_path / f"{s}.jsonl") for s in _GSM8K_RECORDS})
-  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  monkeypatch.setenv("TFDS_DATA_DIR", str(prepared.parent.parent))
   by_name = make_task("gsm8k", sources={"train": "tfds:jaxscore_tiny_gsm8k",
                                         "test": "tfds:jaxscore_tiny_gsm8k:test"})
   by_dir = make_task("gsm8k", sources={"train": str(prepared), "test": str(prepared)})
@@ -285,3 +289,43 @@ def test_tfds_sources_read_like_jsonl_through_data_source(tmp_path, monkeypatch)
   assert sorted(p.answer for p in by_name.problems("test")) == ["1000", "42"]
   with pytest.raises(DataError, match="no_such_dataset_xyz"):
     make_task("gsm8k", sources={"test": "tfds:no_such_dataset_xyz"}).problems("test")
+
+
+def test_tfds_problems_are_read_on_access_not_loaded(tiny_tfds_gsm8k, monkeypatch):
+  from jaxscore.tasks import records
+
+  prepared = tiny_tfds_gsm8k
+  decoded = []  # Indices of the records read from the array_record files.
+  open_source = records.tfds_source
+
+  class Counting:
+    def __init__(self, data):
+      self.data = data
+
+    def __len__(self):
+      return len(self.data)
+
+    def __getitem__(self, i):
+      decoded.append(i)
+      return self.data[i]
+
+  monkeypatch.setattr(records, "tfds_source", lambda *a: Counting(open_source(*a)))
+  problems = make_task("gsm8k", sources={"train": str(prepared)}).problems("train")
+  assert not isinstance(problems, list)
+  assert len(problems) == 5 and len(decoded) == 1  # Only the schema check's record.
+  third = problems[3]
+  assert len(decoded) == 2 and third.id == "gsm8k-train-3"
+  assert problems[np.int64(3)] == third and problems[-2] == third  # Same record, reread.
+  window = problems[1:5:2]
+  assert len(decoded) == 4 and len(window) == 2 and window[1] == third
+  assert [p.id for p in problems] == [f"gsm8k-train-{i}" for i in range(5)]
+  with pytest.raises(IndexError):
+    problems[5]  # pylint: disable=pointless-statement
+  # The online loop's batches index the lazy sequence like a list.
+  from jaxscore.loops.online import batch_problems
+  assert batch_problems(problems, 1, 3, 0) == batch_problems(list(problems), 1, 3, 0)
+
+
+def test_a_tfds_dataset_of_the_wrong_shape_fails_when_opened(tiny_tfds_gsm8k):
+  with pytest.raises(DataError, match=r"#0: missing field 'problem'"):
+    make_task("math", sources={"test": str(tiny_tfds_gsm8k)}).problems("test")

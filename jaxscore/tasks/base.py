@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
+
+from jaxscore.tasks import records
 
 # Why a response got its reward.
 CORRECT, WRONG, NO_ANSWER, TIMEOUT, ERROR = "correct", "wrong", "no_answer", "timeout", "error"
@@ -32,7 +34,7 @@ class Task(Protocol):
   name: str
   instruction: str  # The self-correction instruction between attempts.
 
-  def problems(self, split: str) -> list[Problem]:
+  def problems(self, split: str) -> Sequence[Problem]:
     ...
 
   def score(self, problems: Sequence[Problem], responses: Sequence[str]) -> list[Score]:
@@ -42,3 +44,19 @@ class Task(Protocol):
 def check_lengths(problems: Sequence[Problem], responses: Sequence[str]) -> None:
   if len(problems) != len(responses):
     raise ValueError(f"{len(problems)} problems but {len(responses)} responses")
+
+
+def build_problems(recs: Sequence[tuple[str, dict[str, Any]]],
+                   build: Callable[[int, str, dict[str, Any]], Problem]) -> Sequence[Problem]:
+  """`build(index, where, record)` over a dataset's records.
+
+  Records held in memory (files, the hub) are built and checked at once, so a bad record
+  fails before any training. A lazily read dataset (TFDS) gives problems built on access,
+  so that it never has to fit in memory; its records share one typed schema, so checking
+  the first one now catches a dataset of the wrong shape.
+  """
+  if isinstance(recs, list):
+    return [build(i, where, r) for i, (where, r) in enumerate(recs)]
+  problems = records.LazySequence(len(recs), lambda i: build(i, *recs[i]))
+  problems[0]  # pylint: disable=pointless-statement
+  return problems

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import pathlib
 import re
+from collections.abc import Sequence
 
 from jaxscore.tasks import base, prompts, records, sandbox
 
@@ -70,31 +71,32 @@ class MBPPTask:
   isolation: str = "bwrap"
   name: str = "mbpp"
 
-  def problems(self, split: str) -> list[base.Problem]:
+  def problems(self, split: str) -> Sequence[base.Problem]:
     source = self.sources.get(split, MBPP_HUB)
-    out = []
-    for where, r in records.load_records(source, split):
-      sanitized = "prompt" in r and "text" not in r
-      text_field = "prompt" if sanitized else "text"
-      records.require(r, (text_field, "test_list", "task_id"), where,
-                      {text_field: str, "test_list": list})
-      # Checked here, not at scoring time, so a bad file fails before any training.
-      records.require_optional(r, where, {"test_setup_code": str, "test_imports": list,
-                                          "challenge_test_list": list, "code": str})
-      for field in ("test_list", "test_imports", "challenge_test_list"):
-        records.require_items(r, field, where, str)
-      if sanitized:
-        setup = "\n".join(r.get("test_imports") or [])
-      else:
-        setup = r.get("test_setup_code") or ""
-      tests = tuple(r["test_list"])
-      out.append(base.Problem(
-          id=f"mbpp-{r['task_id']}", question=r[text_field],
-          prompt=self.prompt_template.format(question=r[text_field], tests="\n".join(tests)),
-          tests=tests, solution=f"```python\n{r['code']}\n```" if r.get("code") else None,
-          metadata={"setup": setup, "reference": r.get("code", ""),
-                    "challenge_tests": tuple(r.get("challenge_test_list") or ())}))
-    return out
+    return base.build_problems(records.load_records(source, split), self._problem)
+
+  def _problem(self, i, where, r) -> base.Problem:
+    del i  # MBPP problems have their own ids.
+    sanitized = "prompt" in r and "text" not in r
+    text_field = "prompt" if sanitized else "text"
+    records.require(r, (text_field, "test_list", "task_id"), where,
+                    {text_field: str, "test_list": list})
+    # Checked here, not at scoring time, so a bad file fails before any training.
+    records.require_optional(r, where, {"test_setup_code": str, "test_imports": list,
+                                        "challenge_test_list": list, "code": str})
+    for field in ("test_list", "test_imports", "challenge_test_list"):
+      records.require_items(r, field, where, str)
+    if sanitized:
+      setup = "\n".join(r.get("test_imports") or [])
+    else:
+      setup = r.get("test_setup_code") or ""
+    tests = tuple(r["test_list"])
+    return base.Problem(
+        id=f"mbpp-{r['task_id']}", question=r[text_field],
+        prompt=self.prompt_template.format(question=r[text_field], tests="\n".join(tests)),
+        tests=tests, solution=f"```python\n{r['code']}\n```" if r.get("code") else None,
+        metadata={"setup": setup, "reference": r.get("code", ""),
+                  "challenge_tests": tuple(r.get("challenge_test_list") or ())})
 
   @staticmethod
   def job(problem: base.Problem, code: str) -> dict:
@@ -136,22 +138,24 @@ class HumanEvalTask:
   isolation: str = "bwrap"
   name: str = "humaneval"
 
-  def problems(self, split: str = "test") -> list[base.Problem]:
+  def problems(self, split: str = "test") -> Sequence[base.Problem]:
     source = self.sources.get(split)
     if source is None:
       local = humaneval_path()
       source = str(local) if local is not None else HUMANEVAL_HUB
-    out = []
-    for where, r in records.load_records(source, split):
+
+    def build(i, where, r):
+      del i  # HumanEval problems have their own ids.
       records.require(r, ("task_id", "prompt", "test", "entry_point"), where,
                       {"prompt": str, "test": str, "entry_point": str})
-      out.append(base.Problem(
+      return base.Problem(
           id=r["task_id"], question=r["prompt"],
           prompt=self.prompt_template.format(question=r["prompt"]), tests=(r["test"],),
           solution=r.get("canonical_solution"),
           metadata={"entry_point": r["entry_point"], "code_prompt": r["prompt"],
-                    "reference": r.get("canonical_solution", "")}))
-    return out
+                    "reference": r.get("canonical_solution", "")})
+
+    return base.build_problems(records.load_records(source, split), build)
 
   @staticmethod
   def job(problem: base.Problem, completion: str) -> dict:

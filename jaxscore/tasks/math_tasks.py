@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import multiprocessing
+from collections.abc import Sequence
 from concurrent import futures
 
 from jaxscore.tasks import answers, base, prompts, records
@@ -45,16 +46,16 @@ class GSM8KTask:
   fallback_last_number: bool = False
   name: str = "gsm8k"
 
-  def problems(self, split: str) -> list[base.Problem]:
+  def problems(self, split: str) -> Sequence[base.Problem]:
     source, split = _source(self.sources, split, GSM8K_HUB)
-    out = []
-    for where, r in records.load_records(source, split):
+
+    def build(i, where, r):
       records.require(r, ("question", "answer"), where, {"question": str, "answer": str})
-      out.append(base.Problem(id=f"gsm8k-{split}-{len(out)}", question=r["question"],
-                              prompt=self.prompt_template.format(question=r["question"]),
-                              answer=gsm8k_gold(r["answer"], where),
-                              solution=r["answer"]))
-    return out
+      return base.Problem(id=f"gsm8k-{split}-{i}", question=r["question"],
+                          prompt=self.prompt_template.format(question=r["question"]),
+                          answer=gsm8k_gold(r["answer"], where), solution=r["answer"])
+
+    return base.build_problems(records.load_records(source, split), build)
 
   def score(self, problems, responses) -> list[base.Score]:
     base.check_lengths(problems, responses)
@@ -73,22 +74,22 @@ class MathTask:
   timeout_s: float = 10.0  # Per response, enforced by the worker pool.
   name: str = "math"
 
-  def problems(self, split: str) -> list[base.Problem]:
+  def problems(self, split: str) -> Sequence[base.Problem]:
     source, split = _source(self.sources, split, MATH500_HUB if split == "test" else None)
-    out = []
-    for where, r in records.load_records(source, split):
+
+    def build(i, where, r):
       records.require(r, ("problem", "solution"), where, {"problem": str, "solution": str})
       answer = r.get("answer")
       if answer is None:  # Original MATH: the answer is the solution's last \boxed{}.
         answer = answers.last_boxed(r["solution"])
         if answer is None:
           raise records.DataError(f"{where}: no 'answer' field and no \\boxed{{}} in 'solution'")
-      out.append(base.Problem(
-          id=str(r.get("unique_id", f"math-{split}-{len(out)}")), question=r["problem"],
+      return base.Problem(
+          id=str(r.get("unique_id", f"math-{split}-{i}")), question=r["problem"],
           prompt=self.prompt_template.format(question=r["problem"]), answer=str(answer),
-          solution=r["solution"],
-          metadata={k: r[k] for k in ("subject", "level") if k in r}))
-    return out
+          solution=r["solution"], metadata={k: r[k] for k in ("subject", "level") if k in r})
+
+    return base.build_problems(records.load_records(source, split), build)
 
   def score(self, problems, responses) -> list[base.Score]:
     base.check_lengths(problems, responses)

@@ -3,7 +3,8 @@ errors.
 
 TFDS datasets are read through `tfds.data_source` (array_record files, random access),
 which needs neither TensorFlow nor loading the dataset through tf.data: records are
-decoded one at a time into plain Python values (text as `str`).
+decoded one at a time, when they are accessed, into plain Python values (text as `str`),
+so a dataset larger than memory is never loaded whole.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import gzip
 import json
 import os
 import pathlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class DataError(ValueError):
@@ -134,22 +137,48 @@ def tfds_source(source: str, split: str | None):
     raise DataError(f"{source} [{split}]: cannot open as a TFDS dataset ({e})") from None
 
 
+class LazySequence(Sequence[T]):
+  """`fn(i)` for i in range(n), computed on each access, never stored; slices are lazy
+  too."""
+
+  def __init__(self, n: int, fn: Callable[[int], T]):
+    self._n, self._fn = n, fn
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      positions = range(self._n)[index]
+      return LazySequence(len(positions), lambda i: self._fn(positions[i]))
+    index = int(index)  # numpy integers from permutations.
+    if not -self._n <= index < self._n:
+      raise IndexError(f"index {index} out of range for {self._n} items")
+    return self._fn(index % self._n)
+
+  def __repr__(self) -> str:
+    return f"LazySequence(len={self._n})"
+
+
 def is_tfds(source: str) -> bool:
   return source.startswith("tfds:") or (pathlib.Path(source) / "dataset_info.json").exists()
 
 
-def load_records(source: str, split: str | None = None, **hub_kwargs) -> list[tuple[str, dict]]:
+def load_records(source: str, split: str | None = None,
+                 **hub_kwargs) -> Sequence[tuple[str, dict]]:
   """(where, record) pairs from a local file, a hub dataset or a TFDS dataset.
 
   `source` is a path (`.jsonl`, `.jsonl.gz`, `.json`); `hub:<name>[:<config>]`, loaded
   with `datasets.load_dataset(name, config, split=split)`; `tfds:<name>[/<config>][:<split>]`
-  or the directory of a prepared TFDS dataset, read with `tfds.data_source`.
+  or the directory of a prepared TFDS dataset, read with `tfds.data_source`. Files and
+  hub datasets come as a list; TFDS as a `LazySequence` that reads a record when it is
+  accessed.
   """
   if is_tfds(source):
     data = tfds_source(source, split)
     if not len(data):
       raise DataError(f"{source} [{split}]: the dataset is empty")
-    return [(f"{source}[{split}]#{i}", _plain(data[i])) for i in range(len(data))]
+    return LazySequence(len(data), lambda i: (f"{source}[{split}]#{i}", _plain(data[i])))
   if source.startswith("hub:"):
     import datasets
 
