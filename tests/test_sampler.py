@@ -1,5 +1,7 @@
 """Sampler: transformers parity, multi-turn on the carried cache, log-probs, retracing."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,12 +25,15 @@ def tiny():
   return cfg, model_lib.init(cfg, jax.random.key(0), stddev=0.3)
 
 
-def _greedy_from_scratch(cfg, params, ids, n):
-  """Reference: re-run the full forward on the growing sequence, no cache."""
+def _greedy_from_scratch(cfg, params, ids, n, width=64):
+  """Reference: re-run the full forward on the growing sequence, no cache. The sequence
+  is right-padded to `width` (one compile): causal attention keeps padding after the
+  last token from changing its logits."""
+  forward = jax.jit(lambda p, t: model_lib.apply(p, t, cfg)[0])
   ids = list(ids)
   for _ in range(n):
-    logits, _ = model_lib.apply(params, jnp.array([ids]), cfg)
-    ids.append(int(jnp.argmax(logits[0, -1])))
+    logits = forward(params, jnp.array([ids + [0] * (width - len(ids))]))
+    ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
   return ids
 
 
@@ -175,7 +180,7 @@ def test_top_k_and_top_p_filters():
   # Sampling only ever returns tokens inside the filter, and logp is unfiltered.
   cfg = sampler_lib.SamplingConfig(temperature=1.0, top_k=2)
   batch = jnp.repeat(logits, 256, axis=0)
-  tokens, logp = sampler_lib.sample_token(batch, jax.random.key(0), cfg)
+  tokens, logp = sampler_lib.sample_token(batch, jax.random.key(0), cfg, jnp.arange(256))
   assert set(np.asarray(tokens).tolist()) == {0, 1}
   np.testing.assert_allclose(np.exp(logp), np.array([0.5, 0.3])[np.asarray(tokens)], rtol=1e-5)
 
@@ -233,3 +238,39 @@ def test_grouped_prefill_equals_prefilling_every_row(tiny, temperature):
   a = smp.episode(smp.generate(params, smp.add_message(grouped, message), sampling))
   b = smp.episode(smp.generate(params, smp.add_message(every, message), sampling))
   np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compacting_finished_rows_changes_no_row(tiny, temperature):
+  """In turn 2 rows run into the buffer's end at 16 different steps (ragged prompts and
+  messages), and the decoded batch shrinks as they finish: 16 rows -> 8 -> 4 -> 2.
+  Every row's tokens, log-probs and turns equal decoding the whole batch throughout,
+  greedy and sampled (each row keeps its own random stream), and for grouped rows."""
+  cfg, params = tiny
+  first = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=20)
+  second = dataclasses.replace(first, max_new_tokens=100)
+  prompts = [[(3 * i + j) % 90 + 1 for j in range(2 + 3 * i)] for i in range(16)]
+  messages = [[40 + i % 5] * (1 + i % 3) for i in range(16)]
+
+  def run(min_compact_rows):
+    smp = sampler_lib.Sampler(cfg, max_len=128, stop_ids=[EOS], end_of_turn_id=EOT,
+                              min_compact_rows=min_compact_rows)
+    rows, decode = [], smp._decode  # The batch size of every decode segment.
+    smp._decode = lambda p, state, *a, **k: rows.append(state.done_B.shape[0]) or decode(
+        p, state, *a, **k)
+    state = smp.generate(params, smp.start(prompts, jax.random.key(5)), first)
+    state = smp.generate(params, smp.add_message(state, messages), second)
+    grouped = smp.generate_grouped(params, smp.start(prompts[::4], jax.random.key(6)),
+                                   second, group=4)
+    return set(rows), decode._cache_size(), smp.episode(state), smp.episode(grouped)
+
+  rows, compiles, ep, grouped = run(2)
+  whole_rows, whole_compiles, ref, grouped_ref = run(None)
+  for got, want in ((ep, ref), (grouped, grouped_ref)):
+    np.testing.assert_array_equal(got.tokens_BxT, want.tokens_BxT)
+    np.testing.assert_array_equal(got.turn_BxT, want.turn_BxT)
+    np.testing.assert_array_equal(got.length_B, want.length_B)
+    np.testing.assert_allclose(got.logp_BxT, want.logp_BxT, atol=1e-5)
+  assert rows == {16, 8, 4, 2} and whole_rows == {16}
+  # One decode program per (window, row count) reached, never two for one pair.
+  assert whole_compiles < compiles <= len(rows) * 4  # Windows 16 .. 128.

@@ -10,10 +10,15 @@ laid out contiguously from slot 0, with the same slots in the KV cache. A turn i
      in segments by cache-length bucket: attention reads only the first `window`
      slots (a power of two >= the longest live row, at least `min_window`), and a
      segment ends when a live row fills its window; the next one doubles it. So a step
-     reads at most about twice the filled slots however long the buffer is.
+     reads at most about twice the filled slots however long the buffer is. A segment
+     also ends when at most half the rows are still live: those are then gathered into
+     a batch half the size (or smaller), so finished rows stop costing work; every row
+     is written back to its place when the turn ends.
 
-So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks and
-decode windows are power-of-two buckets: one compile per bucket, never more.
+So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks,
+decode windows and compacted row counts are power-of-two buckets: one compile per
+bucket, never more. Each row draws its tokens from its own random stream (keyed by the
+row's index), so which rows share a compacted batch never changes what a row samples.
 
   sampler = Sampler(cfg, max_len=512, stop_ids=[eos])
   state = sampler.start(prompts, rng)
@@ -58,6 +63,7 @@ class SamplerState:
   turn: jax.Array  # int32 turns sampled so far.
   cache: model_lib.Cache
   rng: jax.Array
+  row_B: jax.Array  # int32 each row's index in the whole batch (its random stream).
 
 
 @flax.struct.dataclass
@@ -106,15 +112,18 @@ def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return logits_BxV
 
 
-def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig):
-  """(token_B, log pi(token_B)) where log pi is the unfiltered model log-prob."""
+def sample_token(logits_BxV: jax.Array, rng: jax.Array, sampling: SamplingConfig,
+                 row_B: jax.Array):
+  """(token_B, log pi(token_B)) where log pi is the unfiltered model log-prob. Row b
+  draws with `fold_in(rng, row_B[b])`."""
   logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
   if sampling.temperature == 0.0:
     token_B = jnp.argmax(logits_BxV, axis=-1)
   else:
     scaled = filter_logits(logits_BxV.astype(jnp.float32) / sampling.temperature,
                            sampling.top_k, sampling.top_p)
-    token_B = jax.random.categorical(rng, scaled, axis=-1)
+    draw = lambda row, logits_V: jax.random.categorical(jax.random.fold_in(rng, row), logits_V)
+    token_B = jax.vmap(draw)(row_B, scaled)
   token_B = token_B.astype(jnp.int32)
   return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
@@ -135,7 +144,7 @@ def _state_shardings(cfg: model_lib.ModelConfig, max_len: int,
   state = SamplerState(
       tokens_BxT=at(rows, None), logp_BxT=at(rows, None), turn_BxT=at(rows, None),
       length_B=at(rows), done_B=at(rows), turn=at(), cache=sharding.shardings(axes, mesh, rules),
-      rng=at())
+      rng=at(), row_B=at(rows))
   return state, at(rows, None)
 
 
@@ -146,7 +155,7 @@ class Sampler:
                stop_ids: Sequence[int], end_of_turn_id: int | None = None,
                pad_id: int = 0, batch_sharding: jax.sharding.NamedSharding | None = None,
                rules: sharding.Rules | None = None, max_prompt_len: int | None = None,
-               min_window: int = 64):
+               min_window: int = 64, min_compact_rows: int | None = 8):
     """
     Args:
       cfg: the model.
@@ -166,6 +175,10 @@ class Sampler:
       min_window: the smallest decode window (cache slots attention reads); windows
         double up to `max_len`, one compile each. `max_len` reads the whole buffer
         every step (one compile).
+      min_compact_rows: decode gathers the live rows into a smaller batch (a power of
+        two, at least this many rows) once at most half the rows are live; one decode
+        compile per (window, row count) reached. None never compacts (one decode
+        compile per window). Compaction needs the row shards to be a power of two.
     """
     if not stop_ids:
       raise ValueError("stop_ids is empty: at least EOS is needed")
@@ -177,6 +190,7 @@ class Sampler:
     self.batch_sharding = batch_sharding
     self.max_prompt_len = max_prompt_len
     self.min_window = min_window
+    self.min_compact_rows = min_compact_rows
     self.state_shardings = None
     state_out = prefill_out = {}  # One device: nothing to pin.
     if batch_sharding is not None:
@@ -193,9 +207,14 @@ class Sampler:
                                                  self.state_shardings.turn)}
                               if batch_sharding is not None else {}))
     self._finish = jax.jit(self._finish_impl, donate_argnums=0, **state_out)
-    self._live_end = jax.jit(self._live_end_impl)
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
     self._expand = jax.jit(self._expand_impl, static_argnames=("group",), **prefill_out)
+    self._live = jax.jit(self._live_impl)
+    self._compact = jax.jit(self._compact_impl, static_argnames=("rows",),
+                            donate_argnames=("full",),
+                            **({"out_shardings": (self.state_shardings,) * 2
+                                + (logits_sharding,)} if batch_sharding is not None else {}))
+    self._merge = jax.jit(self._merge_impl, donate_argnames=("full",), **state_out)
 
   @property
   def row_shards(self) -> int:
@@ -247,21 +266,39 @@ class Sampler:
     """The decode window for rows holding up to `filled` cached tokens."""
     return min(bucket(filled, self.min_window), self.max_len)
 
+  def compacted_rows(self, rows: int) -> int | None:
+    """The row count a batch of `rows` rows is compacted to once at most that many are
+    live (None: it is not compacted)."""
+    shards = self.row_shards
+    if self.min_compact_rows is None or shards & (shards - 1):
+      return None
+    half = 1 << ((rows // 2).bit_length() - 1) if rows >= 2 else 0
+    return half if half >= max(self.min_compact_rows, shards, 1) else None
+
   def _decode_segments(self, params, state: SamplerState, logits_BxV,
                        sampling: SamplingConfig) -> SamplerState:
-    """Decodes the turn in windows that double as rows grow (one sync per segment)."""
+    """Decodes the turn in segments (one sync each): a segment ends when a live row
+    outgrows the window (the next doubles it) or when few enough rows are live to
+    decode them in a smaller batch."""
     static = dataclasses.replace(sampling, max_new_tokens=0)
     max_new_tokens, step = jnp.int32(sampling.max_new_tokens), jnp.int32(0)
-    filled = int(self._live_end(state))
-    while True:
-      window = self.window(filled)
-      state, logits_BxV, step = self._decode(params, state, logits_BxV, step, max_new_tokens,
-                                             sampling=static, window=window)
-      # The segment ended because the turn did (no live row left) or because a live row
-      # outgrew the window.
-      filled = int(self._live_end(state))
-      if filled <= window:
-        return self._finish(state)
+    full, part = state, None  # `part`: the batch being decoded, once compacted.
+    filled, live = (int(x) for x in self._live(state))
+    while live:
+      current = full if part is None else part
+      window, smaller = self.window(filled), self.compacted_rows(current.done_B.shape[0])
+      if smaller is not None and live <= smaller:
+        rows = max(bucket(live, 1), self.min_compact_rows, self.row_shards)
+        full, part, logits_BxV = self._compact(full, part, logits_BxV, rows=rows)
+        continue
+      current, logits_BxV, step = self._decode(
+          params, current, logits_BxV, step, max_new_tokens, jnp.int32(smaller or 0),
+          sampling=static, window=window)
+      full, part = (current, None) if part is None else (full, current)
+      # The segment ended because the turn did (no live row left), a live row outgrew
+      # the window, or few enough rows are live to compact them.
+      filled, live = (int(x) for x in self._live(current))
+    return self._finish(full if part is None else self._merge(full, part))
 
   def generate_grouped(self, params: model_lib.Params, state: SamplerState,
                        sampling: SamplingConfig, group: int,
@@ -314,6 +351,7 @@ class Sampler:
         turn=jnp.zeros((), jnp.int32),
         cache=model_lib.init_cache(self.cfg, b, self.max_len),
         rng=rng,
+        row_B=jnp.arange(b, dtype=jnp.int32),
     )
 
   def _write(self, buf_BxT, values_BxM, start_B, count_B):
@@ -340,16 +378,47 @@ class Sampler:
     return state.replace(tokens_BxT=tokens, length_B=length,
                          done_B=(length >= self.max_len) | ~active_B)
 
+  @staticmethod
+  def _map_rows(fn, *states: SamplerState) -> SamplerState:
+    """`fn(arrays, axis)` over the per-row fields of `states` (rows on `axis`); scalars
+    are the first state's."""
+    cache = lambda name: [getattr(s.cache, name) for s in states]
+    field = lambda name: [getattr(s, name) for s in states]
+    return states[0].replace(
+        tokens_BxT=fn(field("tokens_BxT"), 0), logp_BxT=fn(field("logp_BxT"), 0),
+        turn_BxT=fn(field("turn_BxT"), 0), length_B=fn(field("length_B"), 0),
+        done_B=fn(field("done_B"), 0), row_B=fn(field("row_B"), 0),
+        cache=model_lib.Cache(k_LxBxKxSxH=fn(cache("k_LxBxKxSxH"), 1),
+                              v_LxBxKxSxH=fn(cache("v_LxBxKxSxH"), 1),
+                              end_B=fn(cache("end_B"), 0)))
+
   def _expand_impl(self, state: SamplerState, logits_BxV, group: int):
     """Each row repeated `group` times, in place: B rows -> B * group rows."""
-    rows = lambda x, axis=0: jnp.repeat(x, group, axis=axis)
-    cache = model_lib.Cache(k_LxBxKxSxH=rows(state.cache.k_LxBxKxSxH, 1),
-                            v_LxBxKxSxH=rows(state.cache.v_LxBxKxSxH, 1),
-                            end_B=rows(state.cache.end_B))
-    state = state.replace(tokens_BxT=rows(state.tokens_BxT), logp_BxT=rows(state.logp_BxT),
-                          turn_BxT=rows(state.turn_BxT), length_B=rows(state.length_B),
-                          done_B=rows(state.done_B), cache=cache)
-    return state, rows(logits_BxV)
+    state = self._map_rows(lambda xs, axis: jnp.repeat(xs[0], group, axis=axis), state)
+    state = state.replace(row_B=jnp.arange(state.row_B.shape[0], dtype=jnp.int32))
+    return state, jnp.repeat(logits_BxV, group, axis=0)
+
+  def _merge_impl(self, full: SamplerState, part: SamplerState) -> SamplerState:
+    """`full` with the compacted rows of `part` written back in their places."""
+    def put(xs, axis):
+      whole, rows = xs
+      at = (slice(None),) * axis + (part.row_B,)
+      return whole.at[at].set(rows)
+    return self._map_rows(put, full, part)
+
+  def _compact_impl(self, full: SamplerState, part: SamplerState | None, logits_BxV,
+                    rows: int):
+    """(full, the first `rows` rows of the current batch with its live rows first,
+    their logits). `part`, the current batch if already compacted, is written back to
+    `full` first, so no row is ever only in a dropped batch."""
+    current = full if part is None else part
+    if part is not None:
+      full = self._merge_impl(full, part)
+    # Stable: live rows keep their order; finished ones fill up to `rows` (they decode
+    # nothing and are written back unchanged).
+    order_R = jnp.argsort(current.done_B, stable=True)[:rows]
+    taken = self._map_rows(lambda xs, axis: jnp.take(xs[0], order_R, axis=axis), current)
+    return full, taken, logits_BxV[order_R]
 
   def _prefill_impl(self, params, state: SamplerState, chunk: int, sampling):
     del sampling  # Unused; kept so prefill and decode are keyed alike.
@@ -370,12 +439,17 @@ class Sampler:
     """The longest cache among rows still sampling (0 if none)."""
     return jnp.max(jnp.where(state.done_B, 0, state.cache.end_B))
 
+  def _live_impl(self, state: SamplerState) -> tuple[jax.Array, jax.Array]:
+    """(the longest live cache, how many rows are live)."""
+    return self._live_end_impl(state), jnp.sum(~state.done_B)
+
   def _finish_impl(self, state: SamplerState) -> SamplerState:
     return state.replace(done_B=jnp.ones_like(state.done_B))
 
   def _decode_impl(self, params, state: SamplerState, logits_BxV, step, max_new_tokens,
-                   sampling: SamplingConfig, window: int):
-    """Decode steps while a row is live and every live row's cache fits in `window`.
+                   min_live, sampling: SamplingConfig, window: int):
+    """Decode steps while more than `min_live` rows are live (at least one) and every
+    live row's cache fits in `window`.
 
     Returns (state, logits of the next token, steps taken in the turn so far).
     """
@@ -384,12 +458,13 @@ class Sampler:
 
     def cond(carry):
       state, _, step = carry
-      return ((step < max_new_tokens) & ~jnp.all(state.done_B)
-              & (self._live_end_impl(state) <= window))
+      return ((step < max_new_tokens) & (jnp.sum(~state.done_B) > min_live)
+              & ~jnp.all(state.done_B) & (self._live_end_impl(state) <= window))
 
     def body(carry):
       state, logits_BxV, step = carry
-      token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(turn_rng, step), sampling)
+      token_B, logp_B = sample_token(logits_BxV, jax.random.fold_in(turn_rng, step), sampling,
+                                     state.row_B)
       live_B = ~state.done_B
       write = lambda buf, v: self._write(buf, v[:, None], state.length_B,
                                          live_B.astype(jnp.int32))
