@@ -89,7 +89,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 2,
                best_metric: str | None = "reward", best_mode: str = "max",
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
+    """`read_only`: a reader, which neither creates the directory nor cleans up its
+    temporary directories (they may be a running writer's saves in progress)."""
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode={best_mode!r}: expected 'max' or 'min'")
     sign = 1.0 if best_mode == "max" else -1.0
@@ -102,7 +104,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save,
         preservation_policy=pp.AnyPreservationPolicy(policies),
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=not read_only, create=not read_only)
     self.best_metric, self.best_mode = best_metric, best_mode
     self.manager = ocp.CheckpointManager(
         files.path(directory), options=options, item_names=("state", "meta"))
@@ -219,6 +221,9 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # Orbax cleans up temporary directories in a background thread that close() does not
+    # join; one still running at interpreter exit prints a traceback.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     self.manager.close()
 
 
@@ -243,7 +248,7 @@ def keep_params_only(source, target, abstract_params: Any) -> list[int]:
   source, target = files.path(source), files.path(target)
   if not source.exists():
     return []
-  full = Checkpointer(source, keep=1 << 30, async_save=False)
+  full = Checkpointer(source, keep=1 << 30, async_save=False, read_only=True)
   kept = sorted({s for s in (full.latest_step(), full.best_step()) if s is not None})
   out = None
   for step in kept:

@@ -173,7 +173,8 @@ def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: 
   Only the parameters are read, so the optimizer (and its config) does not matter, and
   a finished run that kept its parameters alone reads the same way."""
   abstract = {"params": _abstract_params(c, model_cfg, params, mesh, rules)}
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.params_directory(workdir), keep=1 << 30)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.params_directory(workdir), keep=1 << 30,
+                                     read_only=True)
   try:
     if which == "latest":  # The newest intact one: a corrupt latest is reported.
       restored = ckpt.restore(abstract, partial=True)
