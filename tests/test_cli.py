@@ -84,11 +84,10 @@ def test_a_missing_optional_dependency_names_the_install():
                                "installed: pip install tensorflow-datasets")
 
 
-@pytest.mark.slow
 def test_a_missing_data_file_set_from_the_command_line_is_one_line(tmp_path):
   """The gsm8k variant declares its sources, so the command line can point them at
-  files; a file that is not there is named."""
-  require_embedded()
+  files; a file that is not there is named before the model loads."""
+  require_embedded()  # The variant names the embedded model.
   missing = tmp_path / "gsm8k_test.jsonl"
   out = _run("jaxscore.main", f"--config={CONFIGS / 'score.py'}:gsm8k,runlocal",
              f"--workdir={tmp_path / 'run'}", "--mode=evaluate",

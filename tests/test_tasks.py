@@ -99,11 +99,13 @@ def test_mbpp_reference_code_passes_and_corrupted_code_fails():
   # These three pass objects of classes the solution defines (Node, Pair) to it: such
   # objects are not plain data, so they cannot cross to the tests' process.
   assert failing == ["mbpp-367", "mbpp-601", "mbpp-927"], failing
-  # Corrupt each program: every `return X` returns a sentinel instead.
+  # Corrupt the programs of every third problem (a third of the sandbox runs is
+  # plenty): every `return X` returns a sentinel instead.
+  sample = problems[::3]
   bad_code = [re.sub(r"return\b.*", "return '__wrong__'", p.metadata["reference"])
-              for p in problems]
-  bad = task.score(problems, [f"```python\n{c}\n```" for c in bad_code])
-  passing = [p.id for p, s in zip(problems, bad) if s.reward]
+              for p in sample]
+  bad = task.score(sample, [f"```python\n{c}\n```" for c in bad_code])
+  passing = [p.id for p, s in zip(sample, bad) if s.reward]
   assert not passing, passing
 
 

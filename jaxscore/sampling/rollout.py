@@ -132,12 +132,13 @@ def from_config(c) -> tuple[Setup, Setup, Any]:
   from jaxscore.models import pretrained
   from jaxscore.sampling import formats
 
-  model = pretrained.from_config(c.model)
-  params = jax.device_put(model.params)
-  fmt = formats.make_format(model.tokenizer, c.format)
+  # Tasks first: a wrong data path is reported before the model loads.
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
   eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())
                if c.task.eval_name else task)
+  model = pretrained.from_config(c.model)
+  params = jax.device_put(model.params)
+  fmt = formats.make_format(model.tokenizer, c.format)
   return (Setup(model.cfg, model.tokenizer, fmt, task),
           Setup(model.cfg, model.tokenizer, fmt, eval_task), params)
 

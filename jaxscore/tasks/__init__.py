@@ -1,5 +1,7 @@
 """Tasks: problems, prompts, and rewards from answer checkers or sandboxed tests."""
 
+import pathlib
+
 from jaxscore.tasks.arithmetic import ArithmeticTask
 from jaxscore.tasks.base import Problem, Score, Task
 from jaxscore.tasks.code_tasks import HumanEvalTask, MBPPTask
@@ -20,9 +22,13 @@ def make_task(name: str, **kwargs) -> Task:
 
   Configs declare every split's source so that the command line can set it
   (`--config.task.kwargs.sources.train=path.jsonl`): an empty one means the task's
-  default (the Hugging Face hub, or a bundled file)."""
+  default (the Hugging Face hub, or a bundled file). A local source that does not exist
+  is an error now, before a run loads its model."""
   if name not in TASKS:
     raise ValueError(f"task={name!r}: expected one of {', '.join(TASKS)}")
   if "sources" in kwargs:
     kwargs["sources"] = {split: s for split, s in kwargs["sources"].items() if s}
+    for source in kwargs["sources"].values():
+      if not source.startswith(("hub:", "tfds:")) and not pathlib.Path(source).exists():
+        raise DataError(f"{source}: no such file")
   return TASKS[name](**kwargs)
