@@ -13,7 +13,11 @@ Measures, in one run on this machine:
     weights dequantized from the same GGUF, same prompts, greedy, no early stop);
   * the fraction of the memory-bandwidth roofline reached by jaxscore's decode steps
     (weight + KV-cache bytes read per step / read bandwidth measured here);
-  * turn-2 time with the carried KV cache vs re-prefilling the whole conversation.
+  * turn-2 time with the carried KV cache vs re-prefilling the whole conversation;
+  * with early stopping (rows end at EOS after different numbers of tokens): useful
+    tokens/s with finished rows compacted out of the decoded batch vs decoding the
+    whole batch to its last row, and vs transformers `generate` (which also stops when
+    every row has ended), with the fraction of row-steps that were live.
 Writes `<stem>.md` and `<stem>.json` under --out.
 """
 
@@ -146,7 +150,36 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
               max_len=max_len, responses=smp.episode(state1).response_ids(1), **turn2)
 
 
-def hf_run(hf_model, tok, prompts_ids, new_tokens):
+def early_stop_runs(model, prompts_ids, max_new_tokens: int, hf_model) -> dict:
+  """Greedy turn 1 that stops at EOS: compacted vs whole-batch decode (vs transformers)."""
+  tok = model.tokenizer
+  params = jax.device_put(model.params)
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+  max_len = sampler_lib.bucket(max(map(len, prompts_ids)) + max_new_tokens)
+  out = {}
+  for name, rows in (("compacted", 8), ("whole", None)):
+    smp = sampler_lib.Sampler(model.cfg, max_len=max_len, stop_ids=[tok.eos_token_id],
+                              pad_id=tok.pad_token_id or 0, min_compact_rows=rows)
+
+    def turn1():
+      state = smp.generate(params, smp.start(prompts_ids, jax.random.key(0)), greedy)
+      return jax.block_until_ready(state)
+
+    out[f"{name}_s"] = timed(turn1, repeats=1)
+    out[f"{name}_ids"] = smp.episode(turn1()).response_ids(1)
+  lengths = [len(r) for r in out["compacted_ids"]]
+  r = dict(early_tokens=sum(lengths), early_compacted_s=out["compacted_s"],
+           early_whole_s=out["whole_s"], early_longest=max(lengths),
+           early_live_fraction=sum(lengths) / (len(lengths) * max(lengths)),
+           early_tokens_identical=out["compacted_ids"] == out["whole_ids"])
+  if hf_model is not None:
+    hf_s, hf_ids = hf_run(hf_model, tok, prompts_ids, max_new_tokens, early_stop=True)
+    r |= dict(early_hf_s=hf_s, early_hf_rows_identical=sum(
+        _same_until_eos(a, h, tok.eos_token_id) for a, h in zip(out["compacted_ids"], hf_ids)))
+  return r
+
+
+def hf_run(hf_model, tok, prompts_ids, new_tokens, early_stop=False):
   import torch
 
   width = max(map(len, prompts_ids))
@@ -160,16 +193,18 @@ def hf_run(hf_model, tok, prompts_ids, new_tokens):
     with torch.no_grad():
       out["ids"] = hf_model.generate(
           input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+          min_new_tokens=1 if early_stop else new_tokens, do_sample=False, pad_token_id=pad,
+          eos_token_id=tok.eos_token_id)
     if hf_model.device.type == "cuda":
       torch.cuda.synchronize()
 
-  t = timed(gen, repeats=2)
+  t = timed(gen, repeats=1 if early_stop else 2)
   return t, [row[width:].tolist() for row in out["ids"]]
 
 
 def _same_until_eos(ours, theirs, eos):
-  """transformers' min_new_tokens masks EOS, so rows agree only up to our first EOS."""
+  """Rows agree up to our first EOS: transformers' min_new_tokens masks EOS, and after
+  EOS it pads."""
   cut = ours.index(eos) if eos in ours else len(ours)
   return ours[:cut] == theirs[:cut]
 
@@ -182,6 +217,9 @@ def parse_args():
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+  parser.add_argument("--early_stop_batches", default="16,64",
+                      help="batches for the early-stopping comparison ('' skips it)")
+  parser.add_argument("--early_stop_tokens", type=int, default=192)
   return parser.parse_args()
 
 
@@ -216,11 +254,14 @@ def measure_batch(model, b: int, args, instruction_ids, bandwidth, param_bytes, 
                 greedy_rows_identical=sum(
                     _same_until_eos(a, h, model.tokenizer.eos_token_id)
                     for a, h in zip(r["responses"], hf_out)))
+  if b in args.early_batches:
+    row |= early_stop_runs(model, prompts_ids, args.early_stop_tokens, hf_model)
   return row
 
 
 def main():
   args = parse_args()
+  args.early_batches = [int(b) for b in args.early_stop_batches.split(",") if b]
   cfg, params, tokenizer = load_model(args.model)
   model = types.SimpleNamespace(cfg=cfg, params=params, tokenizer=tokenizer)
   instruction_ids = formats.ChatFormat(tokenizer).instruction_ids(prompts.MATH_SELF_CORRECTION)
@@ -238,6 +279,7 @@ def main():
               cpus=os.cpu_count(), jax=jax.__version__, machine=platform.machine(),
               read_bandwidth_GBps=bandwidth / 1e9, param_MB=param_bytes / 1e6,
               new_tokens=args.new_tokens, model=args.model, dtype=cfg.dtype,
+              early_stop_tokens=args.early_stop_tokens,
               params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6)
   write_results(pathlib.Path(args.out), results_stem("sampler"), dict(meta=meta, rows=rows),
                 render(meta, rows).splitlines())
@@ -279,7 +321,37 @@ def render(meta, rows) -> str:
         f"{100 * r['roofline_weights']:.0f}% | {100 * r['roofline_weights_and_kv']:.0f}% | "
         f"{r['turn2_carried_s']:.2f} | {r['turn2_reprefill_s']:.2f} | "
         f"{r['turn2_speedup']:.2f}x | {r['turn2_prefill_speedup']:.2f}x |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + _render_early_stop(meta, rows)) + "\n"
+
+
+def _render_early_stop(meta, rows) -> list[str]:
+  early = [r for r in rows if "early_tokens" in r]
+  if not early:
+    return []
+  lines = [
+      "", "## Early stopping: compacting finished rows", "",
+      f"Greedy, rows stop at EOS (at most {meta.get('early_stop_tokens')} tokens). Useful "
+      "tokens/s (tokens rows actually produced, over the turn's wall time) with finished "
+      "rows gathered out of the decoded batch (power-of-two batches of at least 8 rows) "
+      "vs decoding the whole batch until its last row ends, and transformers `generate` "
+      "with the same stop. `live` is the fraction of row-steps that produced a token "
+      "(what a batch that never shrinks spends on useful rows).", "",
+      "| batch | tokens | longest row | live | compacted tok/s | whole-batch tok/s "
+      "| compacted vs whole | transformers tok/s | compacted vs transformers "
+      "| identical rows |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in early:
+    tok_s = lambda s: r["early_tokens"] / s
+    hf = (f"{tok_s(r['early_hf_s']):.1f} | {r['early_hf_s'] / r['early_compacted_s']:.2f}x"
+          if "early_hf_s" in r else "- | -")
+    same = "same as whole" if r["early_tokens_identical"] else "DIFFERENT from whole"
+    if "early_hf_rows_identical" in r:
+      same += f"; {r['early_hf_rows_identical']}/{r['batch']} as transformers"
+    lines.append(
+        f"| {r['batch']} | {r['early_tokens']} | {r['early_longest']} | "
+        f"{100 * r['early_live_fraction']:.0f}% | {tok_s(r['early_compacted_s']):.1f} | "
+        f"{tok_s(r['early_whole_s']):.1f} | "
+        f"{r['early_whole_s'] / r['early_compacted_s']:.2f}x | {hf} | {same} |")
+  return lines
 
 
 if __name__ == "__main__":
