@@ -192,28 +192,31 @@ class Sampler:
     self.min_window = min_window
     self.min_compact_rows = min_compact_rows
     self.state_shardings = None
-    state_out = prefill_out = {}  # One device: nothing to pin.
+    logits_sharding = None
     if batch_sharding is not None:
       self.state_shardings, logits_sharding = _state_shardings(
           cfg, max_len, batch_sharding, rules)
-      state_out = {"out_shardings": self.state_shardings}
-      prefill_out = {"out_shardings": (self.state_shardings, logits_sharding)}
+    self._jit_pieces(logits_sharding)
+
+  def _jit_pieces(self, logits_sharding):
+    """Compiles the pieces, with every output pinned to its input's sharding on a mesh."""
+    pin = lambda *out: {} if self.state_shardings is None else {"out_shardings": out}
+    state_out = {} if self.state_shardings is None else {"out_shardings": self.state_shardings}
+    prefill_out = pin(self.state_shardings, logits_sharding)
     self._init = jax.jit(self._init_impl, **state_out)
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
                             donate_argnames=("state",), **prefill_out)
-    self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "window"),
-                           donate_argnames=("state",),
-                           **({"out_shardings": (self.state_shardings, logits_sharding,
-                                                 self.state_shardings.turn)}
-                              if batch_sharding is not None else {}))
+    self._decode = jax.jit(
+        self._decode_impl, static_argnames=("sampling", "window"), donate_argnames=("state",),
+        **pin(self.state_shardings, logits_sharding,
+              None if self.state_shardings is None else self.state_shardings.turn))
     self._finish = jax.jit(self._finish_impl, donate_argnums=0, **state_out)
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
     self._expand = jax.jit(self._expand_impl, static_argnames=("group",), **prefill_out)
     self._live = jax.jit(self._live_impl)
     self._compact = jax.jit(self._compact_impl, static_argnames=("rows",),
                             donate_argnames=("full",),
-                            **({"out_shardings": (self.state_shardings,) * 2
-                                + (logits_sharding,)} if batch_sharding is not None else {}))
+                            **pin(self.state_shardings, self.state_shardings, logits_sharding))
     self._merge = jax.jit(self._merge_impl, donate_argnames=("full",), **state_out)
 
   @property
