@@ -70,13 +70,16 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
   """Loads config, params (as numpy) and tokenizer; `remat` and `logits_chunk` set the
   training-memory options of `ModelConfig`."""
   path = resolve(name_or_path)
-  if path.suffix == ".gguf":
-    cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype)
+  # Weights and tokenizer share one GGUF reader: the file's metadata is parsed once.
+  reader = weights.gguf_reader(path) if path.suffix == ".gguf" else None
+  if reader is not None:
+    cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype,
+                                    reader=reader)
   else:
     cfg, params = weights.load_hf(path, param_dtype=param_dtype, dtype=dtype)
   cfg = cfg.replace(remat=remat, logits_chunk=logits_chunk)
-  return Pretrained(cfg=cfg, params=params,
-                    tokenizer=tokenizer_lib.load_tokenizer(path), path=path)
+  return Pretrained(cfg=cfg, params=params, path=path,
+                    tokenizer=tokenizer_lib.load_tokenizer(path, gguf_reader=reader))
 
 
 def from_config(model) -> Pretrained:

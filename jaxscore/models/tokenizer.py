@@ -29,11 +29,12 @@ _CONTROL = 3  # llama.cpp token type of special tokens such as <|im_end|>.
 _USER_DEFINED = 4
 
 
-def load_tokenizer(path: str | os.PathLike):
-  """Tokenizer of a Hugging Face directory or a GGUF file."""
+def load_tokenizer(path: str | os.PathLike, gguf_reader=None):
+  """Tokenizer of a Hugging Face directory or a GGUF file (`gguf_reader`: the file's
+  reader, when the caller already opened it)."""
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
-    return tokenizer_from_gguf(weights.gguf_reader(path))
+    return tokenizer_from_gguf(gguf_reader or weights.gguf_reader(path))
   from transformers import AutoTokenizer
 
   return AutoTokenizer.from_pretrained(str(path))

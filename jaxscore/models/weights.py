@@ -426,11 +426,14 @@ def config_from_gguf(reader, **overrides) -> model_lib.ModelConfig:
 
 
 def load_gguf(path: str | os.PathLike, *, param_dtype: str = "float32",
-              dtype: str = "float32") -> tuple[model_lib.ModelConfig, model_lib.Params]:
-  """Loads (config, params) from a GGUF file, dequantizing to float32 first."""
+              dtype: str = "float32",
+              reader=None) -> tuple[model_lib.ModelConfig, model_lib.Params]:
+  """Loads (config, params) from a GGUF file, dequantizing to float32 first. `reader`:
+  the file's `gguf_reader`, when the caller already opened it (parsing the metadata
+  of a 49k-token vocabulary takes seconds)."""
   import gguf
 
-  reader = gguf_reader(path)
+  reader = reader or gguf_reader(path)
   cfg = config_from_gguf(reader, param_dtype=param_dtype, dtype=dtype)
   permute = gguf_metadata(reader, "general.architecture") == "llama"
   by_hf_name = {}
