@@ -97,6 +97,20 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> flo
   return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)
 
 
+def sustained_matmul(n: int = 2048, seconds: float = 2.0, dtype=jnp.float32):
+  """(fn, flops): `fn()` runs a chain of n x n matmuls for about `seconds` and `flops` is
+  their work. Timed in each round next to the step it is compared with (on this shared
+  machine the best of five 2048^3 matmuls moved by 35% between rounds a minute apart),
+  and held for seconds like the step."""
+  x, eye = jnp.ones((n, n), dtype), jnp.eye(n, dtype=dtype)  # x @ eye stays finite.
+  one = jax.jit(lambda x, w: x @ w)
+  count = max(int(seconds / timed(lambda: one(x, eye).block_until_ready(), 3)), 1)
+  chain = jax.jit(lambda x, w: jax.lax.fori_loop(0, count, lambda _, y: y @ w, x))
+  fn = lambda: chain(x, eye).block_until_ready()
+  fn()  # Compiles.
+  return fn, 2 * n**3 * count
+
+
 class TimedTask:
   """A task whose `score` calls are timed (rollouts call it between turns)."""
 
