@@ -90,13 +90,6 @@ def timed(fn, repeats=3):
   return best
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """FLOP/s of XLA's n x n matmul on the default device: the peak a step is held to."""
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  return 2 * n**3 / timed(lambda: f(a).block_until_ready(), repeats)
-
-
 def sustained_matmul(n: int = 2048, seconds: float = 2.0, dtype=jnp.float32):
   """(fn, flops): `fn()` runs a chain of n x n matmuls for about `seconds` and `flops` is
   their work. Timed in each round next to the step it is compared with (on this shared

@@ -70,9 +70,10 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
   """Loads config, params (as numpy) and tokenizer; `remat` and `logits_chunk` set the
   training-memory options of `ModelConfig`."""
   path = resolve(name_or_path)
-  # Weights and tokenizer share one GGUF reader: the file's metadata is parsed once.
-  reader = weights.gguf_reader(path) if path.suffix == ".gguf" else None
-  if reader is not None:
+  reader = None
+  if path.suffix == ".gguf":
+    # Weights and tokenizer share one reader: the file's metadata is parsed once.
+    reader = weights.gguf_reader(path)
     cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype,
                                     reader=reader)
   else:
