@@ -411,3 +411,21 @@ def test_multi_turn_grpo_with_feedback_trains_through_the_online_loop(tmp_path):
     assert r["first/policy/ratio_max_dev"] < 1e-4  # Recomputed behaviour log-probs.
     assert 0.0 <= r["policy/clip_frac"] <= 1.0
     assert r["reward/t1"] <= r["reward/t2"] <= r["reward/t3"]  # Correct by turn t.
+
+
+def test_instruction_feedback_sends_its_template_not_the_task_instruction():
+  setup, params = _scripted_setup()
+  problems = setup.task.problems("train")
+  critique = rollout_lib.Feedback("instruction", "Review and revise your answer now.")
+  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 2, 3,
+                                 message_len=rollout_lib.instruction_len(setup, critique))
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=3)
+  ro = rollout_lib.rollout(params, smp, setup, problems, 2, greedy, jax.random.key(0),
+                           feedback=critique)
+  template = setup.fmt.instruction_ids(critique.template)
+  task_instruction = setup.fmt.instruction_ids(setup.task.instruction)
+  tokens, length = np.asarray(ro.episode.tokens_BxT), np.asarray(ro.episode.length_B)
+  for row in range(len(problems)):
+    ids = tokens[row, :length[row]].tolist()
+    assert _count(ids, template) == 1, row
+    assert _count(ids, task_instruction) == 0, row

@@ -226,7 +226,9 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
     return _feedback_rollout(params, smp, setup, problems, num_turns, sampling, rng,
                              feedback, score_overlap_splits, group)
   fmt, tokenizer, task = setup.fmt, setup.tokenizer, setup.task
-  instruction = fmt.instruction_ids(task.instruction)
+  # The message the sampler was sized for: the feedback's own (a Self-Refine critique
+  # prompt), else the task's instruction.
+  instruction = fmt.instruction_ids(feedback.message(task))
   mine = slice(*sharding.process_rows(len(problems)))
   feed = problems[mine] if smp.batch_sharding is not None else problems
   prompts = [fmt.prompt_ids(p.prompt) for p in feed]
