@@ -42,7 +42,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.format = "chat"  # chat (tokenizer's chat template) | plain (concatenation, base models)
 
   # How training rollouts sample (jaxscore.sampling.sampler.SamplingConfig); evaluation
-  # is greedy with the same max_new_tokens.
+  # is greedy with the same max_new_tokens. RL objectives train on samples from the
+  # policy itself and refuse any other temperature, top-k or top-p.
   c.sampler = ml_collections.ConfigDict()
   c.sampler.temperature = 1.0  # The paper: 1.0.
   c.sampler.top_k = 0  # 0 = off.
@@ -81,12 +82,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.score.beta2 = 0.1  # Extra KL on attempt 1 in stage I.
   c.score.gamma = 0.0  # Discount across turns; 0: each attempt gets its own return.
   c.score.advantage = "rloo"  # rloo (leave-one-out, the paper) | grpo (group-normalised)
-  # In the loss: k2 (forward-KL gradient) | k3 (reverse-KL gradient) | exact (full
-  # vocabulary); in the reward: k1 | k2 | k3. k1 in the loss is refused (no gradient).
-  c.score.kl_estimator = "k3"
-  c.score.kl_in_reward = False  # Fold sequence KL into returns (needs temperature 1).
-  c.score.policy_loss = "reinforce"  # reinforce (on-policy, no clipping) | clipped
-  c.score.clip_eps = 0.2  # For the clipped loss only.
+  # The paper penalises KL(pi || pi_ref) but does not say how it is estimated. In the
+  # loss: k2 (its gradient is that KL's: the default) | k3 (unbiased value, but the
+  # reverse KL's gradient) | exact (full vocabulary, one more reference forward); in the
+  # reward: k1 | k2 | k3. k1 in the loss is refused (zero expected gradient).
+  c.score.kl_estimator = "k2"
+  c.score.kl_in_reward = False  # Fold sequence KL into returns instead of the loss.
   c.score.aggregation = "token_mean"  # token_mean | sequence_mean | sum
 
   # Multi-turn policy gradient without SCoRe's stages and bonus
@@ -97,10 +98,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.pg.beta = 0.01  # KL coefficient on every turn.
   c.pg.gamma = 0.0
   c.pg.advantage = "rloo"
-  c.pg.kl_estimator = "k3"
+  c.pg.kl_estimator = "k2"  # As SCoRe's, so the single-turn ablation differs only in turns.
   c.pg.kl_in_reward = False
-  c.pg.policy_loss = "reinforce"
-  c.pg.clip_eps = 0.2
   c.pg.aggregation = "token_mean"
 
   # GRPO (jaxscore.objectives.grpo.GRPOConfig): group-normalised advantages, clipped

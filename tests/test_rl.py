@@ -89,12 +89,81 @@ def test_kl_estimator_misuse_is_refused():
     score_objective("II", kl_estimator="k1")
   with pytest.raises(ValueError, match="cannot be folded into the reward"):
     score_objective("II", kl_estimator="exact", kl_in_reward=True)
-  for sampling in (sampler_lib.SamplingConfig(temperature=0.7),
-                   sampler_lib.SamplingConfig(top_k=5), sampler_lib.SamplingConfig(top_p=0.9)):
-    with pytest.raises(ValueError, match="does not draw them from pi"):
-      score_objective("II", kl_estimator="k1", kl_in_reward=True, sampling=sampling)
   score_objective("II", kl_estimator="k1", kl_in_reward=True,
                   sampling=sampler_lib.SamplingConfig(temperature=1.0))
+
+
+@pytest.mark.parametrize("name", ["score", "pg", "grpo"])
+def test_training_on_samples_not_drawn_from_the_policy_is_refused(name):
+  # A tempered or truncated sampler makes REINFORCE, GRPO's ratio against pi_old and
+  # KL on sampled tokens all off-policy, with or without KL in the reward.
+  fields = {"stages": "II:1"} if name == "score" else {}
+  for sampling in (sampler_lib.SamplingConfig(temperature=0.7),
+                   sampler_lib.SamplingConfig(top_k=5), sampler_lib.SamplingConfig(top_p=0.9)):
+    with pytest.raises(ValueError, match="sampler.temperature=1.0, sampler.top_k=0"):
+      objectives.make(name, fields, objectives.Context(CFG, 2, 2, sampling))
+  objectives.make(name, fields, objectives.Context(CFG, 2, 2, sampler_lib.SamplingConfig()))
+
+
+@pytest.mark.parametrize("name", ["score", "pg"])
+def test_one_update_per_batch_has_no_clipped_ratio_to_choose(name):
+  # With one update per rollout batch pi = pi_old: the ratio is 1 and a clip never binds.
+  fields = {"stages": "II:1"} if name == "score" else {}
+  for field in ("policy_loss", "clip_eps"):
+    with pytest.raises(ValueError, match=f"config {name}.{field} is not a field"):
+      objectives.make(name, {**fields, field: "clipped" if field == "policy_loss" else 0.2},
+                      objectives.Context(CFG, 2, 2))
+
+
+def test_masked_advantages_count_only_the_samples_that_took_the_turn():
+  # One group of 3: row 0 stopped correct after turn 1; rows 1 and 2 took turn 2, where
+  # row 1 was right. Turn 2's leave-one-out baseline is row 2 for row 1 and row 1 for
+  # row 2, never row 0's untaken turn.
+  returns = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+  turns = jnp.array([[True, False], [True, True], [True, True]])
+  np.testing.assert_allclose(rl.rloo_advantages(returns, 3, valid_BxN=turns),
+                             [[1.0, 0.0], [-0.5, 1.0], [-0.5, -1.0]])
+  # Group-normalised over the same samples: turn 2 is (1, 0) -> mean 1/2, std 1/2.
+  np.testing.assert_allclose(rl.group_advantages(returns, 3, eps=0.0, valid_BxN=turns),
+                             [[2 ** 0.5, 0.0], [-(2 ** -0.5), 1.0], [-(2 ** -0.5), -1.0]],
+                             rtol=1e-6)
+  # A turn only one sample took has no leave-one-out baseline: no advantage.
+  one = jnp.array([[True, False], [True, True]])
+  np.testing.assert_allclose(rl.rloo_advantages(returns[:2], 2, valid_BxN=one),
+                             [[1.0, 0.0], [-1.0, 0.0]])
+  # Every turn taken: the unmasked estimators.
+  full = jnp.ones((3, 2), bool)
+  np.testing.assert_allclose(rl.rloo_advantages(returns, 3, valid_BxN=full),
+                             rl.rloo_advantages(returns, 3))
+  np.testing.assert_allclose(rl.group_advantages(returns, 3, valid_BxN=full),
+                             rl.group_advantages(returns, 3), rtol=1e-6)
+
+
+def _trajectories(rewards_BxN, turns_BxN):
+  """Two-turn rows of 4 tokens: two prompt tokens, then one token per turn taken."""
+  b = rewards_BxN.shape[0]
+  turn = np.array([[0, 0, 1, 2 if turns_BxN[i, 1] else 0] for i in range(b)])
+  return objectives.Trajectories(
+      tokens_BxT=jnp.ones((b, 4), jnp.int32), mask_BxT=jnp.asarray(turn[:, :] >= 0),
+      turn_BxT=jnp.asarray(turn), behaviour_logp_BxT=jnp.zeros((b, 4)),
+      ref_logp_BxT=jnp.zeros((b, 4)), rewards_BxN=jnp.asarray(rewards_BxN),
+      turns_BxN=jnp.asarray(turns_BxN))
+
+
+def test_stopping_feedback_masks_untaken_turns_in_pg_and_is_refused_by_score():
+  rewards = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], np.float32)
+  turns = np.array([[True, False], [True, True], [True, True]])
+  ctx = objectives.Context(CFG, num_turns=2, group_size=3, stops_rows=True)
+  obj = objectives.make("pg", {"advantage": "rloo"}, ctx)
+  batch, _ = obj.make_batch(_trajectories(rewards, turns), 0)
+  # Turn-2 tokens (position 3) of rows 1 and 2: +1 and -1, row 2's baseline being row 1
+  # alone (counting row 0's untaken turn as reward 0 gave row 2 -0.5).
+  np.testing.assert_allclose(batch.advantages_BxT[:, 3], [0.0, 1.0, -1.0])
+  np.testing.assert_allclose(batch.advantages_BxT[:, 2], [1.0, -0.5, -0.5])
+  # SCoRe's stages and bonus need both attempts of every episode: a row that stopped
+  # correct at turn 1 would get -alpha for the attempt it never made.
+  with pytest.raises(ValueError, match="rollout.feedback=instruction"):
+    objectives.make("score", {"stages": "II:1"}, ctx)
 
 
 def test_shifted_logprobs_match_log_softmax_by_hand():

@@ -96,7 +96,8 @@ def make_objective(c, setup: rollout_lib.Setup):
   ro = RolloutConfig(**c.rollout)
   ctx = objectives_lib.Context(model_cfg=setup.cfg, num_turns=ro.num_turns,
                                group_size=ro.group_size,
-                               sampling=sampler_lib.SamplingConfig(**c.sampler))
+                               sampling=sampler_lib.SamplingConfig(**c.sampler),
+                               stops_rows=ro.feedback_config.stops_when_correct)
   return objectives_lib.make(c.objective, c[c.objective], ctx)
 
 

@@ -70,6 +70,9 @@ class Context:
   num_turns: int = 1  # Turns per episode (online).
   group_size: int = 1  # Samples per prompt, contiguous in the batch (online).
   sampling: sampler_lib.SamplingConfig | None = None  # How training rollouts sample.
+  # The feedback between turns stops a row at its first correct answer (online), so
+  # some rows take fewer turns (`Trajectories.turns_BxN`).
+  stops_rows: bool = False
 
 
 def make(name: str, fields: Mapping[str, Any], ctx: Context):

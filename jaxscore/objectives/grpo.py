@@ -53,6 +53,7 @@ class GRPO(base.OnlineObjective):
     self.returns_fn, self.per_episode = rl.pick(rl.REWARD_ASSIGNMENTS, c.reward,
                                                 "grpo.reward")
     rl.check_kl_estimator(c.kl_estimator, in_reward=False)
+    pg.check_on_policy(ctx.sampling, self.name)
     if c.epochs < 1 or c.minibatches < 1:
       raise ValueError(f"grpo.epochs={c.epochs}, grpo.minibatches={c.minibatches}: "
                        "both must be >= 1")

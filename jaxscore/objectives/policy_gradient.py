@@ -99,17 +99,20 @@ def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
   return loss, metrics
 
 
-def check_kl_in_reward(sampling) -> None:
-  """KL folded into the reward is estimated on the sampled tokens, which must then come
-  from the policy itself: temperature 1, no top-k or top-p filter."""
+def check_on_policy(sampling, objective: str) -> None:
+  """Training rollouts must be drawn from the policy itself (temperature 1, no top-k or
+  top-p filter): the policy-gradient estimators, the clipped ratio's pi_old and KL
+  estimated on sampled tokens all assume it, and a tempered or truncated sampler would
+  make every update silently off-policy."""
   if sampling is None:
     return
   if sampling.temperature != 1.0 or sampling.top_k or sampling.top_p < 1.0:
     raise ValueError(
-        "kl_in_reward=True estimates KL(pi || pi_ref) on the sampled tokens, but sampling "
+        f"objective={objective!r} trains on samples from the policy, but sampler "
         f"(temperature={sampling.temperature}, top_k={sampling.top_k}, "
-        f"top_p={sampling.top_p}) does not draw them from pi: sample with temperature 1 "
-        "and no top-k/top-p, or put the KL in the loss (kl_in_reward=False)")
+        f"top_p={sampling.top_p}) draws them from another distribution: set "
+        "sampler.temperature=1.0, sampler.top_k=0 and sampler.top_p=1.0 (evaluation "
+        "samples with its own settings)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,16 +121,20 @@ class PGConfig:
   beta: float = 0.01  # KL coefficient on every turn.
   gamma: float = 0.0  # Discount across turns; 0: each turn gets its own reward.
   advantage: str = "grpo"  # rloo | grpo
-  kl_estimator: str = "k3"  # k2 | k3 | exact in the loss; k1 | k2 | k3 in the reward.
+  kl_estimator: str = "k2"  # k2 | k3 | exact in the loss; k1 | k2 | k3 in the reward.
   kl_in_reward: bool = False  # Fold sequence KL into returns instead of the loss.
-  policy_loss: str = "reinforce"  # reinforce | clipped
-  clip_eps: float = 0.2  # For the clipped loss only.
   aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
 
 
 @base.register("pg")
 class PolicyGradient(base.OnlineObjective):
-  """Each turn rewarded by its own correctness (discounted by gamma), KL weight beta."""
+  """Each turn rewarded by its own correctness (discounted by gamma), KL weight beta.
+
+  On-policy REINFORCE, one update per rollout batch: a clipped ratio would be exactly 1
+  there and never bind (objective=grpo makes several updates per batch). With feedback
+  that stops rows (rollout.feedback=none|unary|template), a turn a row did not take has
+  no return and no advantage, and is no baseline for the rows that took it.
+  """
 
   title = "policy gradient"
   Config = PGConfig
@@ -137,12 +144,10 @@ class PolicyGradient(base.OnlineObjective):
     c = config
     rl.check_kl_estimator(c.kl_estimator, c.kl_in_reward)
     rl.pick(rl.ADVANTAGE_ESTIMATORS, c.advantage, "advantage")
-    rl.pick(rl.POLICY_LOSSES, c.policy_loss, "policy_loss")
-    if c.kl_in_reward:
-      check_kl_in_reward(ctx.sampling)
+    check_on_policy(ctx.sampling, self.name)
     self.loss_cfg = PolicyLossConfig(
-        kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in_reward, policy_loss=c.policy_loss,
-        clip_eps=c.clip_eps, aggregation=c.aggregation, num_turns=ctx.num_turns)
+        kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in_reward,
+        aggregation=c.aggregation, num_turns=ctx.num_turns)
 
   # -- What subclasses change. ------------------------------------------------
 
@@ -168,9 +173,10 @@ class PolicyGradient(base.OnlineObjective):
       shaped_BxN = shaped_BxN - coef_N[None] * rl.turn_sums(kl_BxT, turn_BxT, num_turns)
     return rl.discounted_returns(shaped_BxN, self.config.gamma) + bonus_BxN, coef_N
 
-  def advantages(self, returns_BxN):
+  def advantages(self, returns_BxN, turns_BxN=None):
+    """Per-turn advantages over the group; only turns taken count (`turns_BxN`)."""
     estimator = rl.pick(rl.ADVANTAGE_ESTIMATORS, self.config.advantage, "advantage")
-    return estimator(returns_BxN, self.ctx.group_size)
+    return estimator(returns_BxN, self.ctx.group_size, valid_BxN=turns_BxN)
 
   def make_batch(self, traj: base.Trajectories, step: int):
     kl_BxT = None
@@ -178,9 +184,11 @@ class PolicyGradient(base.OnlineObjective):
       kl_fn = rl.pick(rl.KL_ESTIMATORS, self.config.kl_estimator, "kl_estimator")
       kl_BxT = jnp.where(traj.turn_BxT > 0,
                          kl_fn(traj.behaviour_logp_BxT, traj.ref_logp_BxT), 0.0)
+    turns_BxN = jnp.asarray(traj.turns_BxN, bool)
     returns_BxN, coef_N = self.returns(jnp.asarray(traj.rewards_BxN), step, traj.turn_BxT,
                                        kl_BxT)
-    adv_BxN = self.advantages(returns_BxN)
+    returns_BxN = jnp.where(turns_BxN, returns_BxN, 0.0)
+    adv_BxN = self.advantages(returns_BxN, turns_BxN)
     batch = RLBatch(
         tokens_BxT=traj.tokens_BxT, mask_BxT=traj.mask_BxT, turn_BxT=traj.turn_BxT,
         advantages_BxT=rl.turn_values(traj.turn_BxT, adv_BxN),

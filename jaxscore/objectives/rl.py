@@ -256,21 +256,32 @@ def _groups(x_BxN: jax.Array, group_size: int) -> jax.Array:
   return x_BxN.reshape(b // group_size, group_size, n)
 
 
-def rloo_advantages(returns_BxN: jax.Array, group_size: int) -> jax.Array:
-  """Return minus the mean return of the other G - 1 samples of the same prompt."""
+def rloo_advantages(returns_BxN: jax.Array, group_size: int,
+                    valid_BxN: jax.Array | None = None) -> jax.Array:
+  """Return minus the mean return of the other samples of the same prompt, per turn.
+
+  With `valid_BxN` (the turns each row took), only the samples that took a turn are
+  each other's baseline there; an untaken turn, or one no other sample took, gets 0.
+  """
   if group_size < 2:
     raise ValueError("RLOO needs group_size >= 2")
   g = _groups(returns_BxN, group_size)
-  others = (g.sum(axis=1, keepdims=True) - g) / (group_size - 1)
-  return (g - others).reshape(returns_BxN.shape)
+  w = jnp.ones_like(g) if valid_BxN is None else _groups(valid_BxN, group_size).astype(g.dtype)
+  others_n = w.sum(axis=1, keepdims=True) - w
+  others = ((g * w).sum(axis=1, keepdims=True) - g * w) / jnp.maximum(others_n, 1.0)
+  return (w * jnp.where(others_n > 0, g - others, 0.0)).reshape(returns_BxN.shape)
 
 
-def group_advantages(returns_BxN: jax.Array, group_size: int, eps: float = 1e-6) -> jax.Array:
-  """GRPO: (return - group mean) / (group std + eps)."""
+def group_advantages(returns_BxN: jax.Array, group_size: int, eps: float = 1e-6,
+                     valid_BxN: jax.Array | None = None) -> jax.Array:
+  """GRPO: (return - group mean) / (group std + eps), per turn; with `valid_BxN`, over
+  the samples that took the turn (0 on untaken turns)."""
   g = _groups(returns_BxN, group_size)
-  mean = g.mean(axis=1, keepdims=True)
-  std = g.std(axis=1, keepdims=True)
-  return ((g - mean) / (std + eps)).reshape(returns_BxN.shape)
+  w = jnp.ones_like(g) if valid_BxN is None else _groups(valid_BxN, group_size).astype(g.dtype)
+  count = jnp.maximum(w.sum(axis=1, keepdims=True), 1.0)
+  mean = (g * w).sum(axis=1, keepdims=True) / count
+  std = jnp.sqrt((jnp.square(g - mean) * w).sum(axis=1, keepdims=True) / count)
+  return (w * (g - mean) / (std + eps)).reshape(returns_BxN.shape)
 
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {"rloo": rloo_advantages, "grpo": group_advantages}

@@ -70,10 +70,10 @@ class ScoreConfig:
   beta2: float = 0.1  # Extra KL on attempt 1 in stage I.
   gamma: float = 0.0  # Discount across turns; 0: each attempt gets its own return.
   advantage: str = "rloo"  # rloo (leave-one-out, the paper) | grpo (group-normalised)
-  kl_estimator: str = "k3"  # k2 | k3 | exact in the loss; k1 | k2 | k3 in the reward.
+  # KL(pi || pi_ref) as the paper states it: k2 in the loss has that KL's gradient (k3's
+  # is the reverse KL's); exact sums it over the vocabulary; k1 | k2 | k3 in the reward.
+  kl_estimator: str = "k2"
   kl_in_reward: bool = False  # Fold sequence KL into returns instead of the loss.
-  policy_loss: str = "reinforce"  # reinforce (on-policy, the paper) | clipped
-  clip_eps: float = 0.2  # For the clipped loss only.
   aggregation: str = "token_mean"  # token_mean | sequence_mean | sum
 
 
@@ -84,6 +84,12 @@ class Score(pg.PolicyGradient):
 
   def __init__(self, config: ScoreConfig, ctx: base.Context):
     self.stages = parse_stages(config.stages)
+    if ctx.stops_rows:
+      raise ValueError(
+          "objective='score' needs every episode to take every attempt (stage I rewards "
+          "the last one, the progress bonus compares the last two), but the rollout's "
+          "feedback stops a row at its first correct answer: set "
+          "rollout.feedback=instruction, or train objective=pg or grpo with it")
     super().__init__(config, ctx)
 
   @property
