@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import require_embedded
 
@@ -432,3 +433,71 @@ def test_sharded_steps_compile_once_for_the_whole_run(tmp_path):
   assert 1 <= steps[0]["_decode_impl"] <= windows, (steps[0], windows)
   assert all(n == 1 for k, n in steps[0].items() if k != "_decode_impl"), steps[0]
   assert all(s == steps[0] for s in steps), steps
+
+
+class _ParityTask:
+  """add1's problems; a reply earns 1 when its length is even, so training rewards vary
+  from step to step even on a random model."""
+
+  def __init__(self, task):
+    self.task, self.name, self.instruction = task, "parity", task.instruction
+
+  def problems(self, split):
+    return self.task.problems(split)
+
+  def score(self, problems, responses):
+    from jaxscore.tasks import base
+
+    return [base.Score(float(len(r) % 2 == 0), None, base.CORRECT) for r in responses]
+
+
+@pytest.mark.slow
+def test_the_best_checkpoint_holds_the_parameters_that_earned_its_reward(tmp_path):
+  """Each RL checkpoint's reward label is the reward of a rollout sampled by the very
+  parameters it holds: restored and rolled out again with that step's problems and key,
+  they earn exactly the label. (The label used to be the previous parameters' reward.)"""
+  import dataclasses
+
+  from jaxscore.loops import online
+  from jaxscore.sampling import rollout as rollout_lib
+
+  setup, params = _tiny_setup()
+  setup = dataclasses.replace(setup, task=_ParityTask(setup.task))
+  c = _config()
+  c.sampler.max_new_tokens = 6
+  c.checkpoint.keep = 10
+  online.train(c, setup, params, params, tmp_path)
+  rewards = {r["step"]: r["reward"] for r in _metrics(tmp_path)}
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=10, read_only=True)
+  labelled = {}
+  for step in ckpt.manager.all_steps():
+    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    if meta["meta"]["metrics"]:
+      labelled[step] = meta["meta"]["metrics"]["reward"]
+  # Steps 1..3 were saved after their rollouts; step 4, the last update, has none.
+  assert sorted(labelled) == [1, 2, 3] and 4 in ckpt.manager.all_steps()
+  # Metrics are logged under the number of updates done: step s's rollout is row s + 1.
+  assert labelled == {s: rewards[s + 1] for s in labelled}
+  assert len(set(rewards.values())) > 1, rewards  # The labels can tell steps apart.
+  from jaxscore.infra import sharding
+  from jaxscore.loops import common
+
+  mesh, rules = common.mesh_from_config(c)
+  with sharding.activate(mesh, rules):
+    loop = online.OnlineLoop(c, setup, online.make_objective(c, setup), tmp_path / "re",
+                             mesh, rules)
+  abstract = {"params": checkpoint_lib.abstract_like(params)}
+  for step, label in labelled.items():
+    restored, _ = ckpt.restore(abstract, step=step, partial=True)
+    rows = [p for p in online.batch_problems(loop.problems, step, c.rollout.prompts_per_step,
+                                             c.seed) for _ in range(c.rollout.group_size)]
+    ro = rollout_lib.rollout(restored["params"], loop.sampler, setup, rows,
+                             c.rollout.num_turns, loop.sampling,
+                             jax.random.fold_in(jax.random.key(c.seed), step),
+                             group=c.rollout.group_size)
+    assert float(ro.rewards_BxN.sum(1).mean()) == label, step
+  ckpt.close()
+  loop.run.ckpt.close()
+  best = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=10, read_only=True)
+  assert best.best_step() == max(labelled, key=lambda s: (labelled[s], s))
+  best.close()

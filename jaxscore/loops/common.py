@@ -63,11 +63,23 @@ def mesh_from_config(c):
 
 class Run:
   """The train state's shardings, the compiled train step and the checkpointer of one
-  run of `objective`, on `mesh`."""
+  run of `objective`, on `mesh`.
+
+  Which parameters the best metric belongs to: with `metric_before_update` (RL, whose
+  training reward is earned by the rollout of the parameters *before* the step's
+  update) a due checkpoint is saved by the loop between its rollout and its update,
+  through `save_before_update`, labelled with that rollout's reward; otherwise (an
+  evaluation loss measured after the update) the state after the step is saved with
+  the step's metric. Saves at the end and on SIGTERM hold the state after the last
+  update, which no rollout has measured: they carry no metric.
+  """
 
   def __init__(self, c, model_cfg: model_lib.ModelConfig, objective, workdir, mesh, rules,
-               best_metric: str = "reward", best_mode: str = "max"):
+               best_metric: str = "reward", best_mode: str = "max",
+               metric_before_update: bool = False):
     self.c, self.objective, self.mesh, self.rules = c, objective, mesh, rules
+    self.metric_before_update = metric_before_update
+    self._writer = None
     self.workdir = files.path(workdir)
     self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
     self.param_shardings = sharding.param_shardings(model_cfg, mesh, rules)
@@ -113,7 +125,7 @@ class Run:
     from tqdm import tqdm
 
     step = first = int(state.step)
-    writer = metric_writers.MetricsWriter(self.workdir, start_step=step)
+    writer = self._writer = metric_writers.MetricsWriter(self.workdir, start_step=step)
     running: dict[str, float] = {}
     # No bar in logs and pipes; a notebook's output is no TTY either, but shows it live.
     bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
@@ -141,9 +153,10 @@ class Run:
           writer.write_transcripts(step, transcripts[:self.log_cfg.num_transcripts])
         done = step >= total or preempt.requested or (
             stop_after is not None and step - first >= stop_after)
-        if step % self.ckpt_cfg.every_steps == 0 or done:
+        if done or (step % self.ckpt_cfg.every_steps == 0 and not self.metric_before_update):
           writer.flush()
-          best = {self.best_metric: m[self.best_metric]} if self.best_metric in m else None
+          best = ({self.best_metric: m[self.best_metric]}
+                  if self.best_metric in m and not self.metric_before_update else None)
           self.ckpt.save(step, state, {"step": step, "phase": phase}, metrics=best)
         if done:
           break
@@ -155,6 +168,20 @@ class Run:
     if preempt.requested:
       print(f"SIGTERM: saved step {step}; rerun the same command to resume")
     return state, info
+
+
+  def save_before_update(self, state, metrics: dict, phase: str | None = None) -> None:
+    """Saves `state` if its step is due, labelled with `metrics[best_metric]`: called
+    after the step's rollout and before its update, so the label is what these very
+    parameters earned. Step 0 (the initial model) and a step already on disk (the one
+    a run resumed from) are not saved again."""
+    step = int(state.step)
+    if step == 0 or step % self.ckpt_cfg.every_steps or step in self.ckpt.manager.all_steps():
+      return
+    if self._writer is not None:
+      self._writer.flush()
+    best = {self.best_metric: metrics[self.best_metric]} if self.best_metric in metrics else None
+    self.ckpt.save(step, state, {"step": step, "phase": phase}, metrics=best)
 
 
 def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):

@@ -138,7 +138,7 @@ class OnlineLoop:
     self.rollout_cfg = ro = RolloutConfig(**c.rollout)
     self.sampling = sampler_lib.SamplingConfig(**c.sampler)
     self.run = common.Run(c, setup.cfg, objective, workdir, mesh, rules,
-                          best_metric="reward", best_mode="max")
+                          best_metric="reward", best_mode="max", metric_before_update=True)
 
     def token_logprobs(params, tokens_BxT, mask_BxT):
       return rl.token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg)[0]
@@ -176,6 +176,10 @@ class OnlineLoop:
                         ref_params if objective.uses_reference else None,
                         state.params if objective.recompute_behaviour_logp else None)
     batch, batch_metrics = self.objective.make_batch(traj, step)
+    reward = float(ro.rewards_BxN.sum(1).mean())
+    # The reward belongs to the parameters that sampled it: a due checkpoint is saved
+    # now, before the update replaces (and donates) them.
+    run.save_before_update(state, {"reward": reward}, self.objective.phase(step))
     state, m = run.train_step(state, sharding.shard_batch(batch, run.mesh, run.rules), rng,
                               ref_params)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -188,7 +192,7 @@ class OnlineLoop:
     # The sample budget: episodes and tokens sampled (all turns) this step.
     m |= {"budget/episodes": len(rows),
           "budget/tokens": sum(len(r) for turn_ids in ro.ids for r in turn_ids)}
-    m |= {"reward": float(rewards.sum(1).mean()), **batch_metrics,
+    m |= {"reward": reward, **batch_metrics,
           "time/rollout_s": t_rollout, "time/step_s": time.perf_counter() - t0}
     phase = self.objective.phase(step)
     if phase is not None:
