@@ -11,6 +11,8 @@ Every field is commented; the keys mirror the keyword arguments they feed.
 
 import ml_collections
 
+VARIANTS = ("cpu", "gsm8k", "math", "code")
+
 
 def sources(*splits: str) -> ml_collections.ConfigDict:
   """Each split's data, settable as --config.task.kwargs.sources.<split>=...: a local
@@ -222,7 +224,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.rollout.prompts_per_step = 32  # x group_size 4 = 128 episodes.
     c.optim.learning_rate = 1e-5
   else:
-    raise ValueError(f"unknown variant {variant!r}: cpu, gsm8k, math or code")
+    raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
   for option in options:
     if option == "runlocal":  # Tiny smoke-test sizes of any variant.
       c.score.stages = "I:1,II:1"

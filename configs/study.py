@@ -16,6 +16,7 @@ import pathlib
 
 import ml_collections
 
+VARIANTS = ("cpu", "gsm8k")
 _SCORE = pathlib.Path(__file__).with_name("score.py")
 SELF_REFINE_PROMPT = ("Review your previous answer step by step and point out any "
                       "mistakes. Then give a corrected solution, ending with the final "
@@ -31,8 +32,8 @@ def _score_config(variant: str) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   variant, *options = arg.split(",") if arg else ["cpu"]
-  if variant not in ("cpu", "gsm8k"):
-    raise ValueError(f"unknown variant {variant!r}: cpu or gsm8k")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
   c = _score_config(",".join([variant, *options]))
   c.unlock()
 

@@ -81,7 +81,7 @@ def main(argv):
   del argv
   import jax
 
-  from jaxscore import evaluate, objectives
+  from jaxscore import config_checks, evaluate, objectives
   from jaxscore.infra import distributed, files
   from jaxscore.loops import common
   from jaxscore.sampling import rollout as rollout_lib
@@ -89,6 +89,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   c, workdir, mode = _CONFIG.value, files.path(_WORKDIR.value), _MODE.value
+  config_checks.check_experiment(c)
   d = c.distributed
   distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                          d.process_id if d.process_id >= 0 else None, d.auto)

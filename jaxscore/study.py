@@ -99,9 +99,11 @@ class Study:
   """The base model, task and problems every arm shares."""
 
   def __init__(self, c, workdir):
-    from jaxscore.sampling import rollout as rollout_lib
+    from jaxscore import config_checks
     from jaxscore.infra import files
+    from jaxscore.sampling import rollout as rollout_lib
 
+    config_checks.check_study(c)  # Every arm, before the model loads.
     self.c, self.workdir = c, files.path(workdir)
     self.setup, self.eval_setup, self.base_params = rollout_lib.from_config(c)
     self.train_problems = self.setup.task.problems(c.task.train_split)

@@ -93,3 +93,18 @@ def test_a_missing_data_file_set_from_the_command_line_is_one_line(tmp_path):
              f"--workdir={tmp_path / 'run'}", "--mode=evaluate",
              f"--config.task.kwargs.sources.test={missing}")
   _one_line_error(out, "jaxscore.main", f"{missing}: no such file")
+
+
+@pytest.mark.parametrize("module, arg, override, expected", [
+    ("jaxscore.self_explore", "self_explore.py:gsm8k", "--config.sample.batch_size=64",
+     ("sample.batch_size=64", "sample.num_samples=100")),
+    ("jaxscore.main", "score.py:cpu", "--config.rollout.feedback=unary",
+     ("rollout.feedback=instruction",)),
+    ("jaxscore.study", "study.py:cpu", "--config.grpo.minibatches=3",
+     ("arms.single_turn_grpo", "grpo.minibatches=3")),
+])
+def test_contradictory_config_fields_are_one_line_before_the_model_loads(
+    module, arg, override, expected, tmp_path):
+  out = _run(module, f"--config={CONFIGS / arg}", f"--workdir={tmp_path / 'run'}", override)
+  _one_line_error(out, module, *expected)
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -50,6 +50,9 @@ class Pipeline:
   """The stages of one Self-Explore run; `run()` does them all."""
 
   def __init__(self, c, workdir):
+    from jaxscore import config_checks
+
+    config_checks.check_self_explore(c)  # Before the model loads.
     self.c, self.workdir = c, files.path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     model = pretrained.from_config(c.model)

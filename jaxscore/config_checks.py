@@ -1,0 +1,268 @@
+"""Consistency checks between the fields of an experiment config, run when an entry point
+loads it: before a model, a data file or a device is touched, so a config that cannot
+work fails in one line that names the fields involved and a fix, not hours later.
+
+  check_experiment(c)    configs/score.py (python -m jaxscore.main, jaxscore evaluate)
+  check_self_explore(c)  configs/self_explore.py
+  check_study(c)         configs/study.py (the study's fields and every arm)
+
+What needs the devices or the data (a mesh that does not fit the devices, a batch that
+does not split over the processes, a prompt longer than the model's context) is checked
+where those are known, with errors of the same kind.
+"""
+
+from __future__ import annotations
+
+from jaxscore.infra import entry
+
+
+class ConfigError(entry.UsageError):
+  """A config whose fields contradict each other (reported in one line)."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _built(what: str, build):
+  """`build()`, with a ValueError from a field's own check reported as a ConfigError."""
+  try:
+    return build()
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config {what}: {e}") from None
+
+
+def _stub_model():
+  """A model config for building objectives: they read the model only when they run."""
+  from jaxscore.models import model as model_lib
+
+  return model_lib.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=1,
+                               num_kv_heads=1, mlp_dim=8)
+
+
+# ---------------------------------------------------------------------------
+# Groups shared by every experiment.
+
+
+def check_optim(g, where: str = "optim") -> None:
+  from jaxscore.loops import train
+
+  oc = _built(where, lambda: train.OptimConfig(**g))
+  _built(where, lambda: train.make_optimizer(oc))
+  _require(oc.learning_rate > 0, f"{where}.learning_rate={oc.learning_rate}: must be > 0")
+  _require(oc.grad_accum_steps >= 1,
+           f"{where}.grad_accum_steps={oc.grad_accum_steps}: must be >= 1")
+  _require(oc.warmup_steps >= 0, f"{where}.warmup_steps={oc.warmup_steps}: must be >= 0")
+
+
+def check_mesh(m, rows: int | None = None, rows_field: str = "") -> None:
+  from jaxscore.infra import sharding
+
+  _require(m.rules in sharding.RULES,
+           f"mesh.rules={m.rules!r}: expected one of {', '.join(sharding.RULES)}")
+  sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
+  for axis, n in sizes.items():
+    _require(n == -1 or n >= 1, f"mesh.{axis}={n}: expected -1 (the rest) or >= 1")
+  _require(list(sizes.values()).count(-1) <= 1,
+           "mesh.data, mesh.fsdp, mesh.tensor: at most one may be -1 (the rest)")
+  batch_ways = m.data * m.fsdp
+  if rows is not None and m.data != -1 and m.fsdp != -1:
+    _require(rows % batch_ways == 0,
+             f"{rows_field} = {rows} rows do not split over mesh.data x mesh.fsdp = "
+             f"{batch_ways} batch shards: make the rows a multiple of {batch_ways}")
+
+
+def check_checkpoint(ck) -> None:
+  _require(ck.every_steps >= 1, f"checkpoint.every_steps={ck.every_steps}: must be >= 1")
+  _require(ck.keep >= 1, f"checkpoint.keep={ck.keep}: must be >= 1")
+
+
+def _check_task(t, format_kind: str) -> None:
+  from jaxscore import tasks
+
+  for name_field in ("name", "eval_name"):
+    name = t.get(name_field, "")
+    if name_field == "name" or name:
+      _require(name in tasks.TASKS, f"task.{name_field}={name!r}: expected one of "
+               f"{', '.join(tasks.TASKS)}")
+  _require(format_kind in ("chat", "plain"), f"format={format_kind!r}: expected chat or plain")
+
+
+def _check_checkpoint_name(value: str, where: str) -> None:
+  _require(value in ("latest", "best") or value.isdigit(),
+           f"{where}={value!r}: expected latest, best or a step number")
+
+
+# ---------------------------------------------------------------------------
+# configs/score.py: one objective, online or offline, and its evaluation.
+
+
+def rollout_rows(c) -> int:
+  return c.rollout.prompts_per_step * c.rollout.group_size
+
+
+def check_rollout(c) -> None:
+  from jaxscore.loops import online
+  from jaxscore.sampling import sampler
+
+  ro = _built("rollout", lambda: online.RolloutConfig(**c.rollout))
+  feedback = _built("rollout.feedback", lambda: ro.feedback_config)
+  sampling = _built("sampler", lambda: sampler.SamplingConfig(**c.sampler))
+  _require(sampling.max_new_tokens >= 1,
+           f"sampler.max_new_tokens={sampling.max_new_tokens}: must be >= 1")
+  for field in ("num_turns", "group_size", "prompts_per_step", "score_overlap_splits"):
+    _require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
+  _require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
+  splits, rows = ro.score_overlap_splits, rollout_rows(c)
+  if splits > 1:
+    _require(feedback.stops_when_correct,
+             f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "
+             f"stop rows, not rollout.feedback={ro.feedback!r} (whose turns are scored "
+             "while the next one samples anyway): set it to 1")
+    _require(ro.prompts_per_step % splits == 0,
+             f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
+             f"rollout.score_overlap_splits={splits} parts of whole groups: make it a "
+             f"multiple of {splits}")
+
+
+def make_objective(c):
+  """The config's objective, built as the loops build it, from config fields alone."""
+  from jaxscore import objectives
+  from jaxscore.loops import online
+  from jaxscore.sampling import sampler
+
+  _require(c.objective in objectives.names(),
+           f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}")
+  _require(c.objective in c, f"objective={c.objective!r} has no config group "
+           f"c.{c.objective} (its Config's fields)")
+  kind = objectives.get(c.objective).kind
+  ctx = objectives.Context(_stub_model())
+  if kind == "online":
+    ro = online.RolloutConfig(**c.rollout)
+    ctx = objectives.Context(_stub_model(), num_turns=ro.num_turns, group_size=ro.group_size,
+                             sampling=sampler.SamplingConfig(**c.sampler),
+                             stops_rows=ro.feedback_config.stops_when_correct)
+  return _built(c.objective, lambda: objectives.make(c.objective, c[c.objective], ctx))
+
+
+def check_objective(c) -> None:
+  obj = make_objective(c)
+  if obj.kind == "offline":
+    _require(c.offline.batch_size >= 1,
+             f"offline.batch_size={c.offline.batch_size}: must be >= 1")
+    return
+  group, rows = c.rollout.group_size, rollout_rows(c)
+  if getattr(obj.config, "advantage", None) == "rloo":
+    _require(group >= 2, f"{c.objective}.advantage='rloo' needs rollout.group_size >= 2 "
+             f"(a leave-one-out baseline), got {group}: raise it or use advantage=grpo")
+  epochs, minibatches = obj.updates_per_batch
+  _require(rows % minibatches == 0,
+           f"rollout.prompts_per_step x rollout.group_size = {rows} rows do not split into "
+           f"{c.objective}.minibatches={minibatches} equal minibatches: make the rows a "
+           f"multiple of {minibatches}")
+  _require(obj.num_steps >= 1, f"{c.objective}: {obj.num_steps} training steps")
+
+
+def check_evaluate(c) -> None:
+  from jaxscore.sampling import rollout
+
+  e = c.evaluate
+  _check_checkpoint_name(e.checkpoint, "evaluate.checkpoint")
+  for field in ("num_problems", "num_turns", "pass_k_samples"):
+    _require(e[field] >= 0, f"evaluate.{field}={e[field]}: must be >= 0")
+  _require(e.batch_size >= 1, f"evaluate.batch_size={e.batch_size}: must be >= 1")
+  if e.feedback:
+    _built("evaluate.feedback",
+           lambda: rollout.Feedback(e.feedback, c.rollout.feedback_template))
+
+
+def check_experiment(c) -> None:
+  """configs/score.py and any config of its shape."""
+  _check_task(c.task, c.format)
+  check_rollout(c)
+  check_objective(c)
+  check_evaluate(c)
+  check_optim(c.optim)
+  check_checkpoint(c.checkpoint)
+  from jaxscore import objectives
+
+  if objectives.get(c.objective).kind == "online":
+    check_mesh(c.mesh, rollout_rows(c), "rollout.prompts_per_step x rollout.group_size")
+  else:
+    check_mesh(c.mesh, c.offline.batch_size, "offline.batch_size")
+
+
+# ---------------------------------------------------------------------------
+# configs/self_explore.py.
+
+
+def _multiple(batch_field: str, batch: int, group_field: str, group: int, why: str) -> None:
+  _require(group >= 1, f"{group_field}={group}: must be >= 1")
+  _require(batch >= group and batch % group == 0,
+           f"{batch_field}={batch} is not a multiple of {group_field}={group} ({why}): "
+           f"set {batch_field} to a multiple of {group}, e.g. {max(group, batch // group * group)}")
+
+
+def check_self_explore(c) -> None:
+  from jaxscore import objectives
+  from jaxscore.self_explore import steps
+
+  _check_task(c.task, c.format)
+  _multiple("sample.batch_size", c.sample.batch_size, "sample.num_samples",
+            c.sample.num_samples, "a problem's N samples share one prefill in one call")
+  _multiple("explore.batch_size", c.explore.batch_size, "explore.k", c.explore.k,
+            "a prefix's k continuations share one prefill in one call")
+  _require(c.sample.max_rft_per_problem >= 1,
+           f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
+  _built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))
+  _require(c.explore.max_steps >= 1, f"explore.max_steps={c.explore.max_steps}: must be >= 1")
+  for field in ("sample.temperature", "explore.temperature"):
+    group, name = field.split(".")
+    _require(c[group][name] > 0, f"{field}={c[group][name]}: exploration samples (> 0)")
+  ctx = objectives.Context(_stub_model())
+  _built("sft", lambda: objectives.make("sft", c.sft, ctx))
+  dpo = _built("dpo", lambda: objectives.make("dpo", c.dpo, ctx))
+  _require(dpo.config.beta > 0, f"dpo.beta={dpo.config.beta}: must be > 0")
+  for stage in ("train_sft", "train_rft", "train_dpo"):
+    g = c[stage]
+    _require(g.offline.batch_size >= 1,
+             f"{stage}.offline.batch_size={g.offline.batch_size}: must be >= 1")
+    _require(g.offline.num_epochs >= 1,
+             f"{stage}.offline.num_epochs={g.offline.num_epochs}: must be >= 1")
+    _require(0.0 <= g.warmup_fraction < 1.0,
+             f"{stage}.warmup_fraction={g.warmup_fraction}: must be in [0, 1)")
+    check_optim(g.optim, f"{stage}.optim")
+    check_mesh(c.mesh, g.offline.batch_size, f"{stage}.offline.batch_size")
+  _require(c.evaluate.batch_size >= 1,
+           f"evaluate.batch_size={c.evaluate.batch_size}: must be >= 1")
+  check_checkpoint(c.checkpoint)
+
+
+# ---------------------------------------------------------------------------
+# configs/study.py: the study's own fields, then every arm as the study builds it.
+
+
+def check_study(c) -> None:
+  from jaxscore import study
+  from jaxscore.sampling import rollout
+
+  s = c.study
+  for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
+                "samples_per_problem", "star_iterations"):
+    _require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
+  _built("study.eval_feedback", lambda: rollout.Feedback(
+      s.eval_feedback, c.rollout.feedback_template))
+  names = [n.strip() for n in s.arms.split(",") if n.strip()]
+  _require(bool(names), "study.arms is empty: name at least one arm")
+  for name in names:
+    try:
+      method, ac = study.arm_config(c, name)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    del method  # Every method trains (or not) with the same config groups.
+    try:
+      check_experiment(ac)
+    except ConfigError as e:
+      raise ConfigError(f"arms.{name}: {e}") from None
+
