@@ -35,7 +35,7 @@ def _train_group(batch_size: int, num_epochs: int, max_len: int, optimizer: str,
   g.optim.schedule = schedule  # constant | cosine | linear (to 0 at the last step)
   g.optim.total_steps = 0  # 0: the stage's number of steps.
   g.optim.b1 = 0.9
-  g.optim.b2 = 0.999  # Adam's second-moment decay; RMSprop's decay (0.9 there).
+  g.optim.b2 = 0.999  # Adam's second-moment decay; RMSprop's decay (0.99 there).
   g.optim.weight_decay = 0.0
   g.optim.max_grad_norm = 1.0  # 0 disables clipping.
   g.optim.grad_accum_steps = 1
@@ -74,6 +74,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # one prefill in one call (100 rows of 7B decode fit a v5e-8 slice).
   c.sample.batch_size = 100
   c.sample.max_rft_per_problem = 8  # Distinct correct rationales kept per problem.
+  # The reference code's data rules (jaxscore.self_explore.explore.rationale_data):
+  # gsm8k (every equation must hold; distinct by equations; pair with the farthest wrong
+  # one) | math (distinct by edit distance; pair with the shortest wrong one above a
+  # normalised edit distance of 0.5, then 0.4, then 0.3).
+  c.sample.rules = "gsm8k"
 
   # Stage 3: RFT data.
   c.rft = ml_collections.ConfigDict()
@@ -100,7 +105,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.train_sft = _train_group(64, 5, 0, "adam", 1e-5, "linear", 0.0)
   c.train_rft = _train_group(64, 5, 0, "adam", 1e-5, "linear", 0.0)
   c.train_dpo = _train_group(32, 3, 384, "rmsprop", 1e-6, "linear", 0.1)
-  c.train_dpo.optim.b2 = 0.9  # RMSprop's decay.
+  # The reference code trains DPO with transformers' optim="rmsprop": PyTorch's RMSprop
+  # and its default decay alpha = 0.99 (the paper names the optimizer, not its decay).
+  c.train_dpo.optim.b2 = 0.99
 
   c.evaluate = ml_collections.ConfigDict()
   c.evaluate.num_problems = 0  # 0 = the whole test split.
@@ -145,7 +152,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.train_sft = _train_group(16, 2, 0, "adam", 3e-5, "linear", 0.0)
     c.train_rft = _train_group(16, 2, 0, "adam", 3e-5, "linear", 0.0)
     c.train_dpo = _train_group(8, 3, 160, "rmsprop", 1e-6, "linear", 0.1)
-    c.train_dpo.optim.b2 = 0.9
+    c.train_dpo.optim.b2 = 0.99
     c.evaluate.batch_size = 50
     c.evaluate.max_new_tokens = 48
     c.checkpoint.every_steps = 50
@@ -156,6 +163,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.task.name = "math"  # No hub default for train: set sources.train to a MATH file.
     c.task.kwargs = ml_collections.ConfigDict({"sources": _sources("train", "test")})
     c.sample.max_new_tokens = 1024
+    c.sample.rules = "math"
     c.explore.max_new_tokens = 1024
     c.explore.style = "sentences"
     c.train_dpo.offline.max_len = 1024

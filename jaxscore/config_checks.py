@@ -213,6 +213,10 @@ def check_self_explore(c) -> None:
             c.sample.num_samples, "a problem's N samples share one prefill in one call")
   _multiple("explore.batch_size", c.explore.batch_size, "explore.k", c.explore.k,
             "a prefix's k continuations share one prefill in one call")
+  from jaxscore.self_explore import explore
+
+  _require(c.sample.rules in explore.RULES,
+           f"sample.rules={c.sample.rules!r}: expected one of {', '.join(explore.RULES)}")
   _require(c.sample.max_rft_per_problem >= 1,
            f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
   _built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))

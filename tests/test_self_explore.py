@@ -270,3 +270,54 @@ def test_pipeline_runs_every_stage_and_skips_finished_ones(tmp_path):
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
   assert again.returncode == 0, again.stderr[-4000:]
   assert "[sft]" not in again.stdout and "[sample]" not in again.stdout  # Skipped.
+
+
+def test_exploration_scores_the_completion_not_the_prefix():
+  # From the prefix "...\nThe answer is 57.\n" (a rationale that states the right answer
+  # and then goes on) every completion answers 1: scoring prefix + completion would
+  # find the prefix's 57 and see no pit at step 3.
+  wrong = "7 × 9 = 63\n63 - 6 = 57\nThe answer is 57.\nNo wait, 63 - 6 = 1.\n"
+
+  def continue_fn(queries, k):
+    return [["The answer is 57." if prefix.count("\n") < 2 else "The answer is 1."] * k
+            for _, prefix in queries]
+
+  (run,) = explore.explore([(PROBLEM, RIGHT, wrong)], continue_fn, TASK, k=2)
+  assert run.pit == 2 and run.correct == [[True, True], [False, False]]
+
+
+def test_a_correct_answer_through_a_wrong_equation_is_no_correct_rationale():
+  assert explore.equation_holds("<<48/2=24>>") and explore.equation_holds("7 × 9 = 63")
+  assert explore.equation_holds("<<5*12+3=63>>") and explore.equation_holds("1,200 - 200 = 1,000")
+  assert not explore.equation_holds("<<48/2=25>>") and not explore.equation_holds("<<2**999=1>>")
+  assert not explore.equation_holds("<<x+1=2>>") and not explore.equation_holds("<<1/0=1>>")
+  lucky = "Natalia sold <<48/2=25>>25 clips.\nThe answer is 72."
+  honest = "Natalia sold <<48/2=24>>24 clips, <<48+24=72>>72 in all.\nThe answer is 72."
+  rft, pairs = explore.rationale_data([lucky, honest], ["The answer is 70."], 8, "gsm8k",
+                                      np.random.default_rng(0))
+  assert rft == [honest] and pairs == [(honest, "The answer is 70.")]
+
+
+def test_math_rules_dedupe_by_edit_distance_and_pair_the_shortest_distant_wrong_one():
+  base = "We compute $2 + 2 = 4$, so the final answer is $4$."
+  near = base.replace("compute", "computed")  # Edit distance 1: a duplicate.
+  other = "Doubling two gives four. Final Answer: The final answer is $4$."
+  kept = explore.distinct_by_edit_distance([base, near, other], 8, np.random.default_rng(0))
+  assert len(kept) == 2 and other in kept and (base in kept) != (near in kept)
+  # Normalised edit distances to `base`: the long repetitive wrong answer is far (> 0.5)
+  # but longer; the short one is far too, so it is taken; one that is close (< 0.3) is
+  # taken only when nothing is farther.
+  long_far = "Let x be the sum. " * 8 + "The final answer is $5$."
+  short_far = "It is $5$."
+  close = base.replace("$4$.", "$5$.")
+  dist = {w: explore.normalized_edit_distance(base, w) for w in (long_far, short_far, close)}
+  assert dist[long_far] > 0.5 and dist[short_far] > 0.5 and dist[close] < 0.3
+  assert explore.outcome_pairs_math([base], [long_far, short_far, close]) == [(base, short_far)]
+  assert explore.outcome_pairs_math([base, other], [close]) == [(base, close)]
+  # Between the thresholds: above 0.4 beats a shorter one at 0.35.
+  mid = [w for w in ("x" * n + " $5$." for n in range(1, 80))
+         if 0.4 < explore.normalized_edit_distance(base, w) <= 0.5]
+  low = [w for w in ("We compute $2 + 2 = 4$, " + "y" * n for n in range(1, 60))
+         if 0.3 < explore.normalized_edit_distance(base, w) <= 0.4]
+  assert mid and low
+  assert explore.outcome_pairs_math([base], [low[0], mid[-1]]) == [(base, mid[-1])]

@@ -9,6 +9,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxscore import objectives
@@ -191,3 +192,27 @@ def test_train_step_on_8_fake_devices_matches_one_device():
                        env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "loss" in out.stdout
+
+
+def test_rmsprop_matches_pytorch_rmsprop():
+  """Self-Explore's DPO optimizer is the reference code's: PyTorch's RMSprop (through
+  transformers' optim="rmsprop") with its default decay 0.99 and eps outside the root."""
+  from conftest import require_torch
+
+  torch = require_torch()
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(3, 4)).astype(np.float32)
+  # Gradients down to 1e-4: eps (1e-8) inside or outside the root tells at their squares.
+  grads = [rng.normal(size=(3, 4)).astype(np.float32) * 10 ** -k for k in (0, 1, 2, 3, 4, 4)]
+  opt = train_lib.make_optimizer(train_lib.OptimConfig(
+      optimizer="rmsprop", learning_rate=1e-2, b2=0.99, max_grad_norm=0.0))
+  w = jnp.asarray(w0)
+  state = opt.init(w)
+  tw = torch.tensor(w0.copy(), requires_grad=True)
+  topt = torch.optim.RMSprop([tw], lr=1e-2)  # alpha=0.99, eps=1e-8 by default.
+  for g in grads:
+    updates, state = opt.update(jnp.asarray(g), state, w)
+    w = optax.apply_updates(w, updates)
+    tw.grad = torch.tensor(g)
+    topt.step()
+  np.testing.assert_allclose(np.asarray(w), tw.detach().numpy(), rtol=1e-6, atol=2e-7)

@@ -48,7 +48,7 @@ class OptimConfig:
   schedule: str = "constant"  # constant | cosine | linear (to 0 at total_steps)
   total_steps: int = 1000  # For the cosine and linear schedules.
   b1: float = 0.9
-  b2: float = 0.999  # Adam's second-moment decay; RMSprop's decay.
+  b2: float = 0.999  # Adam's second-moment decay; RMSprop's decay (PyTorch's alpha).
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0  # 0 disables clipping.
   grad_accum_steps: int = 1
@@ -76,8 +76,10 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
     opt = optax.adam(lr, b1=c.b1, b2=c.b2)
   elif c.optimizer == "adamw":
     opt = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
-  elif c.optimizer == "rmsprop":  # Self-Explore's optimizer.
-    opt = optax.rmsprop(lr, decay=c.b2)
+  elif c.optimizer == "rmsprop":
+    # Self-Explore's optimizer, as PyTorch's RMSprop computes it (the reference code's,
+    # through transformers' optim="rmsprop"): eps added outside the square root.
+    opt = optax.rmsprop(lr, decay=c.b2, eps=1e-8, eps_in_sqrt=False)
   else:
     raise ValueError(f"optim.optimizer={c.optimizer!r}: expected adam, adamw or rmsprop")
   if c.max_grad_norm:

@@ -139,12 +139,13 @@ class Pipeline:
       mine = [(t.strip(), s.reward > 0) for r, t, s in zip(rows, texts, scores) if r == i]
       correct = [t for t, ok in mine if ok]
       wrong = [t for t, ok in mine if not ok]
-      distinct = explore_lib.rft_set(correct, c.max_rft_per_problem)
+      distinct, outcome = explore_lib.rationale_data(
+          correct, wrong, c.max_rft_per_problem, c.rules,
+          np.random.default_rng([self.c.seed, i]))
       samples.append({"id": p.id, "samples": [t for t, _ in mine],
                       "correct": [ok for _, ok in mine]})
       rft += [{"id": p.id, "response": t} for t in distinct]
-      pairs += [{"id": p.id, "chosen": a, "rejected": b}
-                for a, b in explore_lib.outcome_pairs(distinct, wrong)]
+      pairs += [{"id": p.id, "chosen": a, "rejected": b} for a, b in outcome]
     d = self._dir("sample")
     write_jsonl(d / "samples.jsonl", samples)
     write_jsonl(d / "rft.jsonl", rft)
