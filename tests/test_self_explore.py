@@ -321,3 +321,25 @@ def test_math_rules_dedupe_by_edit_distance_and_pair_the_shortest_distant_wrong_
          if 0.3 < explore.normalized_edit_distance(base, w) <= 0.4]
   assert mid and low
   assert explore.outcome_pairs_math([base], [low[0], mid[-1]]) == [(base, mid[-1])]
+
+
+def test_long_pairs_lose_the_start_of_the_prompt_before_the_end_of_a_completion():
+  from jaxscore.objectives import base
+
+  prompt, pair = [1, 2, 3, 4, 5, 6], [[7, 8, 9], [10]]
+  # Width 7: the prompt gives up its first two tokens, the completions stay whole.
+  assert base.fit_to_width(prompt, pair, 7) == ([3, 4, 5, 6], pair, True, False)
+  # Width 4: the prompt keeps half the width; only then the longer completion is cut.
+  assert base.fit_to_width(prompt, pair, 4) == ([5, 6], [[7, 8], [10]], True, True)
+  assert base.fit_to_width(prompt, pair, 9) == (prompt, pair, False, False)
+  # A collated pair: the chosen reply ends with its answer and end of turn (11, 12) in
+  # the batch, and both rows see the same trimmed prompt.
+  examples = [{"prompt": list(range(20, 30)), "chosen": [7, 8, 11, 12], "rejected": [9]}]
+  b = dpo.collate_pairs(examples, 8, with_reference=False)
+  tokens, target = np.asarray(b.tokens_2BxT), np.asarray(b.target_2BxT)
+  assert tokens[0].tolist() == [26, 27, 28, 29, 7, 8, 11, 12]
+  assert target[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+  assert tokens[1, :5].tolist() == [26, 27, 28, 29, 9] and target[1].sum() == 1
+  assert dpo.truncation_counts(examples + PAIRS, 8) == {"prompt_trimmed": 1,
+                                                       "completion_cut": 0}
+  assert dpo.truncation_counts(examples, 6) == {"prompt_trimmed": 1, "completion_cut": 1}

@@ -174,3 +174,24 @@ def pad_rows(rows: Sequence[Sequence[Any]], width: int, value=0, dtype=np.int32)
     row = list(row)[:width]
     out[i, :len(row)] = row
   return out
+
+
+def fit_to_width(prompt: Sequence[int], completions: Sequence[Sequence[int]], width: int
+                 ) -> tuple[list[int], list[list[int]], bool, bool]:
+  """(prompt, completions, prompt_trimmed, completion_cut): one prompt and the
+  completions that follow it (DPO's chosen and rejected) fitted into `width` tokens.
+
+  The prompt loses tokens from the left first, down to half the width: its start is the
+  context furthest from what is learned, while a completion's end holds its answer and
+  its end of turn. Only a completion longer than what is then left is cut at the end.
+  Every completion sees the same (trimmed) prompt.
+  """
+  prompt, completions = list(prompt), [list(c) for c in completions]
+  longest = max(map(len, completions), default=0)
+  if len(prompt) + longest <= width:
+    return prompt, completions, False, False
+  keep = max(width - longest, min(len(prompt), width // 2))
+  trimmed = prompt[len(prompt) - keep:]
+  room = width - len(trimmed)
+  return (trimmed, [c[:room] for c in completions], keep < len(prompt),
+          any(len(c) > room for c in completions))

@@ -60,8 +60,11 @@ def dpo_loss(params, batch: DPOBatch, rng, ref_params, *, cfg: model_lib.ModelCo
 def collate_pairs(examples: Sequence[dict], width: int, with_reference: bool = True) -> DPOBatch:
   """Examples {"prompt", "chosen", "rejected": ids, "ref_chosen", "ref_rejected": float}
   -> a DPOBatch of width T (numpy)."""
-  rows = [{"prompt": e["prompt"], "completion": e[side]}
-          for side in ("chosen", "rejected") for e in examples]
+  # Chosen and rejected keep the same context: the pair is fitted as one.
+  fitted = [base.fit_to_width(e["prompt"], [e["chosen"], e["rejected"]], width)[:2]
+            for e in examples]
+  rows = [{"prompt": prompt, "completion": completions[side]}
+          for side in (0, 1) for prompt, completions in fitted]
   b = sft.collate_completions(rows, width)
   ref = (np.array([e["ref_" + side] for side in ("chosen", "rejected") for e in examples],
                   np.float32) if with_reference else np.zeros((len(rows),), np.float32))
@@ -88,6 +91,15 @@ def reference_logprobs(examples: Sequence[dict], ref_params, cfg: model_lib.Mode
       out[i]["ref_chosen"] = float(logp_2B[j])
       out[i]["ref_rejected"] = float(logp_2B[batch_size + j])
   return out
+
+
+def truncation_counts(examples: Sequence[dict], width: int) -> dict[str, int]:
+  """How many pairs lose the start of their prompt, and how many a completion's end,
+  at `width` tokens."""
+  fits = [base.fit_to_width(e["prompt"], [e["chosen"], e["rejected"]], width)
+          for e in examples]
+  return {"prompt_trimmed": sum(f[2] for f in fits),
+          "completion_cut": sum(f[3] for f in fits)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,11 @@ def sft_loss(params, batch: SFTBatch, rng, ref_params, *, cfg: model_lib.ModelCo
 
 
 def collate_completions(examples: Sequence[dict], width: int) -> SFTBatch:
-  """Examples {"prompt": ids, "completion": ids} -> an SFTBatch of width T (numpy)."""
-  rows = [list(e["prompt"]) + list(e["completion"]) for e in examples]
-  targets = [[0] * len(e["prompt"]) + [1] * len(e["completion"]) for e in examples]
+  """Examples {"prompt": ids, "completion": ids} -> an SFTBatch of width T (numpy); a
+  long example loses the start of its prompt first (`base.fit_to_width`)."""
+  fitted = [base.fit_to_width(e["prompt"], [e["completion"]], width)[:2] for e in examples]
+  rows = [prompt + completion for prompt, (completion,) in fitted]
+  targets = [[0] * len(prompt) + [1] * len(completion) for prompt, (completion,) in fitted]
   tokens = base.pad_rows(rows, width)
   mask = base.pad_rows([[1] * len(r) for r in rows], width, dtype=bool)
   return SFTBatch(tokens_BxT=tokens, mask_BxT=mask,

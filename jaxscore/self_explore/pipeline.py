@@ -98,8 +98,9 @@ class Pipeline:
     return c
 
   def _train(self, stage: str, objective: str, group: str, examples, init_params,
-             ref_params):
-    """Trains (or resumes, or restores a finished) offline stage; returns its params."""
+             ref_params, stats: dict | None = None):
+    """Trains (or resumes, or restores a finished) offline stage; returns its params.
+    `stats` go into the stage's done.json."""
     cfg = self.setup.cfg
     c = self._stage_config(group, len(examples))
     obj = objectives.make(objective, self.c[objective], objectives.Context(cfg))
@@ -110,7 +111,7 @@ class Pipeline:
                                 self._dir(stage))
     if info["preempted"]:
       raise SystemExit(f"SIGTERM during {stage}: rerun the same command to resume")
-    self._finish(stage, {"examples": len(examples), "steps": info["step"]})
+    self._finish(stage, {"examples": len(examples), "steps": info["step"], **(stats or {})})
     # Nothing resumes a finished stage: it keeps its parameters, not the optimizer.
     common.keep_params_only(c, self._dir(stage), cfg, init_params)
     return state.params
@@ -215,7 +216,10 @@ class Pipeline:
     if len(examples) < self.c.train_dpo.offline.batch_size:
       print(f"[{stage}] {len(examples)} pairs are fewer than one batch: no training")
       return rft_params
-    return self._train(stage, "dpo", "train_dpo", examples, rft_params, rft_params)
+    obj = objectives.make("dpo", self.c.dpo, objectives.Context(self.setup.cfg))
+    width = offline.example_width(obj, examples, self.c.train_dpo.offline.max_len)
+    return self._train(stage, "dpo", "train_dpo", examples, rft_params, rft_params,
+                       stats={"width": width, **dpo.truncation_counts(examples, width)})
 
   def evaluate(self, models: dict[str, Any]) -> dict:
     """Greedy single-turn accuracy on the test split; per model and against RFT and
