@@ -44,10 +44,15 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.study.train_turns = 3  # Turns of the multi-turn arms' training episodes.
   c.study.eval_turns = 8  # T of the T-turn dialogue with feedback.
   c.study.eval_feedback = "unary"  # Between evaluation turns (none | unary | template).
+  # The intrinsic protocol: this many greedy attempts with SCoRe's instruction after
+  # each, correctness never revealed (SCoRe's evaluation: 2).
+  c.study.intrinsic_turns = 2
+  # The arm every other one is compared with, by paired intervals over problems.
+  c.study.reference_arm = "single_turn_grpo"
   c.study.pass_k_samples = 8  # n samples per problem for pass@k, k = 1, 2, 4, ... n.
   c.study.pass_k_temperature = 1.0
-  c.study.samples_per_problem = 4  # STaR and Pair-SFT: rationales sampled per problem.
-  c.study.star_iterations = 2  # STaR: sample -> filter -> fine-tune from the base model.
+  c.study.samples_per_problem = 4  # STaR and Pair-SFT: episodes sampled per problem.
+  c.study.star_iterations = 2  # STaR rounds: sample -> filter -> fine-tune the base model.
   c.study.sample_temperature = 1.0  # STaR and Pair-SFT sampling.
 
   if variant == "cpu":
@@ -85,8 +90,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
            f"rollout.feedback={c.study.eval_feedback};grpo.num_steps={steps}")
   c.arms = ml_collections.ConfigDict({
       "base": "method=none",
-      # Prompt-only: after each answer the model is asked to critique and revise it,
-      # whether or not the answer was right; no training.
+      # Prompt-only: in the intrinsic protocol the model is asked to critique and revise
+      # each answer (instead of SCoRe's instruction), whether or not it was right; no
+      # training, so its pass@k and dialogue are the base model's.
       "self_refine": (f"method=none;evaluate.feedback=instruction;"
                       f"rollout.feedback_template={SELF_REFINE_PROMPT}"),
       "single_turn_grpo": (f"method=rl;objective=grpo;rollout.num_turns=1;"

@@ -253,12 +253,14 @@ def check_study(c) -> None:
 
   s = c.study
   for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
-                "samples_per_problem", "star_iterations"):
+                "samples_per_problem", "star_iterations", "intrinsic_turns"):
     _require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
   _built("study.eval_feedback", lambda: rollout.Feedback(
       s.eval_feedback, c.rollout.feedback_template))
   names = [n.strip() for n in s.arms.split(",") if n.strip()]
   _require(bool(names), "study.arms is empty: name at least one arm")
+  _require(s.reference_arm in c.arms, f"study.reference_arm={s.reference_arm!r} is not "
+           f"an arm (arms: {', '.join(c.arms)})")
   for name in names:
     try:
       method, ac = study.arm_config(c, name)

@@ -1,27 +1,30 @@
 """Runs a study's arms one after another on equal sample budgets, evaluates each with
-both protocols, and reports them in one table.
+the same three protocols, and reports them in one table.
 
   python -m jaxscore.study --config=configs/study.py:cpu --workdir=runs/study
 
 An arm is `method` plus config overrides (configs/study.py):
-  none      no training (the base model; Self-Refine is prompting only);
+  none      no training (the base model; Self-Refine is its own prompt, only);
   rl        the online loop with the arm's objective (GRPO single- or multi-turn, SCoRe);
-  star      STaR: sample rationales, keep the correct ones, fine-tune the base model on
-            all kept so far; `study.star_iterations` times, each from the latest model;
-  pair_sft  Pair-SFT: sample rationales from the base model, pair each problem's wrong
-            and correct ones into (wrong attempt, feedback, correct attempt) traces and
-            fine-tune on the correct attempt.
-Every arm samples `study.episodes` training episodes (RL: steps x prompts x group; STaR
-and Pair-SFT: problems x samples); the summary reports the episodes and tokens each
-actually sampled. Evaluation, on the same test problems for every arm:
-  - single-turn pass@k by sampling (`study.pass_k_samples`, unbiased estimator);
-  - a T-turn dialogue (`study.eval_turns`) with `study.eval_feedback` after each wrong
-    answer: Acc@t is the fraction answered correctly by turn t (Self-Refine's own
-    critique prompt instead, given after every answer: its Acc@t is turn t's answer).
+  star      multi-turn STaR: sample two-turn traces with SCoRe's instruction between the
+            attempts, keep those whose second attempt is right (after a wrong first one,
+            or, D+, a right one), fine-tune the base model on all kept so far to give
+            the second attempt; `study.star_iterations` rounds, each sampling from the
+            latest model;
+  pair_sft  Pair-SFT: sample attempts from the base model, pair each wrong one with a
+            random correct response to the same problem, under SCoRe's instruction,
+            and fine-tune on (problem, wrong attempt, instruction) -> correct response.
+Every arm trains on the same problems in the same seeded order (the RL loop's) and
+samples `study.episodes` training episodes (RL: steps x prompts x group; STaR and
+Pair-SFT: problems x samples); the summary reports the episodes and the tokens each
+actually sampled. Evaluation protocols, on the same test problems for every arm (see
+`Study.evaluate`): single-turn pass@k, a T-turn dialogue with feedback that reveals
+correctness, and the intrinsic self-correction protocol (SCoRe's instruction after every
+attempt, correctness never revealed).
 Each arm writes `<workdir>/arms/<name>/result.json` when finished; a rerun skips it.
 Its training runs then keep only their parameters (`.../params/`, no optimizer state).
 Then `summary.json`, `summary.md` and `summary.png`, with 95% bootstrap intervals over
-the test problems.
+the test problems, and each arm's paired difference to `study.reference_arm`.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ class Study:
     problems = self.eval_setup.task.problems(c.task.eval_split)
     self.test_problems = problems[:c.evaluate.num_problems] if c.evaluate.num_problems \
         else problems
+    self._samplers = {}  # STaR's and Pair-SFT's, by (turns, max_new_tokens).
 
   # -- Training, by method. -------------------------------------------------------
 
@@ -133,106 +137,171 @@ class Study:
     return state.params, {"episodes": int(sum(r["budget/episodes"] for r in records)),
                           "tokens": int(sum(r["budget/tokens"] for r in records))}
 
-  def _problems_for(self, episodes: int, per_problem: int, offset: int = 0):
-    n = max(episodes // per_problem, 1)
-    return [self.train_problems[(offset + i) % len(self.train_problems)] for i in range(n)]
+  def _problems_for(self, count: int, offset: int = 0):
+    """`count` training problems from position `offset` of the seeded order in which the
+    RL arms draw their prompts, so every arm trains on the same problems in the same
+    order (SFT-style arms take the first ones, as the first RL steps do)."""
+    from jaxscore.loops import online
 
-  def _sample(self, params, problems, replier, seed_offset: int):
-    """`study.samples_per_problem` replies per problem and their scores."""
+    return online.seeded_problems(self.train_problems, offset, count, self.c.seed)
+
+  def _sample(self, params, ac, problems, num_turns: int, seed_offset: int):
+    """`study.samples_per_problem` episodes per problem of `num_turns` attempts with
+    SCoRe's instruction between them (correctness never revealed), sampled at
+    `study.sample_temperature`: (rollouts per batch, tokens sampled)."""
     import jax
 
-    s, fmt = self.c.study, self.setup.fmt
-    rng = jax.random.fold_in(jax.random.key(self.c.seed), seed_offset)
-    texts = replier(params, [fmt.prompt_ids(p.prompt) for p in problems],
-                    s.sample_temperature, rng, group=s.samples_per_problem)
-    rows = [p for p in problems for _ in range(s.samples_per_problem)]
-    texts = [t.strip() for t in texts]
-    return rows, texts, self.setup.task.score(rows, texts)
+    from jaxscore.sampling import rollout, sampler
+
+    s = self.c.study
+    n = s.samples_per_problem
+    feedback = rollout.Feedback("instruction")
+    key = (num_turns, ac.sampler.max_new_tokens)
+    if key not in self._samplers:
+      self._samplers[key] = rollout.make_sampler(
+          self.setup, rollout.prompt_lens(self.setup, self.train_problems), num_turns,
+          ac.sampler.max_new_tokens, message_len=rollout.instruction_len(self.setup, feedback))
+    smp = self._samplers[key]
+    sampling = sampler.SamplingConfig(temperature=s.sample_temperature,
+                                      max_new_tokens=ac.sampler.max_new_tokens)
+    per_call = max(ac.evaluate.batch_size // n, 1)  # Problems per sampler call.
+    out, tokens = [], 0
+    for i, start in enumerate(range(0, len(problems), per_call)):
+      chunk = list(problems[start:start + per_call])
+      chunk += [chunk[-1]] * (per_call - len(chunk))  # One compiled shape.
+      real = min(per_call, len(problems) - start) * n
+      rng = jax.random.fold_in(jax.random.key(self.c.seed), seed_offset * 100_003 + i)
+      ro = rollout.rollout(params, smp, self.setup, [p for p in chunk for _ in range(n)],
+                           num_turns, sampling, rng, feedback=feedback, group=n)
+      tokens += sum(len(ro.ids[t][r]) for t in range(num_turns) for r in range(real))
+      out.append((ro, real))
+    return out, tokens
+
+  def _star_examples(self, batches) -> list[dict]:
+    """Multi-turn STaR: traces whose second attempt is right after a wrong first one
+    (and, D+, right after a right one); the model learns the second attempt in the
+    context of the first and of SCoRe's instruction."""
+    from jaxscore.objectives import sft
+
+    fmt, tok, task = self.setup.fmt, self.setup.tokenizer, self.setup.task
+    out = []
+    for ro, real in batches:
+      for r in range(real):
+        if ro.rewards_BxN[r, 1] > 0:
+          p = ro.problems[r]
+          out.append({"prompt": fmt.prompt_ids(p.prompt) + fmt.attempt_ids(ro.texts[0][r])
+                      + fmt.instruction_ids(task.instruction),
+                      "completion": sft.completion_ids(fmt, tok, ro.texts[1][r])})
+    return out
+
+  def _pair_sft_examples(self, batches, rng: np.random.Generator) -> list[dict]:
+    """Pair-SFT: every wrong attempt paired with a random correct response to the same
+    problem, under SCoRe's instruction: (x, wrong, p) -> correct."""
+    from jaxscore.objectives import sft
+
+    fmt, tok, task = self.setup.fmt, self.setup.tokenizer, self.setup.task
+    by_problem: dict[str, tuple[Any, list[str], list[str]]] = {}
+    for ro, real in batches:
+      for r in range(real):
+        p = ro.problems[r]
+        _, right, wrong = by_problem.setdefault(p.id, (p, [], []))
+        (right if ro.rewards_BxN[r, 0] > 0 else wrong).append(ro.texts[0][r])
+    out = []
+    for p, right, wrong in by_problem.values():
+      for w in (wrong if right else []):
+        out.append({"prompt": fmt.prompt_ids(p.prompt) + fmt.attempt_ids(w)
+                    + fmt.instruction_ids(task.instruction),
+                    "completion": sft.completion_ids(fmt, tok, right[rng.integers(len(right))])})
+    return out
 
   def _supervised(self, method, ac, directory):
     from jaxscore import objectives
     from jaxscore.loops import offline
-    from jaxscore.objectives import sft
-    from jaxscore.sampling import rollout
-    from jaxscore.self_explore import explore
 
-    s, fmt, tok = self.c.study, self.setup.fmt, self.setup.tokenizer
+    s = self.c.study
     n = s.samples_per_problem
-    longest = max(len(fmt.prompt_ids(p.prompt)) for p in self.train_problems)
-    replier = explore.Replier(self.setup, longest, ac.sampler.max_new_tokens,
-                              max(ac.evaluate.batch_size // n, 1) * n)
     objective = objectives.make("sft", ac.sft, objectives.Context(self.setup.cfg))
     rounds = s.star_iterations if method == "star" else 1
-    per_round = s.episodes // rounds
-    params, kept, episodes, log = self.base_params, [], 0, []
+    count = max(s.episodes // rounds // n, 1)  # Problems per round.
+    pair_rng = np.random.default_rng([self.c.seed, 1])
+    params, kept, episodes, tokens, log = self.base_params, [], 0, 0, []
     for it in range(rounds):
-      problems = self._problems_for(per_round, n, offset=it * (per_round // n))
-      rows, texts, scores = self._sample(params, problems, replier, it)
-      episodes += len(rows)
-      if method == "star":
-        # Distinct correct rationales; every round fine-tunes the base model on all.
-        for p in problems:
-          mine = [t for r, t, sc in zip(rows, texts, scores) if r is p and sc.reward > 0]
-          kept += [{"prompt": fmt.prompt_ids(p.prompt),
-                    "completion": sft.completion_ids(fmt, tok, t)}
-                   for t in explore.rft_set(mine, n)]
-      else:
-        feedback = rollout.Feedback(s.eval_feedback)
-        for p in problems:
-          mine = [(t, sc) for r, t, sc in zip(rows, texts, scores) if r is p]
-          wrong = [(t, sc) for t, sc in mine if sc.reward == 0]
-          right = explore.rft_set([t for t, sc in mine if sc.reward > 0], n)
-          for (w, sc), r in zip(wrong, right):
-            prompt = (fmt.prompt_ids(p.prompt) + fmt.attempt_ids(w)
-                      + fmt.instruction_ids(feedback.message(self.setup.task, sc)))
-            kept.append({"prompt": prompt, "completion": sft.completion_ids(fmt, tok, r)})
-      log.append({"round": it, "sampled": len(rows), "examples": len(kept),
-                  "sample_accuracy": float(np.mean([sc.reward for sc in scores]))})
+      problems = self._problems_for(count, offset=it * count)
+      # STaR samples two-turn traces from the latest model; Pair-SFT single attempts
+      # from the base model.
+      batches, used = self._sample(params, ac, problems, 2 if method == "star" else 1, it)
+      episodes, tokens = episodes + count * n, tokens + used
+      kept += (self._star_examples(batches) if method == "star"
+               else self._pair_sft_examples(batches, pair_rng))
+      rewards = np.concatenate([ro.rewards_BxN[:real] for ro, real in batches])
+      log.append({"round": it, "sampled": count * n, "examples": len(kept),
+                  **{f"sample_acc@t{t + 1}": float(rewards[:, t].mean())
+                     for t in range(rewards.shape[1])}})
       print(f"[{method}] round {it}: " + ", ".join(f"{k}={v}" for k, v in log[-1].items()))
       if len(kept) < ac.offline.batch_size:
         print(f"[{method}] {len(kept)} examples are fewer than one batch "
               f"(offline.batch_size={ac.offline.batch_size}): the model is not trained")
         continue
+      # Every round fine-tunes the base model on everything kept so far.
       state, info = offline.train(ac, self.setup.cfg, objective, self.base_params,
                                   self.base_params, kept, directory / f"train{it}")
       if info["preempted"]:
         raise SystemExit("SIGTERM: rerun the same command to resume")
       params = state.params
-    return params, {"episodes": episodes, "tokens": replier.tokens_sampled, "rounds": log}
+    return params, {"episodes": episodes, "tokens": tokens, "rounds": log}
 
   # -- Evaluation. ------------------------------------------------------------------
 
   def evaluate(self, ac, params, directory) -> dict:
+    """Every arm by the same three protocols, on the same test problems:
+      pass@k     single-turn, sampled (`study.pass_k_samples`, unbiased estimator);
+      dialogue   greedy `study.eval_turns` turns with `study.eval_feedback` after each
+                 wrong answer: acc@t is correct by turn t (correctness is revealed);
+      intrinsic  greedy `study.intrinsic_turns` attempts with SCoRe's instruction after
+                 every one (an arm's own, e.g. Self-Refine's critique prompt), every
+                 episode takes every turn and correctness is never revealed: acc@t is
+                 turn t's answer, delta = acc@tT - acc@t1, with delta_i->c and c->i.
+    Per-problem values for each metric, for intervals and paired differences."""
     from jaxscore import evaluate
     from jaxscore.sampling import rollout
 
     s = self.c.study
-    feedback_kind = ac.evaluate.feedback or s.eval_feedback
-    feedback = rollout.Feedback(feedback_kind, ac.rollout.feedback_template
-                                if feedback_kind in ("instruction", "template") else "")
-    dialogue, records = evaluate.evaluate(
-        params, self.eval_setup, self.test_problems, num_turns=s.eval_turns,
+    run = lambda feedback, turns: evaluate.evaluate(
+        params, self.eval_setup, self.test_problems, num_turns=turns,
         max_new_tokens=ac.sampler.max_new_tokens, batch_size=ac.evaluate.batch_size,
         seed=ac.seed, feedback=feedback)
+    dialogue_fb = rollout.Feedback(s.eval_feedback, ac.rollout.feedback_template
+                                   if s.eval_feedback == "template" else "")
+    own = ac.rollout.feedback_template if ac.evaluate.feedback == "instruction" else ""
+    intrinsic_fb = rollout.Feedback("instruction", own)
+    dialogue, dialogue_records = run(dialogue_fb, s.eval_turns)
+    intrinsic, intrinsic_records = run(intrinsic_fb, s.intrinsic_turns)
     passk, passk_records = evaluate.evaluate_pass_at_k(
         params, self.eval_setup, self.test_problems, num_samples=s.pass_k_samples,
         temperature=s.pass_k_temperature, max_new_tokens=ac.sampler.max_new_tokens,
         batch_size=ac.evaluate.batch_size, seed=ac.seed)
-    (directory / "dialogue.json").write_text(json.dumps(records, indent=1))
-    (directory / "pass_at_k.json").write_text(json.dumps(passk_records, indent=1))
+    for name, records in (("dialogue", dialogue_records), ("intrinsic", intrinsic_records),
+                          ("pass_at_k", passk_records)):
+      (directory / f"{name}.json").write_text(json.dumps(records, indent=1))
+    per_problem = {f"pass@{k}": [evaluate.pass_at_k(s.pass_k_samples, r["num_correct"], k)
+                                 for r in passk_records]
+                   for k in (int(key[5:]) for key in passk if key.startswith("pass@"))}
     t = s.eval_turns
-    by_turn = np.zeros((len(records), t))
-    for i, r in enumerate(records):
-      rewards = np.array(r["rewards"] + [r["rewards"][-1] if feedback.stops_when_correct
-                                         else 0.0] * (t - len(r["rewards"])))
-      by_turn[i] = np.maximum.accumulate(rewards) if feedback.stops_when_correct else rewards
-    correct = np.array([r["num_correct"] for r in passk_records])
-    ks = [int(k[5:]) for k in passk if k.startswith("pass@")]
-    per_problem = {f"pass@{k}": [evaluate.pass_at_k(s.pass_k_samples, c, k) for c in correct]
-                   for k in ks}
-    per_problem |= {f"acc@t{j + 1}": by_turn[:, j].tolist() for j in range(t)}
-    return {"feedback": feedback.kind, "num_problems": len(self.test_problems),
+    for j in range(t):  # Correct by turn j + 1 (a row that stopped stays correct).
+      per_problem[f"dialogue/acc@t{j + 1}"] = [
+          float(max(r["rewards"][:j + 1])) for r in dialogue_records]
+    first = np.array([r["rewards"][0] for r in intrinsic_records])
+    last = np.array([r["rewards"][-1] for r in intrinsic_records])
+    for j in range(s.intrinsic_turns):
+      per_problem[f"intrinsic/acc@t{j + 1}"] = [r["rewards"][j] for r in intrinsic_records]
+    per_problem |= {"intrinsic/delta": (last - first).tolist(),
+                    "intrinsic/delta_i->c": ((first == 0) & (last > 0)).astype(float).tolist(),
+                    "intrinsic/delta_c->i": ((first > 0) & (last == 0)).astype(float).tolist()}
+    return {"feedback": {"dialogue": dialogue_fb.kind, "intrinsic": intrinsic_fb.message(
+                self.eval_setup.task)},
+            "num_problems": len(self.test_problems),
             "metrics": {k: bootstrap_mean(v, ac.seed) for k, v in per_problem.items()},
+            "edit_distance_ratio": intrinsic.get("edit_distance_ratio"),
             "per_problem": per_problem}
 
   # -- Arms. --------------------------------------------------------------------------
@@ -278,26 +347,64 @@ class Study:
 # -- Reports. -----------------------------------------------------------------------
 
 
+def _cell(mean: float, lo: float, hi: float, signed: bool = False) -> str:
+  f = "{:+.1f}" if signed else "{:.1f}"
+  return f"{f.format(100 * mean)} [{f.format(100 * lo)}, {f.format(100 * hi)}]"
+
+
+def summary_keys(first: dict, c) -> list[str]:
+  """The columns of the summary: pass@1 and pass@n, the dialogue's first, second and
+  last turns, the intrinsic protocol's turns and deltas."""
+  m = first["metrics"]
+  passk = [k for k in m if k.startswith("pass@")]
+  turns = [k for k in m if k.startswith("dialogue/acc@t")]
+  intrinsic = [k for k in m if k.startswith("intrinsic/")]
+  return ([passk[0], passk[-1]] if len(passk) > 1 else passk) + \
+      list(dict.fromkeys([turns[0], turns[min(1, len(turns) - 1)], turns[-1]])) + intrinsic
+
+
+def differences(results: dict, reference: str, keys, seed: int = 0) -> dict:
+  """Each arm minus `reference`, per metric: (mean, low, high), a paired bootstrap
+  over the same test problems."""
+  from jaxscore import evaluate
+
+  base = results[reference]["per_problem"]
+  return {name: {k: evaluate.paired_bootstrap(np.asarray(r["per_problem"][k]),
+                                              np.asarray(base[k]), seed=seed)
+                 for k in keys}
+          for name, r in results.items() if name != reference}
+
+
 def format_summary(results: dict, c) -> str:
   s = c.study
   first = next(iter(results.values()))
   n = first["num_problems"]
-  passk = [k for k in first["metrics"] if k.startswith("pass@")]
-  turns = [k for k in first["metrics"] if k.startswith("acc@t")]
-  shown = passk + turns if len(turns) <= 4 else passk + [turns[0], turns[1], turns[-1]]
-  head = ["arm", "method", "episodes", "tokens"] + shown
+  keys = summary_keys(first, c)
+  head = ["arm", "method", "episodes", "tokens"] + keys
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
     cells = [name, r["method"], str(r["budget"]["episodes"]), str(r["budget"]["tokens"])]
-    for k in shown:
-      mean, lo, hi = r["metrics"][k]
-      cells.append(f"{100 * mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+    cells += [_cell(*r["metrics"][k], signed="delta" in k) for k in keys]
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"{n} test problems; % with 95% bootstrap intervals over problems. "
-            f"pass@k: {s.pass_k_samples} samples per problem at temperature "
-            f"{s.pass_k_temperature}, single turn. acc@t: greedy {s.eval_turns}-turn "
-            f"dialogue, '{s.eval_feedback}' feedback after a wrong answer, correct by turn "
-            "t (self_refine: its critique prompt after every answer, turn t's answer)."]
+            f"Three protocols. pass@k: {s.pass_k_samples} samples per problem at "
+            f"temperature {s.pass_k_temperature}, single turn. dialogue/acc@t: greedy "
+            f"{s.eval_turns}-turn dialogue, '{s.eval_feedback}' feedback after a wrong "
+            "answer (correctness is revealed), correct by turn t. intrinsic: greedy "
+            f"{s.intrinsic_turns} attempts with SCoRe's instruction after every one (the "
+            "arm's own prompt where it has one: self_refine's critique), correctness never "
+            "revealed, acc@t is turn t's answer; delta = last - first attempt."]
+  ref = s.reference_arm
+  if ref in results and len(results) > 1:
+    diff_keys = [keys[0], [k for k in keys if k.startswith("dialogue/")][-1],
+                 "intrinsic/acc@t1", f"intrinsic/acc@t{s.intrinsic_turns}", "intrinsic/delta"]
+    diffs = differences(results, ref, diff_keys, c.seed)
+    lines += ["", f"Each arm minus {ref} (percentage points, paired bootstrap over the "
+              "same problems, 95%):", "",
+              "| arm | " + " | ".join(diff_keys) + " |", "|" + "---|" * (len(diff_keys) + 1)]
+    for name, d in diffs.items():
+      lines.append(f"| {name} | " + " | ".join(_cell(*d[k], signed=True) for k in diff_keys)
+                   + " |")
   return "\n".join(lines)
 
 
@@ -309,27 +416,34 @@ def write_summary(workdir, results: dict, c) -> None:
 
   slim = {name: {k: v for k, v in r.items() if k != "per_problem"}
           for name, r in results.items()}
+  if c.study.reference_arm in results and len(results) > 1:
+    keys = [k for k in summary_keys(next(iter(results.values())), c)]
+    slim["differences_to_" + c.study.reference_arm] = differences(
+        results, c.study.reference_arm, keys, c.seed)
   (workdir / "summary.json").write_text(json.dumps(slim, indent=1))
   table = format_summary(results, c)
   (workdir / "summary.md").write_text(table + "\n")
   print("\n" + table)
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  panels = (("pass@", "k", "single-turn pass@k (%)"),
+            ("dialogue/acc@t", "turn", "correct by turn, with feedback (%)"),
+            ("intrinsic/acc@t", "attempt", "intrinsic, turn t's answer (%)"))
   for name, r in results.items():
     m = r["metrics"]
-    for ax, prefix in ((left, "pass@"), (right, "acc@t")):
+    for ax, (prefix, _, _) in zip(axes, panels):
       keys = [k for k in m if k.startswith(prefix)]
       x = [int(k[len(prefix):]) for k in keys]
       mean = np.array([100 * m[k][0] for k in keys])
       lo, hi = (np.array([100 * m[k][j] for k in keys]) for j in (1, 2))
       ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
-  left.set(xlabel="k", ylabel="single-turn pass@k (%)", xscale="log")
-  left.set_xticks([int(k[5:]) for k in next(iter(results.values()))["metrics"]
-                   if k.startswith("pass@")])
-  left.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-  right.set(xlabel="turn", ylabel="accuracy by turn (%)")
-  for ax in (left, right):
+  for ax, (prefix, xlabel, ylabel) in zip(axes, panels):
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-  right.legend(fontsize=7)
+  axes[0].set_xscale("log")
+  axes[0].set_xticks([int(k[5:]) for k in next(iter(results.values()))["metrics"]
+                      if k.startswith("pass@")])
+  axes[0].get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+  axes[2].legend(fontsize=7)
   fig.tight_layout()
   with (workdir / "summary.png").open("wb") as f:
     fig.savefig(f, format="png", dpi=120)

@@ -75,18 +75,114 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
   for name in names:
     assert f"| {name} |" in table
     r = json.loads((tmp_path / "arms" / name / "result.json").read_text())
-    assert set(r["metrics"]) == {"pass@1", "pass@2", "acc@t1", "acc@t2"}
-    for mean, lo, hi in r["metrics"].values():
-      assert 0 <= lo <= mean <= hi <= 1
+    assert set(r["metrics"]) == {
+        "pass@1", "pass@2", "dialogue/acc@t1", "dialogue/acc@t2", "intrinsic/acc@t1",
+        "intrinsic/acc@t2", "intrinsic/delta", "intrinsic/delta_i->c", "intrinsic/delta_c->i"}
+    for k, (mean, lo, hi) in r["metrics"].items():
+      assert (-1 if k == "intrinsic/delta" else 0) <= lo <= mean <= hi <= 1, k
     turns = r["per_problem"]
-    if r["feedback"] == "unary":  # Correct by turn t never decreases.
-      assert all(a <= b for a, b in zip(turns["acc@t1"], turns["acc@t2"]))
+    # Correct by turn t never decreases in the dialogue with feedback.
+    assert all(a <= b for a, b in zip(turns["dialogue/acc@t1"], turns["dialogue/acc@t2"]))
+    # delta = delta_i->c - delta_c->i, problem by problem.
+    assert [a - b for a, b in zip(turns["intrinsic/delta_i->c"], turns["intrinsic/delta_c->i"])
+            ] == turns["intrinsic/delta"]
     trained = r["method"] != "none"
     assert (r["budget"]["episodes"] == c.study.episodes) == trained, name
     assert (r["budget"]["tokens"] > 0) == trained, name
-  assert json.loads((tmp_path / "arms" / "self_refine" / "result.json").read_text())[
-      "feedback"] == "instruction"
+  refine = json.loads((tmp_path / "arms" / "self_refine" / "result.json").read_text())
+  base = json.loads((tmp_path / "arms" / "base" / "result.json").read_text())
+  assert refine["feedback"]["intrinsic"] == study_config.SELF_REFINE_PROMPT
+  from jaxscore import tasks
+
+  assert base["feedback"] == {"dialogue": "unary",
+                              "intrinsic": tasks.make_task("arithmetic").instruction}
+  # Self-Refine is a prompt: without it (pass@k, the dialogue) it is the base model.
+  for k in ("dialogue/acc@t1", "dialogue/acc@t2"):
+    assert refine["per_problem"][k] == base["per_problem"][k]
   assert (tmp_path / "summary.png").stat().st_size > 0
   capsys.readouterr()
   study.Study(c, tmp_path).run()
   assert capsys.readouterr().out.count("finished earlier") == len(names)
+
+
+# ---------------------------------------------------------------------------
+# What STaR and Pair-SFT keep, the problems every arm sees, paired differences.
+
+
+def _study_without_a_model():
+  from test_feedback_rl import CharTokenizer, ScriptedTask
+
+  from jaxscore.sampling import formats, rollout
+
+  tok = CharTokenizer()
+  st = study.Study.__new__(study.Study)
+  st.setup = rollout.Setup(None, tok, formats.PlainFormat(tok), ScriptedTask())
+  st.c = study_config.get_config("cpu")
+  st.train_problems = st.setup.task.problems("train") * 5
+  return st
+
+
+class _Rollouts:
+  def __init__(self, problems, texts, rewards):
+    import numpy as np
+
+    self.problems, self.texts, self.rewards_BxN = problems, texts, np.asarray(rewards, float)
+
+
+def test_star_keeps_traces_whose_second_attempt_is_right_in_context():
+  st = _study_without_a_model()
+  fmt, p = st.setup.fmt, st.setup.task.problems("train")[:4]
+  texts = [["w0", "r1", "w2", "r3"], ["r0", "r1", "w2", "w3"]]  # [turn][row]
+  ro = _Rollouts(p, texts, [[0, 1], [1, 1], [0, 0], [1, 0]])  # i->c, c->c, i->i, c->i
+  kept = st._star_examples([(ro, 4)])
+  instruction = fmt.instruction_ids(st.setup.task.instruction)
+  assert [e["prompt"] for e in kept] == [
+      fmt.prompt_ids(p[i].prompt) + fmt.attempt_ids(texts[0][i]) + instruction for i in (0, 1)]
+  assert [e["completion"] for e in kept] == [
+      fmt.attempt_ids(texts[1][i]) + [st.setup.tokenizer.eos_token_id] for i in (0, 1)]
+  assert st._star_examples([(ro, 1)]) == kept[:1]  # Padding rows are never kept.
+
+
+def test_pair_sft_pairs_each_wrong_attempt_with_a_random_correct_one():
+  import numpy as np
+
+  st = _study_without_a_model()
+  fmt, (a, b) = st.setup.fmt, st.setup.task.problems("train")[:2]
+  # Problem a: two wrong, three right; problem b: only wrong (nothing to pair).
+  rows = [a] * 5 + [b] * 2
+  texts = [["wa1", "ra1", "wa2", "ra2", "ra3", "wb1", "wb2"]]
+  ro = _Rollouts(rows, texts, [[0], [1], [0], [1], [1], [0], [0]])
+  kept = st._pair_sft_examples([(ro, 7)], np.random.default_rng(0))
+  instruction = fmt.instruction_ids(st.setup.task.instruction)
+  assert [e["prompt"] for e in kept] == [
+      fmt.prompt_ids(a.prompt) + fmt.attempt_ids(w) + instruction for w in ("wa1", "wa2")]
+  right = {tuple(fmt.attempt_ids(r) + [1]) for r in ("ra1", "ra2", "ra3")}
+  assert all(tuple(e["completion"]) in right for e in kept)
+  # The pairing is random: over seeds every correct response is drawn.
+  drawn = {tuple(e["completion"]) for seed in range(20)
+           for e in st._pair_sft_examples([(ro, 7)], np.random.default_rng(seed))}
+  assert drawn == right
+
+
+def test_every_arm_trains_on_the_rl_loops_problems_in_its_order():
+  st = _study_without_a_model()
+  c = st.c
+  rl = [p for step in range(3) for p in online.batch_problems(
+      st.train_problems, step, c.rollout.prompts_per_step, c.seed)]
+  n = 3 * c.rollout.prompts_per_step
+  assert st._problems_for(n) == rl
+  assert st._problems_for(4, offset=4) == rl[4:8]
+  assert [p.id for p in rl] != [p.id for p in st.train_problems[:n]]  # Not file order.
+
+
+def test_paired_differences_to_the_reference_arm():
+  import numpy as np
+
+  from jaxscore import evaluate
+
+  a, ref = [1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]
+  results = {"ref": {"per_problem": {"m": ref}}, "arm": {"per_problem": {"m": a}}}
+  d = study.differences(results, "ref", ["m"])
+  assert list(d) == ["arm"]
+  assert d["arm"]["m"] == evaluate.paired_bootstrap(np.array(a), np.array(ref))
+  assert d["arm"]["m"][0] == 0.5

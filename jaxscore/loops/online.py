@@ -49,16 +49,21 @@ class RolloutConfig:
     return rollout_lib.Feedback(self.feedback, self.feedback_template)
 
 
-def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
-  """The prompts of `step`: consecutive slices of per-epoch seeded permutations."""
+def seeded_problems(problems, start: int, count: int, seed: int):
+  """Problems at positions start .. start + count - 1 of the seeded training order:
+  per-epoch seeded permutations, one after another."""
   n = len(problems)
-  start = step * prompts_per_step
   out = []
-  for i in range(start, start + prompts_per_step):
+  for i in range(start, start + count):
     epoch, pos = divmod(i, n)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     out.append(problems[order[pos]])
   return out
+
+
+def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
+  """The prompts of `step`: consecutive slices of the seeded training order."""
+  return seeded_problems(problems, step * prompts_per_step, prompts_per_step, seed)
 
 
 def batch_width(ep: sampler_lib.Episode, max_len: int, pad_multiple: int) -> int:
