@@ -169,7 +169,6 @@ class Run:
       print(f"SIGTERM: saved step {step}; rerun the same command to resume")
     return state, info
 
-
   def save_before_update(self, state, metrics: dict, phase: str | None = None) -> None:
     """Saves `state` if its step is due, labelled with `metrics[best_metric]`: called
     after the step's rollout and before its update, so the label is what these very
