@@ -40,7 +40,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.study = ml_collections.ConfigDict()
   c.study.arms = ("base,self_refine,single_turn_grpo,multi_turn_per_turn,"
                   "multi_turn_outcome,multi_turn_decayed,score,star,pair_sft")
+  # What every arm gets the same amount of: `episodes` (sampled training episodes) or
+  # `tokens` (sampled training tokens, all turns: multi-turn episodes are longer). With
+  # `tokens`, `study.episodes` becomes each arm's cap (RL steps, STaR/Pair-SFT problems),
+  # and the summary flags an arm that reached its cap before the token budget.
+  c.study.budget = "episodes"
   c.study.episodes = 3072  # Sampled training episodes per arm (the equal budget).
+  c.study.tokens = 0  # budget=tokens: sampled training tokens per arm.
   c.study.train_turns = 3  # Turns of the multi-turn arms' training episodes.
   c.study.eval_turns = 8  # T of the T-turn dialogue with feedback.
   c.study.eval_feedback = "unary"  # Between evaluation turns (none | unary | template).

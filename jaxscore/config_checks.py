@@ -255,6 +255,11 @@ def check_study(c) -> None:
   for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
                 "samples_per_problem", "star_iterations", "intrinsic_turns"):
     _require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
+  _require(s.budget in ("episodes", "tokens"),
+           f"study.budget={s.budget!r}: expected episodes or tokens")
+  _require(s.budget != "tokens" or s.tokens >= 1,
+           f"study.budget=tokens needs study.tokens >= 1 (sampled training tokens per "
+           f"arm), got study.tokens={s.tokens}")
   _built("study.eval_feedback", lambda: rollout.Feedback(
       s.eval_feedback, c.rollout.feedback_template))
   names = [n.strip() for n in s.arms.split(",") if n.strip()]

@@ -16,8 +16,9 @@ An arm is `method` plus config overrides (configs/study.py):
             and fine-tune on (problem, wrong attempt, instruction) -> correct response.
 Every arm trains on the same problems in the same seeded order (the RL loop's) and
 samples `study.episodes` training episodes (RL: steps x prompts x group; STaR and
-Pair-SFT: problems x samples); the summary reports the episodes and the tokens each
-actually sampled. Evaluation protocols, on the same test problems for every arm (see
+Pair-SFT: problems x samples), or, with `study.budget=tokens`, `study.tokens` sampled
+training tokens (all turns; the episodes become a cap, and an arm that reaches its cap
+first is flagged); the summary reports the episodes and the tokens each actually sampled. Evaluation protocols, on the same test problems for every arm (see
 `Study.evaluate`): single-turn pass@k, a T-turn dialogue with feedback that reveals
 correctness, and the intrinsic self-correction protocol (SCoRe's instruction after every
 attempt, correctness never revealed).
@@ -129,13 +130,23 @@ class Study:
     from jaxscore.loops import online
 
     state, info = online.train(ac, self.setup, self.base_params, self.base_params,
-                               directory / "train")
+                               directory / "train", token_budget=self._token_budget())
     if info["preempted"]:
       raise SystemExit("SIGTERM: rerun the same command to resume")
     records = [json.loads(line) for line in
                (directory / "train" / "metrics.jsonl").read_text().splitlines() if line]
-    return state.params, {"episodes": int(sum(r["budget/episodes"] for r in records)),
-                          "tokens": int(sum(r["budget/tokens"] for r in records))}
+    return state.params, self._budget(sum(r["budget/episodes"] for r in records),
+                                      sum(r["budget/tokens"] for r in records))
+
+  def _token_budget(self) -> int | None:
+    return self.c.study.tokens if self.c.study.budget == "tokens" else None
+
+  def _budget(self, episodes: int, tokens: int, **extra) -> dict:
+    """What an arm sampled; with a token budget, whether it stopped at its cap first."""
+    out = {"episodes": int(episodes), "tokens": int(tokens), **extra}
+    if self._token_budget():
+      out["capped"] = bool(tokens < self._token_budget())
+    return out
 
   def _problems_for(self, count: int, offset: int = 0):
     """`count` training problems from position `offset` of the seeded order in which the
@@ -145,10 +156,12 @@ class Study:
 
     return online.seeded_problems(self.train_problems, offset, count, self.c.seed)
 
-  def _sample(self, params, ac, problems, num_turns: int, seed_offset: int):
+  def _sample(self, params, ac, problems, num_turns: int, seed_offset: int,
+              token_budget: float | None = None):
     """`study.samples_per_problem` episodes per problem of `num_turns` attempts with
     SCoRe's instruction between them (correctness never revealed), sampled at
-    `study.sample_temperature`: (rollouts per batch, tokens sampled)."""
+    `study.sample_temperature`: (rollouts per batch, problems used, tokens sampled).
+    With `token_budget`, sampling stops after the batch that reaches it."""
     import jax
 
     from jaxscore.sampling import rollout, sampler
@@ -165,8 +178,10 @@ class Study:
     sampling = sampler.SamplingConfig(temperature=s.sample_temperature,
                                       max_new_tokens=ac.sampler.max_new_tokens)
     per_call = max(ac.evaluate.batch_size // n, 1)  # Problems per sampler call.
-    out, tokens = [], 0
+    out, used, tokens = [], 0, 0
     for i, start in enumerate(range(0, len(problems), per_call)):
+      if token_budget is not None and tokens >= token_budget:
+        break
       chunk = list(problems[start:start + per_call])
       chunk += [chunk[-1]] * (per_call - len(chunk))  # One compiled shape.
       real = min(per_call, len(problems) - start) * n
@@ -174,8 +189,9 @@ class Study:
       ro = rollout.rollout(params, smp, self.setup, [p for p in chunk for _ in range(n)],
                            num_turns, sampling, rng, feedback=feedback, group=n)
       tokens += sum(len(ro.ids[t][r]) for t in range(num_turns) for r in range(real))
+      used += real // n
       out.append((ro, real))
-    return out, tokens
+    return out, used, tokens
 
   def _star_examples(self, batches) -> list[dict]:
     """Multi-turn STaR: traces whose second attempt is right after a wrong first one
@@ -222,19 +238,25 @@ class Study:
     n = s.samples_per_problem
     objective = objectives.make("sft", ac.sft, objectives.Context(self.setup.cfg))
     rounds = s.star_iterations if method == "star" else 1
-    count = max(s.episodes // rounds // n, 1)  # Problems per round.
+    # Problems per round: the cap with a token budget, which each round gets 1/rounds of.
+    count = max(s.episodes // rounds // n, 1)
+    round_tokens = self._token_budget() / rounds if self._token_budget() else None
     pair_rng = np.random.default_rng([self.c.seed, 1])
     params, kept, episodes, tokens, log = self.base_params, [], 0, 0, []
+    offset = 0  # Problems used so far, in the shared seeded order.
     for it in range(rounds):
-      problems = self._problems_for(count, offset=it * count)
+      problems = self._problems_for(count, offset=offset)
       # STaR samples two-turn traces from the latest model; Pair-SFT single attempts
       # from the base model.
-      batches, used = self._sample(params, ac, problems, 2 if method == "star" else 1, it)
-      episodes, tokens = episodes + count * n, tokens + used
+      batches, used, sampled = self._sample(params, ac, problems,
+                                            2 if method == "star" else 1, it,
+                                            token_budget=round_tokens)
+      offset += used
+      episodes, tokens = episodes + used * n, tokens + sampled
       kept += (self._star_examples(batches) if method == "star"
                else self._pair_sft_examples(batches, pair_rng))
       rewards = np.concatenate([ro.rewards_BxN[:real] for ro, real in batches])
-      log.append({"round": it, "sampled": count * n, "examples": len(kept),
+      log.append({"round": it, "sampled": used * n, "tokens": sampled, "examples": len(kept),
                   **{f"sample_acc@t{t + 1}": float(rewards[:, t].mean())
                      for t in range(rewards.shape[1])}})
       print(f"[{method}] round {it}: " + ", ".join(f"{k}={v}" for k, v in log[-1].items()))
@@ -248,7 +270,7 @@ class Study:
       if info["preempted"]:
         raise SystemExit("SIGTERM: rerun the same command to resume")
       params = state.params
-    return params, {"episodes": episodes, "tokens": tokens, "rounds": log}
+    return params, self._budget(episodes, tokens, rounds=log)
 
   # -- Evaluation. ------------------------------------------------------------------
 
@@ -383,10 +405,17 @@ def format_summary(results: dict, c) -> str:
   head = ["arm", "method", "episodes", "tokens"] + keys
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results.items():
-    cells = [name, r["method"], str(r["budget"]["episodes"]), str(r["budget"]["tokens"])]
+    b = r["budget"]
+    cells = [name, r["method"], str(b["episodes"]),
+             str(b["tokens"]) + (" (cap)" if b.get("capped") else "")]
     cells += [_cell(*r["metrics"][k], signed="delta" in k) for k in keys]
     lines.append("| " + " | ".join(cells) + " |")
+  budget = (f"Every arm's budget: {s.tokens} sampled training tokens, all turns, "
+            f"stopping after the step or batch that reaches it; (cap): the arm reached its "
+            f"cap of {s.episodes} episodes first. " if s.budget == "tokens" else
+            f"Every arm's budget: {s.episodes} sampled training episodes. ")
   lines += ["", f"{n} test problems; % with 95% bootstrap intervals over problems. "
+            + budget +
             f"Three protocols. pass@k: {s.pass_k_samples} samples per problem at "
             f"temperature {s.pass_k_temperature}, single turn. dialogue/acc@t: greedy "
             f"{s.eval_turns}-turn dialogue, '{s.eval_feedback}' feedback after a wrong "

@@ -302,6 +302,28 @@ def test_resume_continues_exactly_where_training_stopped(tmp_path):
   assert len(transcripts) == 4 * 4 and "attempts" in json.loads(transcripts[0])
 
 
+@pytest.mark.slow
+def test_a_token_budget_ends_the_run_at_the_same_step_when_resumed(tmp_path):
+  """The run stops after the step whose rollout brings the sampled tokens to the budget;
+  a run stopped before then resumes with the tokens it had spent and stops there too."""
+  from jaxscore.loops import online
+
+  setup, params = _tiny_setup()
+  c = _config()
+  online.train(c, setup, params, params, tmp_path / "a", stop_after=3)
+  tokens = [m["budget/tokens"] for m in _metrics(tmp_path / "a")]
+  budget = tokens[0] + tokens[1]  # Reached exactly at step 2 of 4.
+  _, info = online.train(c, setup, params, params, tmp_path / "b", stop_after=1,
+                         token_budget=budget)
+  assert info["step"] == 1 and info["spent"] == tokens[0]
+  _, info = online.train(c, setup, params, params, tmp_path / "b", token_budget=budget)
+  assert info["step"] == 2 and info["spent"] == budget
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")[:2]
+  # Nothing left to spend: a rerun takes no step.
+  _, info = online.train(c, setup, params, params, tmp_path / "b", token_budget=budget)
+  assert info["step"] == 2 and len(_metrics(tmp_path / "b")) == 2
+
+
 _SIGTERM = textwrap.dedent("""
     import sys
     sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]

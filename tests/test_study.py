@@ -186,3 +186,91 @@ def test_paired_differences_to_the_reference_arm():
   assert list(d) == ["arm"]
   assert d["arm"]["m"] == evaluate.paired_bootstrap(np.array(a), np.array(ref))
   assert d["arm"]["m"][0] == 0.5
+
+
+# ---------------------------------------------------------------------------
+# Equal sampled tokens instead of equal episodes.
+
+
+def _tiny_study(tmp_path, budget_tokens: int, episodes: int = 64):
+  """A Study over a tiny random model with the embedded tokenizer, `study.budget=tokens`."""
+  from test_checkpoint import _tiny_setup
+
+  setup, params = _tiny_setup()
+  c = study_config.get_config("cpu,runlocal")
+  c.unlock()
+  c.study.budget, c.study.tokens, c.study.episodes = "tokens", budget_tokens, episodes
+  c.sampler.max_new_tokens = 4
+  c.evaluate.batch_size = 4
+  c.checkpoint.every_steps = 1000
+  c.lock()
+  st = study.Study.__new__(study.Study)
+  st.c, st.workdir, st.setup, st.base_params = c, tmp_path, setup, params
+  st.train_problems = setup.task.problems(c.task.train_split)
+  st._samplers = {}
+  return st
+
+
+@pytest.mark.slow
+def test_a_token_budget_stops_every_method_just_past_it(tmp_path):
+  """RL stops after the step that reaches the budget; STaR and Pair-SFT after the batch
+  that reaches each round's share; an arm that runs out of cap first is flagged."""
+  st = _tiny_study(tmp_path, budget_tokens=40)
+  _, ac = study.arm_config(st.c, "single_turn_grpo")
+  ac.unlock()
+  ac.grpo.num_steps = 50  # The cap, far past the budget.
+  _, budget = st._rl(ac, tmp_path / "rl")
+  per_step = [json.loads(l)["budget/tokens"]
+              for l in (tmp_path / "rl" / "train" / "metrics.jsonl").read_text().splitlines()]
+  assert sum(per_step[:-1]) < 40 <= sum(per_step) == budget["tokens"]
+  assert budget["episodes"] == len(per_step) * ac.rollout.prompts_per_step * \
+      ac.rollout.group_size and not budget["capped"]
+
+  for method, rounds in (("pair_sft", 1), ("star", st.c.study.star_iterations)):
+    _, ac = study.arm_config(st.c, method)
+    _, budget = st._supervised(method, ac, tmp_path / method)
+    share = 40 / rounds
+    per_call = max(ac.evaluate.batch_size // st.c.study.samples_per_problem, 1)
+    for r in budget["rounds"]:
+      # Each round samples whole batches until its share is reached, and no more.
+      assert r["tokens"] >= share and r["sampled"] % (per_call * st.c.study.samples_per_problem) == 0
+      assert r["sampled"] < st.c.study.episodes // rounds
+    assert budget["tokens"] == sum(r["tokens"] for r in budget["rounds"]) >= 40
+    assert not budget["capped"]
+
+  capped = _tiny_study(tmp_path / "capped", budget_tokens=10**6, episodes=4)
+  _, ac = study.arm_config(capped.c, "pair_sft")
+  _, budget = capped._supervised("pair_sft", ac, tmp_path / "capped" / "pair_sft")
+  assert budget["episodes"] == 4 and budget["capped"]
+
+
+def test_the_summary_names_the_budget_and_flags_capped_arms():
+  c = study_config.get_config("cpu")
+  c.unlock()
+  c.study.budget, c.study.tokens = "tokens", 3000
+  c.study.arms, c.study.reference_arm = "a,b", "a"
+  c.lock()
+  metrics = {"pass@1": (0.5, 0.4, 0.6), "dialogue/acc@t1": (0.5, 0.4, 0.6),
+             "intrinsic/acc@t1": (0.5, 0.4, 0.6), "intrinsic/acc@t2": (0.5, 0.4, 0.6),
+             "intrinsic/delta": (0.0, -0.1, 0.1)}
+  per_problem = {k: [0.5, 0.5] for k in metrics}
+  results = {name: {"method": "rl", "num_problems": 2, "metrics": metrics,
+                    "per_problem": per_problem,
+                    "budget": {"episodes": 96, "tokens": tokens, "capped": capped}}
+             for name, tokens, capped in (("a", 3010, False), ("b", 2500, True))}
+  table = study.format_summary(results, c)
+  assert "| a | rl | 96 | 3010 |" in table and "| b | rl | 96 | 2500 (cap) |" in table
+  assert "3000 sampled training tokens" in table and "cap of 96 episodes" in table
+
+
+def test_a_token_budget_needs_its_size():
+  from jaxscore import config_checks
+
+  c = study_config.get_config("cpu")
+  c.unlock()
+  c.study.budget = "tokens"
+  with pytest.raises(config_checks.ConfigError, match="study.budget=tokens needs study.tokens"):
+    config_checks.check_study(c)
+  c.study.budget = "flops"
+  with pytest.raises(config_checks.ConfigError, match="study.budget='flops': expected"):
+    config_checks.check_study(c)

@@ -80,6 +80,7 @@ class Run:
     self.c, self.objective, self.mesh, self.rules = c, objective, mesh, rules
     self.metric_before_update = metric_before_update
     self._writer = None
+    self.spent = 0.0  # The budget metric summed over the steps taken (see `drive`).
     self.workdir = files.path(workdir)
     self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
     self.param_shardings = sharding.param_shardings(model_cfg, mesh, rules)
@@ -111,16 +112,20 @@ class Run:
     restored = self.ckpt.restore(checkpoint_lib.abstract_like(state))
     if restored is not None:
       state, meta = restored
+      self.spent = float(meta.get("spent", 0.0))
       print(f"resumed from step {meta['step']} ({self.workdir / 'checkpoints'})")
     return state, ref_params
 
   def drive(self, state, step_fn: Callable, *, total: int,
-            progress_keys: Sequence[str] = (), stop_after: int | None = None):
+            progress_keys: Sequence[str] = (), stop_after: int | None = None,
+            budget: tuple[str, float] | None = None):
     """Runs `step_fn` from the state's step to `total`; returns (state, info).
 
     `step_fn(state) -> (state, metrics, transcripts)`: metrics a flat dict with at least
     `loss` (and the best metric where a step has one), transcripts a list of JSON
-    records or None.
+    records or None. `budget=(key, limit)` also ends the run after the step at which
+    the sum of metric `key` over all steps reaches `limit` (e.g. sampled tokens); the
+    sum is checkpointed with the state, so a resumed run stops where it would have.
     """
     from tqdm import tqdm
 
@@ -131,9 +136,12 @@ class Run:
     bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
                disable=False if "ipykernel" in sys.modules else None)
     phase = None
+    spent_out = lambda: budget is not None and self.spent >= budget[1]
     with Preemption() as preempt:
-      while step < total:
+      while step < total and not spent_out():
         state, m, transcripts = step_fn(state)
+        if budget is not None:
+          self.spent += float(m[budget[0]])
         step = int(state.step)
         if not np.isfinite(m["loss"]):
           self.ckpt.close()
@@ -151,19 +159,21 @@ class Run:
         every = self.log_cfg.transcripts_every
         if transcripts and every and step % every == 0:
           writer.write_transcripts(step, transcripts[:self.log_cfg.num_transcripts])
-        done = step >= total or preempt.requested or (
+        done = step >= total or spent_out() or preempt.requested or (
             stop_after is not None and step - first >= stop_after)
         if done or (step % self.ckpt_cfg.every_steps == 0 and not self.metric_before_update):
           writer.flush()
           best = ({self.best_metric: m[self.best_metric]}
                   if self.best_metric in m and not self.metric_before_update else None)
-          self.ckpt.save(step, state, {"step": step, "phase": phase}, metrics=best)
+          self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent},
+                         metrics=best)
         if done:
           break
     bar.close()
     writer.close()
     self.ckpt.wait()
-    info = {"step": step, "best_step": self.ckpt.best_step(), "preempted": preempt.requested}
+    info = {"step": step, "best_step": self.ckpt.best_step(), "preempted": preempt.requested,
+            "spent": self.spent}
     self.ckpt.close()
     if preempt.requested:
       print(f"SIGTERM: saved step {step}; rerun the same command to resume")
@@ -180,7 +190,10 @@ class Run:
     if self._writer is not None:
       self._writer.flush()
     best = {self.best_metric: metrics[self.best_metric]} if self.best_metric in metrics else None
-    self.ckpt.save(step, state, {"step": step, "phase": phase}, metrics=best)
+    # `spent` is still the sum over the steps before this one, which is what the saved
+    # (pre-update) state has taken.
+    self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent},
+                   metrics=best)
 
 
 def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):

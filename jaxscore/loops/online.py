@@ -107,7 +107,7 @@ def make_objective(c, setup: rollout_lib.Setup):
 
 
 def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.PathLike, *,
-          objective=None, stop_after: int | None = None):
+          objective=None, stop_after: int | None = None, token_budget: int | None = None):
   """Trains (or resumes) config `c`'s online objective; returns (state, info).
 
   Args:
@@ -119,6 +119,8 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
       or gs://.
     objective: overrides `c.objective` (an already built objective).
     stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
+    token_budget: also stop after the step at which the run has sampled this many tokens
+      (all turns; the objective's step count is then a cap). Equal-compute comparisons.
   """
   objective = objective or make_objective(c, setup)
   if objective.kind != "online":
@@ -132,7 +134,8 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
       step_fn = lambda state: loop.step(state, ref_params, pool)
       return loop.run.drive(state, step_fn, total=objective.num_steps,
                             progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
-                            stop_after=stop_after)
+                            stop_after=stop_after,
+                            budget=(("budget/tokens", token_budget) if token_budget else None))
 
 
 class OnlineLoop:
