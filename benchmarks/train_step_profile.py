@@ -1,7 +1,7 @@
 """Where the train step's time goes: the step taken apart into pieces timed side by side.
 
   python benchmarks/train_step_profile.py [--batch 16] [--seq 160] [--chunk 32]
-                                          [--remat full] [--model embedded|1.5b|8b]
+                                          [--remat full] [--model embedded|gemma3-4b|...]
                                           [--out benchmarks/results]
 
 The SCoRe policy-gradient step (Adam) of train_memory.py's fastest variant, and in the
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscore.loops import train as train_lib
-from jaxscore.models import model as model_lib
+from jaxscore.models import layers as layers_lib
 from jaxscore.objectives import policy_gradient as pg
 
 from bench_util import (MODELS, load_model, results_stem,  # pylint: disable=g-import-not-at-top
@@ -77,7 +77,8 @@ def attention_core(cfg, b: int, t: int):
   visible = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0)
 
   def loss(q, k):
-    out = jax.lax.map(lambda qk: model_lib.attention(qk[0], qk[1], qk[1], visible), (q, k))
+    out = jax.lax.map(lambda qk: layers_lib.attention(
+        qk[0], [qk[1]], [qk[1]], visible, layers_lib.attention_scale(cfg)), (q, k))
     return jnp.sum(out)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (q, k)

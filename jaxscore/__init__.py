@@ -1,6 +1,6 @@
 """jaxscore: RL for reasoning and self-correction in pure-functional JAX.
 
-Packages: `models` (the Llama-family model, weights, tokenizers), `sampling` (the
+Packages: `models` (the model families, weights, tokenizers), `sampling` (the
 multi-turn sampler, episode formats, rollouts), `objectives` (RL building blocks and the
 registry of methods), `loops` (train state, train step, online and offline loops),
 `tasks` (datasets, answer checkers, the code sandbox), `infra` (sharding, multi-host,

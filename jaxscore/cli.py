@@ -25,8 +25,8 @@ def two_turn_chat(model: pretrained.Pretrained, question: str, instruction: str,
   tok = model.tokenizer
   prompt = fmt.prompt_ids(question)
   message = fmt.instruction_ids(instruction)
-  smp = rollout.make_sampler(rollout.Setup(model.cfg, tok, fmt, task=None), [len(prompt)], 2,
-                             max_new_tokens, message_len=len(message))
+  setup = rollout.Setup(model.cfg, tok, fmt, None, model.stop_ids)
+  smp = rollout.make_sampler(setup, [len(prompt)], 2, max_new_tokens, message_len=len(message))
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
   state = smp.generate(model.params, smp.start([prompt], jax.random.key(seed)), greedy)
   state = smp.add_message(state, [message])

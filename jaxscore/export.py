@@ -42,7 +42,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: str = "late
   returns what was written."""
   from jaxscore.infra import files
   from jaxscore.loops import common
-  from jaxscore.models import pretrained, weights
+  from jaxscore.models import hf_checkpoint, pretrained
 
   c = run_config(workdir)
   model = pretrained.from_config(c.model)
@@ -51,7 +51,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: str = "late
     raise ExportError(f"{files.path(workdir) / 'checkpoints'} has no {step} checkpoint")
   params = jax.tree.map(np.asarray, params)
   out = pathlib.Path(out)
-  weights.save_hf(out, model.cfg, params, tokenizer=model.tokenizer, dtype=dtype)
+  hf_checkpoint.save_hf(out, model.cfg, params, tokenizer=model.tokenizer, dtype=dtype)
   info = {"workdir": str(workdir), "step": restored, "which": step,
           "base_model": c.model.name, "dtype": dtype}
   (out / "jaxscore_export.json").write_text(json.dumps(info, indent=1))

@@ -157,6 +157,7 @@ def test_rematerialized_layers_give_the_same_loss_and_gradients(params, policy):
       params, CFG.replace(remat=policy))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    # Recomputation reassociates float32 sums: agreement to float32 rounding, not bits.
+    np.testing.assert_allclose(g, w, rtol=5e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
   with pytest.raises(ValueError, match="remat='some'"):
     CFG.replace(remat="some")

@@ -10,7 +10,7 @@ from conftest import require_torch
 from hf_tiny import make_hf_model
 
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
+from jaxscore.models import hf_checkpoint
 from jaxscore.sampling import sampler as sampler_lib
 
 GREEDY = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=8)
@@ -41,7 +41,7 @@ def test_greedy_matches_transformers_generate(tmp_path):
   torch = require_torch()
   hf = make_hf_model("qwen2")
   hf.save_pretrained(tmp_path)
-  cfg, params = weights.load_hf(tmp_path)
+  cfg, params = hf_checkpoint.load_hf(tmp_path)
   smp = sampler_lib.Sampler(cfg, max_len=48, stop_ids=[EOS])
   state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)),
                        sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=12))

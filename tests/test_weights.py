@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import report_parity, require_torch
-from hf_tiny import FAMILIES, hf_logits, make_hf_model, padded_batch
+from hf_tiny import FAMILIES, SLIDING, hf_logits, make_hf_model, padded_batch
 
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
+from jaxscore.models import gguf_checkpoint, hf_checkpoint, weights
 
 
 def _jax_logits(cfg, params, tokens, mask):
@@ -24,9 +24,9 @@ def test_import_matches_transformers_on_padded_batch(family, tmp_path):
   # A small shard size exercises model.safetensors.index.json.
   hf.save_pretrained(tmp_path, max_shard_size="100KB")
   assert (tmp_path / "model.safetensors.index.json").exists()
-  cfg, params = weights.load_hf(tmp_path)
-  assert (cfg.rope_scaling is not None) == (family == "llama3-rope")
-  assert (cfg.sliding_window is not None) == (family == "mistral")
+  cfg, params = hf_checkpoint.load_hf(tmp_path)
+  assert (cfg.rope_scaling is not None) == (family in ("llama3-rope", "gemma3"))
+  assert (cfg.sliding_window is not None) == (family in SLIDING)
   tokens, mask = padded_batch(cfg.vocab_size)
   ours = _jax_logits(cfg, params, tokens, mask)
   ref = hf_logits(hf, tokens, mask)
@@ -36,14 +36,15 @@ def test_import_matches_transformers_on_padded_batch(family, tmp_path):
   assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "llama3-rope"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "llama3-rope", "qwen3",
+                                    "gemma2", "gemma3"])
 def test_export_round_trip_through_transformers(family, tmp_path):
   torch = require_torch()
   import transformers
 
-  cfg, _ = weights.load_hf(_saved(family, tmp_path / "src"))
+  cfg, _ = hf_checkpoint.load_hf(_saved(family, tmp_path / "src"))
   params = jax.tree.map(np.asarray, model_lib.init(cfg, jax.random.key(3), stddev=0.2))
-  weights.save_hf(tmp_path / "out", cfg, params)
+  hf_checkpoint.save_hf(tmp_path / "out", cfg, params)
   hf = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
   tokens, mask = padded_batch(cfg.vocab_size, seed=1)
@@ -52,7 +53,7 @@ def test_export_round_trip_through_transformers(family, tmp_path):
   diff = np.abs(ours - ref)[mask.astype(bool)].max()
   report_parity(f"export {family} -> transformers", diff, 1e-4)
   assert diff <= 1e-4
-  cfg2, params2 = weights.load_hf(tmp_path / "out")
+  cfg2, params2 = hf_checkpoint.load_hf(tmp_path / "out")
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
@@ -64,7 +65,7 @@ def test_export_bfloat16_loads_in_transformers(tmp_path):
   cfg = model_lib.ModelConfig(vocab_size=50, num_layers=1, embed_dim=16, num_heads=2,
                               num_kv_heads=1, mlp_dim=24)
   params = jax.tree.map(np.asarray, model_lib.init(cfg, jax.random.key(0)))
-  weights.save_hf(tmp_path, cfg, params, dtype="bfloat16")
+  hf_checkpoint.save_hf(tmp_path, cfg, params, dtype="bfloat16")
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
   assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
 
@@ -91,7 +92,7 @@ def test_missing_tensor_is_named(tmp_path):
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, path / "model.safetensors")
   with pytest.raises(weights.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 def test_wrong_shape_is_named(tmp_path):
@@ -103,7 +104,7 @@ def test_wrong_shape_is_named(tmp_path):
   save_file(tensors, path / "model.safetensors")
   with pytest.raises(weights.CheckpointError,
                      match=r"k_proj\.weight' has shape \(3, 64\), expected \(32, 64\)"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 def test_unsupported_architecture_is_named(tmp_path):
@@ -112,7 +113,7 @@ def test_unsupported_architecture_is_named(tmp_path):
   config["model_type"] = "gpt_neox"
   (path / "config.json").write_text(json.dumps(config))
   with pytest.raises(weights.CheckpointError, match=r"config\.json: model_type='gpt_neox'"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 def test_index_listing_a_missing_shard_is_named(tmp_path):
@@ -121,7 +122,7 @@ def test_index_listing_a_missing_shard_is_named(tmp_path):
   shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
   shard.unlink()
   with pytest.raises(weights.CheckpointError, match=shard.name):
-    weights.load_hf(tmp_path)
+    hf_checkpoint.load_hf(tmp_path)
 
 
 def test_non_finite_tensor_is_named_with_its_file(tmp_path):
@@ -134,7 +135,7 @@ def test_non_finite_tensor_is_named_with_its_file(tmp_path):
   with pytest.raises(weights.CheckpointError,
                      match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj"
                            r"\.weight' has 1 non-finite values"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 def test_truncated_safetensors_and_config_missing_a_field_are_named(tmp_path):
@@ -143,12 +144,12 @@ def test_truncated_safetensors_and_config_missing_a_field_are_named(tmp_path):
   del config["hidden_size"]
   (path / "config.json").write_text(json.dumps(config))
   with pytest.raises(weights.CheckpointError, match=r"config\.json: missing field 'hidden_size'"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
   path = _tiny_dir(tmp_path / "again")
   shard = path / "model.safetensors"
   shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
   with pytest.raises(weights.CheckpointError, match=r"model\.safetensors: (not a readable|cannot read)"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 def test_duplicate_tensor_across_shards_is_named(tmp_path):
@@ -159,13 +160,13 @@ def test_duplicate_tensor_across_shards_is_named(tmp_path):
   extra = {"model.norm.weight": tensors["model.norm.weight"]}
   save_file(extra, path / "model-extra.safetensors")
   with pytest.raises(weights.CheckpointError, match=r"tensor 'model\.norm\.weight' is also in"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
   # And in an index listing one name twice.
   index = {"weight_map": {"model.norm.weight": "model.safetensors"}}
   text = json.dumps(index)[:-2] + ', "model.norm.weight": "model-extra.safetensors"}}'
   (path / "model.safetensors.index.json").write_text(text)
   with pytest.raises(weights.CheckpointError, match=r"index\.json: tensor 'model\.norm\.weight' is listed twice"):
-    weights.load_hf(path)
+    hf_checkpoint.load_hf(path)
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +228,7 @@ GGUF_CFG = model_lib.ModelConfig(vocab_size=61, num_layers=2, embed_dim=32, num_
 def test_gguf_import_undoes_the_qk_permutation(tmp_path):
   params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
   _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params)
-  cfg, loaded = weights.load_gguf(tmp_path / "m.gguf")
+  cfg, loaded = gguf_checkpoint.load_gguf(tmp_path / "m.gguf")
   # GGUF stores the epsilon as float32.
   assert cfg == GGUF_CFG.replace(rms_norm_eps=float(np.float32(GGUF_CFG.rms_norm_eps)))
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -237,7 +238,7 @@ def test_gguf_missing_tensor_is_named_by_its_gguf_name(tmp_path):
   params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
   _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params, drop=("blk.1.ffn_up.weight",))
   with pytest.raises(weights.CheckpointError, match=r"m\.gguf: missing tensor 'blk\.1\.ffn_up\.weight'"):
-    weights.load_gguf(tmp_path / "m.gguf")
+    gguf_checkpoint.load_gguf(tmp_path / "m.gguf")
 
 
 def test_gguf_non_finite_tensor_is_named(tmp_path):
@@ -246,7 +247,7 @@ def test_gguf_non_finite_tensor_is_named(tmp_path):
   _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params)
   with pytest.raises(weights.CheckpointError,
                      match=r"m\.gguf: tensor 'blk\.1\.ffn_up\.weight' has 1 non-finite values"):
-    weights.load_gguf(tmp_path / "m.gguf")
+    gguf_checkpoint.load_gguf(tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("corruption", ["truncated", "garbage"])
@@ -257,4 +258,4 @@ def test_corrupt_gguf_is_named(tmp_path, corruption):
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 3] if corruption == "truncated" else b"NOPE" + data[4:])
   with pytest.raises(weights.CheckpointError, match=r"m\.gguf: not a readable GGUF file"):
-    weights.load_gguf(path)
+    gguf_checkpoint.load_gguf(path)

@@ -10,7 +10,7 @@ from typing import Any
 
 from jaxscore.models import model as model_lib
 from jaxscore.models import tokenizer as tokenizer_lib
-from jaxscore.models import weights
+from jaxscore.models import gguf_checkpoint, hf_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,10 @@ class Pretrained:
   params: model_lib.Params
   tokenizer: Any  # transformers.PreTrainedTokenizerFast
   path: pathlib.Path
+  # Tokens that end generation besides the tokenizer's EOS and the chat format's end of
+  # turn: generation_config.json's `eos_token_id` (Llama 3.1's <|eom_id|>, Qwen3's
+  # <|endoftext|>, Gemma's <end_of_turn>), or a GGUF file's end-of-turn token.
+  stop_ids: tuple[int, ...] = ()
 
 
 def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
@@ -73,13 +77,15 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
   reader = None
   if path.suffix == ".gguf":
     # Weights and tokenizer share one reader: the file's metadata is parsed once.
-    reader = weights.gguf_reader(path)
-    cfg, params = weights.load_gguf(path, param_dtype=param_dtype, dtype=dtype,
-                                    reader=reader)
+    reader = gguf_checkpoint.gguf_reader(path)
+    cfg, params = gguf_checkpoint.load_gguf(path, param_dtype=param_dtype, dtype=dtype,
+                                            reader=reader)
+    stop_ids = gguf_checkpoint.stop_ids(reader)
   else:
-    cfg, params = weights.load_hf(path, param_dtype=param_dtype, dtype=dtype)
+    cfg, params = hf_checkpoint.load_hf(path, param_dtype=param_dtype, dtype=dtype)
+    stop_ids = hf_checkpoint.stop_ids(path)
   cfg = cfg.replace(remat=remat, logits_chunk=logits_chunk)
-  return Pretrained(cfg=cfg, params=params, path=path,
+  return Pretrained(cfg=cfg, params=params, path=path, stop_ids=stop_ids,
                     tokenizer=tokenizer_lib.load_tokenizer(path, gguf_reader=reader))
 
 

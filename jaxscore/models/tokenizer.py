@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from jaxscore.models import weights
+from jaxscore.models import gguf_checkpoint, weights
 
 # llama.cpp pre-tokenizer names whose split differs from GPT-2's byte-level regex.
 _LLAMA3_SPLIT = (
@@ -34,7 +34,7 @@ def load_tokenizer(path: str | os.PathLike, gguf_reader=None):
   reader, when the caller already opened it)."""
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
-    return tokenizer_from_gguf(gguf_reader or weights.gguf_reader(path))
+    return tokenizer_from_gguf(gguf_reader or gguf_checkpoint.gguf_reader(path))
   from transformers import AutoTokenizer
 
   return AutoTokenizer.from_pretrained(str(path))
@@ -61,7 +61,7 @@ def tokenizer_from_gguf(reader):
   from transformers import PreTrainedTokenizerFast
 
   source = str(reader.data.filename)
-  meta = lambda key, default=KeyError: weights.gguf_metadata(reader, key, default)
+  meta = lambda key, default=KeyError: gguf_checkpoint.gguf_metadata(reader, key, default)
   kind = meta("tokenizer.ggml.model")
   if kind != "gpt2":
     raise weights.CheckpointError(

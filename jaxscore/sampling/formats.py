@@ -53,6 +53,13 @@ class _Format:
         instructions=[self.instruction_ids(p) for p in instructions[:len(attempts)]])
 
 
+def _is_special(tokenizer: Any, token_id: int) -> bool:
+  """A named special token, or an added one marked special (Gemma's <end_of_turn> need
+  not be among the named ones)."""
+  added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+  return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
 class ChatFormat(_Format):
   """Episodes through a tokenizer's chat template (user / assistant alternation)."""
 
@@ -61,10 +68,25 @@ class ChatFormat(_Format):
       raise ValueError("the tokenizer has no chat template; use PlainFormat")
     self.tokenizer = tokenizer
     self.system = system
+    # Templates without a system role (Gemma 2's refuses one) get the system text at the
+    # head of the first user turn, which is where Gemma 3's own template puts it.
+    self._system_in_user = bool(system) and not self._takes_system_role()
     self.end_of_turn_id, self._after_eot = self._end_of_turn()
 
+  def _takes_system_role(self) -> bool:
+    try:
+      self._render([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                   True)
+    except Exception:  # jinja2's TemplateError from the template's raise_exception.
+      return False
+    return True
+
   def _messages(self, problem, attempts, instructions):
-    msgs = [{"role": "system", "content": self.system}] if self.system else []
+    msgs = []
+    if self.system and self._system_in_user:
+      problem = f"{self.system}\n\n{problem}"
+    elif self.system:
+      msgs.append({"role": "system", "content": self.system})
     msgs.append({"role": "user", "content": problem})
     for t, attempt in enumerate(attempts):
       msgs.append({"role": "assistant", "content": attempt})
@@ -81,7 +103,7 @@ class ChatFormat(_Format):
     with_reply = self._render(self._messages("q", [_PROBE], []), False)
     after = with_reply[with_reply.index(_PROBE) + len(_PROBE):]
     ids = self.tokenizer.encode(after, add_special_tokens=False)
-    if ids and ids[0] in self.tokenizer.all_special_ids:
+    if ids and _is_special(self.tokenizer, ids[0]):
       eot = ids[0]
       return eot, after[len(self.tokenizer.decode([eot])):]
     return None, after

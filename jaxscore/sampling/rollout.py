@@ -41,6 +41,13 @@ class Setup:
   tokenizer: Any
   fmt: Any  # formats.ChatFormat | formats.PlainFormat
   task: base.Task | None  # None for free-form sampling (e.g. `jaxscore chat`).
+  # The model's own stop tokens beyond EOS and end of turn (`Pretrained.stop_ids`).
+  extra_stop_ids: tuple[int, ...] = ()
+
+  @property
+  def stop_ids(self) -> list[int]:
+    return sorted({self.tokenizer.eos_token_id, self.fmt.end_of_turn_id,
+                   *self.extra_stop_ids} - {None})
 
 
 UNARY_FEEDBACK = "Your answer is incorrect. Please try again."
@@ -139,8 +146,8 @@ def from_config(c) -> tuple[Setup, Setup, Any]:
   model = pretrained.from_config(c.model)
   params = jax.device_put(model.params)
   fmt = formats.make_format(model.tokenizer, c.format)
-  return (Setup(model.cfg, model.tokenizer, fmt, task),
-          Setup(model.cfg, model.tokenizer, fmt, eval_task), params)
+  return (Setup(model.cfg, model.tokenizer, fmt, task, model.stop_ids),
+          Setup(model.cfg, model.tokenizer, fmt, eval_task, model.stop_ids), params)
 
 
 def episode_len_bound(prompt_lens: Sequence[int], num_turns: int, max_new_tokens: int,
@@ -172,9 +179,8 @@ def make_sampler(setup: Setup, prompt_lens: Sequence[int], num_turns: int,
   if message_len is None:
     message_len = instruction_len(setup)
   bound = episode_len_bound(prompt_lens, num_turns, max_new_tokens, message_len)
-  stop_ids = sorted({setup.tokenizer.eos_token_id, setup.fmt.end_of_turn_id} - {None})
   return sampler_lib.Sampler(
-      setup.cfg, max_len=sampler_lib.bucket(bound, minimum=64), stop_ids=stop_ids,
+      setup.cfg, max_len=sampler_lib.bucket(bound, minimum=64), stop_ids=setup.stop_ids,
       end_of_turn_id=setup.fmt.end_of_turn_id, pad_id=setup.tokenizer.pad_token_id or 0,
       batch_sharding=batch_sharding, rules=rules, max_prompt_len=max(prompt_lens))
 

@@ -58,7 +58,8 @@ class Pipeline:
     model = pretrained.from_config(c.model)
     task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
     self.setup = rollout.Setup(model.cfg, model.tokenizer,
-                               formats.make_format(model.tokenizer, c.format), task)
+                               formats.make_format(model.tokenizer, c.format), task,
+                               model.stop_ids)
     self.base_params = jax.device_put(model.params)
     self.train_problems = task.problems(c.task.train_split)
     if c.task.num_train:
