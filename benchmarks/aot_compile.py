@@ -1,8 +1,8 @@
 """Ahead-of-time compile of the sharded SCoRe train step for a TPU slice, from a CPU host.
 
   pip install libtpu        # TPU compiler only; no TPU needed
-  python benchmarks/aot_compile.py --topology=v5e:4x4 --model=1.5b --mesh=1,16,1
-  python benchmarks/aot_compile.py --topology=v4:2x2x4 --model=7b --mesh=1,8,4
+  python benchmarks/aot_compile.py --topology=v5e:2x4 --model=gemma3-4b --mesh=1,8,1
+  python benchmarks/aot_compile.py --topology=v4:2x2x1 --model=qwen3-8b --mesh=1,4,1
 
 Compiles `train_step` with every parameter, optimizer state and batch array sharded by
 the rules, and reports per-device memory from XLA's memory analysis. Without libtpu it
@@ -19,15 +19,6 @@ import os
 import pathlib
 import sys
 import time
-
-MODELS = {
-    # Qwen2.5-1.5B-like and Llama-2-7B shapes.
-    "1.5b": dict(vocab_size=151936, num_layers=28, embed_dim=1536, num_heads=12,
-                 num_kv_heads=2, mlp_dim=8960, qkv_bias=True, tie_embeddings=True),
-    "7b": dict(vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=32,
-               mlp_dim=11008),
-}
-
 
 def memory_gib(compiled) -> dict:
   """Per-device memory of a compiled step, from XLA's memory analysis, in GiB."""
@@ -62,7 +53,9 @@ def append_row(out: pathlib.Path, result: dict, target: str, sizes, args) -> Non
 def parse_args():
   parser = argparse.ArgumentParser()
   parser.add_argument("--topology", default="v5e:4x4", help="e.g. v5e:4x4 (v5e-16), v4:2x2x4 (v4-32)")
-  parser.add_argument("--model", default="1.5b", choices=sorted(MODELS))
+  parser.add_argument("--model", default="gemma3-4b",
+                      help="a named shape of jaxscore.models.shapes (gemma3-1b, gemma3-4b, "
+                      "gemma3-12b, qwen3-0.6b, qwen3-8b, llama3.1-8b)")
   parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
   parser.add_argument("--rules", default="fsdp_tp")
   parser.add_argument("--batch", type=int, default=32)
@@ -115,12 +108,13 @@ def main():
   from jaxscore.infra import sharding
   from jaxscore.loops import train as train_lib
   from jaxscore.models import model as model_lib
+  from jaxscore.models import shapes as shapes_lib
   from jaxscore.objectives import policy_gradient as pg
 
   mesh, target, sizes = target_mesh(args)
   rules = sharding.RULES[args.rules]
-  cfg = model_lib.ModelConfig(**MODELS[args.model], param_dtype="bfloat16", dtype="bfloat16",
-                              remat=args.remat, logits_chunk=args.logits_chunk)
+  cfg = shapes_lib.config(args.model, param_dtype="bfloat16", dtype="bfloat16", remat=args.remat,
+                      logits_chunk=args.logits_chunk)
 
   param_sh = sharding.param_shardings(cfg, mesh, rules)
   shapes = jax.eval_shape(functools.partial(model_lib.init, cfg), jax.random.key(0))

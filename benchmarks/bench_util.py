@@ -11,16 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxscore.models import model as model_lib
-from jaxscore.models import pretrained, weights
+from jaxscore.models import pretrained, shapes, weights
 
-# Random weights in the shapes of larger models (--model), for accelerators.
-SHAPES = {
-    "1.5b": dict(vocab_size=151936, num_layers=28, embed_dim=1536, num_heads=12,  # Qwen2.5
-                 num_kv_heads=2, mlp_dim=8960, qkv_bias=True, tie_embeddings=True),
-    "8b": dict(vocab_size=128256, num_layers=32, embed_dim=4096, num_heads=32,  # Llama-3
-               num_kv_heads=8, mlp_dim=14336, rope_theta=500000.0),
-}
-MODELS = ("embedded", *SHAPES)
+# Random weights in the published shapes of larger models (--model), for accelerators.
+MODELS = ("embedded", *shapes.NAMED)
 
 
 def accelerated() -> bool:
@@ -37,7 +31,7 @@ def load_model(name: str, training: bool = False):
   if name == "embedded":
     cfg, params = m.cfg, jax.device_put(m.params)
   else:
-    cfg = model_lib.ModelConfig(**SHAPES[name])
+    cfg = shapes.config(name)
     params = model_lib.init(cfg, jax.random.key(0))
   if accelerated():
     cfg = cfg.replace(dtype="bfloat16")

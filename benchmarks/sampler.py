@@ -1,6 +1,6 @@
 """Sampler throughput side by side with transformers `generate` on the same weights.
 
-  python benchmarks/sampler.py [--model embedded|1.5b|8b] [--batches 1,16,64]
+  python benchmarks/sampler.py [--model embedded|gemma3-4b|qwen3-8b|...] [--batches 1,16,64]
                                [--new_tokens 64] [--out benchmarks/results]
 
 The embedded SmolLM2-135M by default, or random weights in the shape of Qwen2.5-1.5B or
@@ -289,8 +289,7 @@ def _model_name(meta) -> str:
   model = meta.get("model", "embedded")
   if model == "embedded":
     return "SmolLM2-135M-Instruct (embedded GGUF, dequantized)"
-  shape = {"1.5b": "Qwen2.5-1.5B", "8b": "Llama-3-8B"}[model]
-  return f"random weights in the shape of {shape} ({meta['params_m']:.0f}M params)"
+  return f"random weights in the shape of {model} ({meta['params_m']:.0f}M params)"
 
 
 def render(meta, rows) -> str:

@@ -1,7 +1,7 @@
 """Train-step memory and speed of the memory options, side by side in one run.
 
   python benchmarks/train_memory.py [--batch 16] [--seq 160] [--chunk 128]
-                                    [--model embedded|1.5b|8b] [--out benchmarks/results]
+                                    [--model embedded|gemma3-4b|...] [--out benchmarks/results]
 
 The SCoRe policy-gradient train step (Adam, k3 KL in the loss) on one batch of the
 given shape, compiled once per variant:
