@@ -78,18 +78,28 @@ def arm_config(c, name: str) -> tuple[str, ml_collections.ConfigDict]:
     raise ValueError(f"config study.arms: no arm {name!r} (arms: {', '.join(c.arms)})")
   overrides = parse_arm(c.arms[name], name)
   method = overrides.pop("method", "rl")
-  ac = ml_collections.ConfigDict(c.to_dict())
-  for key, value in overrides.items():
-    node, parts = ac, key.split(".")
+  return method, apply_overrides(c, [f"{k}={v}" for k, v in overrides.items()],
+                                 f"config arms.{name}")
+
+
+def apply_overrides(c, overrides, where: str = "--config") -> ml_collections.ConfigDict:
+  """A locked copy of `c` with `key=value` overrides (dotted keys, values typed like the
+  field they replace); an unknown key is an error naming it and `where`."""
+  out = ml_collections.ConfigDict(c.to_dict())
+  for item in overrides:
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"{where}: {item!r} is not key=value")
+    node, parts = out, key.split(".")
     for part in parts[:-1]:
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ValueError(f"config arms.{name}: {key} is not a config field")
+        raise ValueError(f"{where}: {key} is not a config field")
       node = node[part]
     if parts[-1] not in node:
-      raise ValueError(f"config arms.{name}: {key} is not a config field")
-    node[parts[-1]] = _typed(value, node[parts[-1]], f"arms.{name}: {key}")
-  ac.lock()
-  return method, ac
+      raise ValueError(f"{where}: {key} is not a config field")
+    node[parts[-1]] = _typed(value, node[parts[-1]], f"{where.removeprefix('config ')}: {key}")
+  out.lock()
+  return out
 
 
 def bootstrap_mean(x_N: np.ndarray, seed: int = 0) -> tuple[float, float, float]:

@@ -68,8 +68,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if math.prod(sizes) != len(devices):
     raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
                         f"devices, but there are {len(devices)}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  try:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+  except AssertionError:
+    # A described topology whose chips' cores are separate devices (v4 without megacore,
+    # as libtpu describes v4 slices for ahead-of-time compiles): devices in their order.
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES,
+                axis_types=(AxisType.Auto,) * 3)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,584 @@
+"""`jaxscore plan`: whether a config is consistent and fits, before a run launches.
+
+  jaxscore plan --config=configs/score.py:math --devices=8 --hbm_gib=16
+  jaxscore plan --config=configs/study.py:gsm8k --topology=v5e:2x4 --model=gemma3-4b \
+      --config.model.remat=full
+
+It builds what the run builds at the config's real sizes without loading weights (the
+model's shapes come from its config.json, a GGUF header or a named shape), checks every
+constraint between config fields, compiles ahead of time each program the run compiles
+(the train step, the teacher-forced reference log-probs, the sampler's prefill and
+decode) for the target's devices (a TPU topology through libtpu, or N fake CPU devices),
+and reports per-device memory from XLA's memory analysis. Exit status: 0 fits, 1 does
+not fit, 2 a user error (a config field, a missing file).
+
+A program's peak is what is resident then: the train step holds the train state (params
+and optimizer moments), the frozen reference, the batch and its temporaries; sampling
+holds the params, the KV cache and its temporaries while the optimizer state and the
+reference wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import pathlib
+from collections.abc import Sequence
+
+from jaxscore.infra import entry
+
+# Memory per chip of the TPU generations a topology names (device_kind -> GiB of HBM);
+# a chip whose cores are separate devices shares it between them.
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v5": 95.0,
+           "TPU v5p": 95.0, "TPU v6 lite": 32.0, "TPU v6e": 32.0}
+DEFAULT_PROMPT_LEN = 512
+GIB = 2**30
+
+
+class PlanError(entry.UsageError):
+  """A plan that cannot be made: a bad target, model, config file or override."""
+
+
+@dataclasses.dataclass
+class Phase:
+  """One compiled program's per-device memory, in bytes."""
+
+  name: str
+  total: float  # Arguments + outputs + temporaries - donated (XLA's memory analysis).
+  temp: float
+  waiting: float = 0.0  # Resident but not an argument (optimizer state while sampling).
+
+  @property
+  def peak(self) -> float:
+    return self.total + self.waiting
+
+
+@dataclasses.dataclass
+class Program:
+  """What one training run of the config compiles (a study arm, a Self-Explore stage)."""
+
+  name: str
+  shape: str  # e.g. "512 x 1184 tokens"
+  phases: list[Phase]
+  resident: dict[str, float]  # weights, reference, optimizer, KV cache: per device.
+
+  @property
+  def peak(self) -> Phase:
+    return max(self.phases, key=lambda p: p.peak)
+
+
+# ---------------------------------------------------------------------------
+# Inputs: the config, the target's devices, the model's shapes.
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+  """`FILE:VARIANT` (as --config takes it) with `key=value` overrides applied."""
+  from jaxscore import study
+
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.exists():
+    raise FileNotFoundError(f"--config: no config file {path}")
+  module_spec = importlib.util.spec_from_file_location(f"plan_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    c = module.get_config(arg) if arg else module.get_config()
+    return study.apply_overrides(c, overrides, "--config") if overrides else c
+  except ValueError as e:  # An unknown variant, key or value.
+    raise PlanError(str(e)) from None
+
+
+def target_devices(topology: str | None, devices: int | None):
+  """(devices, description, GiB per device or None) of a TPU topology or of this host."""
+  import jax
+
+  if topology:
+    try:
+      from jax.experimental import topologies
+
+      topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # No libtpu, or a topology it does not know.
+      raise PlanError(f"--topology={topology}: cannot describe it ({type(e).__name__}: "
+                      f"{e}); `pip install libtpu` compiles for TPUs without one, or use "
+                      "--devices=N") from None
+    kind = topo.devices[0].device_kind
+    # A chip whose cores are separate devices (v4 without megacore) splits its HBM.
+    chips = {tuple(getattr(d, "coords", (i,))) for i, d in enumerate(topo.devices)}
+    per_chip = len(topo.devices) // max(len(chips), 1)
+    hbm = HBM_GIB.get(kind)
+    return (list(topo.devices), f"{topology} ({kind}, {len(topo.devices)} devices)",
+            None if hbm is None else hbm / per_chip)
+  have = jax.devices()
+  if devices and devices != len(have):
+    raise PlanError(f"--devices={devices}, but this process has {len(have)} devices: set "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} before JAX "
+                    "starts (the `jaxscore plan` command does)")
+  return have, f"{len(have)} {have[0].platform.upper()} devices", None
+
+
+def model_config(c, name: str | None = None):
+  """The ModelConfig of `name` (default `c.model.name`): a named shape, an embedded model,
+  a GGUF file or a Hugging Face directory, read without its weights; dtypes and memory
+  options from `c.model`."""
+  import json
+
+  from jaxscore.models import gguf_checkpoint, pretrained, shapes, weights
+
+  name = name or c.model.name
+  options = dict(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
+                 remat=c.model.get("remat", "none"),
+                 logits_chunk=c.model.get("logits_chunk", 0))
+  if name in shapes.NAMED:
+    return shapes.config(name, **options)
+  path = pretrained.resolve(name)
+  if path.suffix == ".gguf":
+    return gguf_checkpoint.config_from_gguf(gguf_checkpoint.gguf_reader(path), **options)
+  config_path = path / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{path}: no config.json")
+  return weights.config_from_hf(json.loads(config_path.read_text()), str(config_path),
+                                **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """Token lengths that size the sampler's buffer and the train batch."""
+
+  prompt: int  # The longest first prompt.
+  message: int  # The longest message between turns (instruction or feedback).
+  source: str
+
+
+def prompt_lengths(c, model: str | None, default: int) -> Prompts:
+  """The longest training prompt and message between turns as the run's format encodes
+  them (the tokenizer of `model`, else of the config's model), or `default` tokens where
+  the data or a tokenizer cannot be read here (hub sources offline)."""
+  from jaxscore import tasks
+  from jaxscore.models import pretrained
+  from jaxscore.models import tokenizer as tokenizer_lib
+  from jaxscore.sampling import formats, rollout
+
+  task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())  # A missing file: exit 2.
+  try:
+    problems = task.problems(c.task.train_split)
+  except Exception as e:  # Hub data offline.
+    return Prompts(default, default // 4, f"--prompt_len={default}, messages "
+                   f"{default // 4} (data not read here: {type(e).__name__})")
+  setup, errors = None, []
+  for name in dict.fromkeys(n for n in (model, c.model.name) if n):
+    try:
+      tok = tokenizer_lib.load_tokenizer(pretrained.resolve(name))
+      setup = rollout.Setup(None, tok, formats.make_format(tok, c.format), task)
+      break
+    except Exception as e:  # A named shape has no tokenizer; a directory may lack one.
+      errors.append(f"{name}: {type(e).__name__}")
+  if setup is None:
+    return Prompts(default, default // 4, f"--prompt_len={default} (no tokenizer: "
+                   f"{'; '.join(errors)})")
+  feedbacks = [rollout.Feedback("instruction"), rollout.Feedback("unary")]
+  if "rollout" in c:
+    feedbacks.append(rollout.Feedback(c.rollout.feedback, c.rollout.feedback_template))
+  return Prompts(max(rollout.prompt_lens(setup, problems)),
+                 max(rollout.instruction_len(setup, f) for f in feedbacks),
+                 f"the longest of {len(problems)} training prompts, {name}'s tokenizer")
+
+
+# ---------------------------------------------------------------------------
+# Compiling abstractly.
+
+
+def _bytes_per_device(tree) -> float:
+  """Bytes one device holds of abstract arrays with shardings."""
+  import jax
+  import numpy as np
+
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+  return float(total)
+
+
+def _abstract(tree, shardings):
+  import jax
+
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _batch_axes(rules) -> tuple[str, ...]:
+  axes = dict(rules)["batch"]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+_COMPILED: dict[str, tuple[float, float]] = {}
+
+
+def _lower(builder, fn, *args, **kwargs):
+  """`fn.lower(...)` under the builder's mesh and rules (the model's activation
+  constraints read them while tracing); eager work stays outside, on the host."""
+  from jaxscore.infra import sharding
+
+  with sharding.activate(builder.mesh, builder.rules):
+    return fn.lower(*args, **kwargs)
+
+
+def _memory(lowered) -> tuple[float, float]:
+  """(total, temporaries) per device of a lowered program, compiled once per distinct
+  program (study arms that differ only in host-side reward shaping share their steps)."""
+  import hashlib
+
+  key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+  if key not in _COMPILED:
+    _COMPILED[key] = _analyse(lowered.compile())
+  return _COMPILED[key]
+
+
+def _analyse(compiled) -> tuple[float, float]:
+  m = compiled.memory_analysis()
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return float(total), float(m.temp_size_in_bytes)
+
+
+class Builder:
+  """Abstract params, train state and batches of one model on one mesh."""
+
+  def __init__(self, cfg, mesh, rules):
+    import jax
+
+    from jaxscore.infra import sharding
+    from jaxscore.models import model as model_lib
+
+    self.cfg, self.mesh, self.rules = cfg, mesh, rules
+    self.param_sh = sharding.param_shardings(cfg, mesh, rules)
+    self.params = _abstract(jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0))),
+                            self.param_sh)
+    self.replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
+    self.rows = sharding.NamedSharding(mesh, sharding.PartitionSpec(dict(rules)["batch"]))
+
+  def batch(self, concrete):
+    """A host batch (numpy or jax arrays) as sharded abstract arrays."""
+    import jax
+
+    from jaxscore.infra import sharding
+
+    specs = jax.tree.map(lambda x: sharding.NamedSharding(
+        self.mesh, sharding.PartitionSpec(dict(self.rules)["batch"],
+                                          *([None] * (x.ndim - 1)))) if x.ndim else
+        self.replicated, concrete)
+    return _abstract(concrete, specs)
+
+  def train_phases(self, c, objective, batch, uses_reference: bool) -> tuple[list, dict]:
+    """The train step (and, for RL, the reference log-probs) compiled: (phases,
+    resident memory)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxscore.loops import train as train_lib
+    from jaxscore.objectives import rl
+
+    opt = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    state_sh = train_lib.state_shardings(opt, self.params, self.param_sh, self.mesh)
+    state = _abstract(jax.eval_shape(lambda p: train_lib.TrainState.create(p, opt),
+                                     self.params), state_sh)
+    key = jax.random.key(0)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+    step = jax.jit(train_lib.make_train_step(objective.loss_fn, opt,
+                                             *objective.updates_per_batch),
+                   donate_argnums=(0,), out_shardings=(state_sh, self.replicated))
+    ref = self.params if uses_reference else None
+    total, temp = _memory(_lower(self, step, state, batch, rng, ref))
+    weights = _bytes_per_device(self.params)
+    resident = {"weights": weights, "optimizer": _bytes_per_device(state.opt_state),
+                "reference": weights if uses_reference else 0.0}
+    phases = [Phase("train step", total, temp)]
+    if uses_reference:
+      cfg = self.cfg
+      logp = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
+      tokens = batch.tokens_BxT
+      mask = jax.ShapeDtypeStruct(tokens.shape, jnp.bool_, sharding=tokens.sharding)
+      total, temp = _memory(_lower(self, logp, ref, tokens, mask))
+      phases.append(Phase("reference log-probs", total, temp,
+                          waiting=resident["optimizer"] + weights))
+    return phases, resident
+
+  def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float,
+                     shard_rows: bool = True) -> tuple[list, float]:
+    """The sampler's prefill and widest decode compiled: (phases, KV cache bytes). Rows
+    split over the batch axes as the online loop splits them, or (`shard_rows=False`,
+    the offline stages' samplers) whole on every device."""
+    from jaxscore.infra import sharding
+
+    import dataclasses as dc
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxscore.sampling import sampler as sampler_lib
+
+    rows_sharding, rules = self.rows, self.rules
+    if not shard_rows:  # Every row on every device: the cache's rows are not split.
+      rows_sharding = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
+      rules = tuple(r for r in self.rules if r[0] != "cache_batch")
+    if shard_rows and rows % math.prod(self.mesh.shape[a] for a in _batch_axes(self.rules)):
+      raise PlanError(f"{rows} sampler rows do not split over the mesh's batch axes "
+                      f"({dict(self.mesh.shape)}): make the rows a multiple of them")
+    smp = sampler_lib.Sampler(self.cfg, max_len=max_len, stop_ids=[0],
+                              batch_sharding=rows_sharding, rules=rules,
+                              max_prompt_len=prompt_len, min_compact_rows=None)
+    sh = smp.state_shardings
+    tokens = jax.ShapeDtypeStruct((rows, max_len), jnp.int32, sharding=sh.tokens_BxT)
+    length = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=sh.length_B)
+    key = jax.random.key(0)
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
+    state = _abstract(jax.eval_shape(smp._init_impl, tokens, length, rng), sh)
+    sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=0)
+    prefill = _lower(self, smp._prefill, self.params, state,
+                     chunk=sampler_lib.bucket(prompt_len), sampling=sampling)
+    logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32,
+                                  sharding=sh.tokens_BxT)
+    scalar = lambda: jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+    decode = _lower(self, smp._decode, self.params, state, logits, scalar(), scalar(),
+                    scalar(), sampling=dc.replace(sampling), window=max_len)
+    phases = []
+    for name, lowered in (("sampler prefill", prefill), ("sampler decode", decode)):
+      total, temp = _memory(lowered)
+      phases.append(Phase(name, total, temp, waiting=waiting))
+    return phases, _bytes_per_device(state.cache)
+
+
+# ---------------------------------------------------------------------------
+# The programs of each kind of config file.
+
+
+def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jaxscore import objectives
+  from jaxscore.loops import online
+  from jaxscore.sampling import rollout, sampler as sampler_lib
+
+  ro = online.RolloutConfig(**c.rollout)
+  sampling = sampler_lib.SamplingConfig(**c.sampler)
+  objective = objectives.make(c.objective, c[c.objective], objectives.Context(
+      cfg, num_turns=ro.num_turns, group_size=ro.group_size, sampling=sampling,
+      stops_rows=ro.feedback_config.stops_when_correct))
+  rows = ro.prompts_per_step * ro.group_size
+  width = rollout.episode_len_bound([prompts.prompt], ro.num_turns, sampling.max_new_tokens,
+                                    prompts.message)
+  max_len = sampler_lib.bucket(width, minimum=64)
+  zeros = lambda *shape, dtype=np.int32: jnp.zeros(shape, dtype)
+  traj = objectives.Trajectories(
+      tokens_BxT=zeros(rows, width), mask_BxT=zeros(rows, width, dtype=bool),
+      turn_BxT=zeros(rows, width), behaviour_logp_BxT=zeros(rows, width, dtype=np.float32),
+      ref_logp_BxT=(zeros(rows, width, dtype=np.float32) if objective.uses_reference
+                    else None),
+      rewards_BxN=zeros(rows, ro.num_turns, dtype=np.float32),
+      turns_BxN=jnp.ones((rows, ro.num_turns), bool))
+  batch, _ = objective.make_batch(traj, 0)
+  phases, resident = b.train_phases(c, objective, b.batch(batch), objective.uses_reference)
+  sample, cache = b.sampler_phases(rows, max_len, prompts.prompt,
+                                   waiting=resident["optimizer"] + resident["reference"])
+  resident["KV cache"] = cache
+  return Program(name, f"{c.objective}: {rows} x {width} tokens, {ro.num_turns} turn(s)",
+                 phases + sample, resident)
+
+
+def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
+                     sampler_rows: int = 0, sampler_len: int = 0,
+                     prompt_len: int = 0) -> Program:
+  from jaxscore import objectives
+  from jaxscore.loops import offline
+
+  objective = objectives.make(objective_name, c[objective_name], objectives.Context(cfg))
+  oc = offline.OfflineConfig(**c.offline)
+  width = oc.max_len or width
+  half = [1] * (width // 2)
+  example = {"prompt": half, "completion": half, "chosen": half, "rejected": half,
+             "ref_chosen": 0.0, "ref_rejected": 0.0}
+  batch = objective.collate([example] * oc.batch_size, width)
+  uses_reference = objective_name == "dpo"  # Its reference log-probs are computed once.
+  phases, resident = b.train_phases(c, objective, b.batch(batch), uses_reference=False)
+  if uses_reference:
+    resident["reference"] = resident["weights"]
+  if sampler_rows:
+    sample, cache = b.sampler_phases(sampler_rows, sampler_len, prompt_len,
+                                     waiting=resident["optimizer"], shard_rows=False)
+    resident["KV cache"] = cache
+    phases += sample
+  return Program(name, f"{objective_name}: {oc.batch_size} x {width} tokens", phases,
+                 resident)
+
+
+def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
+  """Every training program of config `c` (a main experiment, a study, Self-Explore)."""
+  import ml_collections
+
+  from jaxscore import study
+  from jaxscore.sampling import sampler as sampler_lib
+
+  p = prompts.prompt
+  if "arms" in c:  # configs/study.py: every arm.
+    out = []
+    for name in [n.strip() for n in c.study.arms.split(",") if n.strip()]:
+      method, ac = study.arm_config(c, name)
+      if method == "rl":
+        out.append(_online_program(f"arm {name}", ac, cfg, b, prompts))
+      elif method in ("star", "pair_sft"):
+        turns = 2 if method == "star" else 1
+        width = p + turns * (ac.sampler.max_new_tokens + 1) + (turns - 1) * prompts.message
+        out.append(_offline_program(f"arm {name}", ac, cfg, b, "sft", -(-width // 8) * 8,
+                                    ac.evaluate.batch_size, sampler_lib.bucket(width, 64), p))
+    return out
+  if "train_sft" in c:  # configs/self_explore.py: its training stages and samplers.
+    out = []
+    longest = max(c.sample.max_new_tokens, c.explore.max_new_tokens)
+    for stage, group, objective, rows, new in (
+        ("sft", "train_sft", "sft", c.sample.batch_size, c.sample.max_new_tokens),
+        ("rft", "train_rft", "sft", c.explore.batch_size, c.explore.max_new_tokens),
+        ("dpo", "train_dpo", "dpo", 0, 0)):
+      sc = ml_collections.ConfigDict(c.to_dict())
+      sc.offline, sc.optim = c[group].offline, c[group].optim
+      out.append(_offline_program(
+          f"stage {stage}" + (" (+ its sampler)" if rows else ""), sc, cfg, b, objective,
+          -(-(p + longest + 1) // 8) * 8, rows, sampler_lib.bucket(p + new + 1, 64), p))
+    return out
+  if c.objective in ("sft", "dpo"):
+    return [_offline_program("train", c, cfg, b, c.objective,
+                             -(-(p + c.sampler.max_new_tokens + 1) // 8) * 8)]
+  return [_online_program("train", c, cfg, b, prompts)]
+
+
+# ---------------------------------------------------------------------------
+# The whole plan.
+
+
+@dataclasses.dataclass
+class Plan:
+  config: str
+  target: str
+  capacity_gib: float
+  model: str
+  num_params: int
+  mesh: dict[str, int]
+  prompt: str
+  programs: list[Program]
+
+  @property
+  def peak(self) -> tuple[Program, Phase]:
+    program = max(self.programs, key=lambda p: p.peak.peak)
+    return program, program.peak
+
+  @property
+  def fits(self) -> bool:
+    return self.peak[1].peak <= self.capacity_gib * GIB
+
+  def suggestions(self, c) -> list[str]:
+    """What would lower the peak, from what the config does not yet use."""
+    out = []
+    if c.model.get("remat", "none") != "full":
+      out.append("--config.model.remat=full (recompute each layer in the backward pass)")
+    if not c.model.get("logits_chunk", 0):
+      out.append("--config.model.logits_chunk=256 (log-probs without the whole B x T x V "
+                 "logits)")
+    if c.model.param_dtype == "float32":
+      out.append("--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16")
+    if c.mesh.rules == "data_parallel":
+      out.append("--config.mesh.rules=fsdp --config.mesh.fsdp=-1 --config.mesh.data=1 "
+                 "(shard weights and optimizer state over the devices)")
+    program, phase = self.peak
+    need = phase.peak / GIB
+    out.append(f"more devices: the peak ({phase.name} of {program.name}) is {need:.1f} GiB "
+               f"per device against {self.capacity_gib:.1f}")
+    out.append("a smaller batch (rollout.prompts_per_step, offline.batch_size, "
+               "sample.batch_size)")
+    return out
+
+  def render(self, c) -> str:
+    lines = [f"plan: {self.config}",
+             f"model: {self.model} ({self.num_params / 1e9:.3f}B parameters, "
+             f"{c.model.param_dtype} params, {c.model.dtype} compute, remat="
+             f"{c.model.get('remat', 'none')}, logits_chunk={c.model.get('logits_chunk', 0)})",
+             f"target: {self.target}, {self.capacity_gib:.1f} GiB per device; mesh "
+             + ", ".join(f"{k} {v}" for k, v in self.mesh.items()) + f" ({c.mesh.rules})",
+             f"prompts: {self.prompt}",
+             "checks: every constraint between config fields holds", ""]
+    for p in self.programs:
+      lines.append(f"{p.name}  [{p.shape}]")
+      lines.append("  resident: " + ", ".join(f"{k} {v / GIB:.3g}" for k, v in
+                                              p.resident.items()) + " GiB")
+      for phase in p.phases:
+        lines.append(f"  {phase.name:<20s} {phase.peak / GIB:8.2f} GiB per device "
+                     f"(temporaries {phase.temp / GIB:.2f})")
+    program, phase = self.peak
+    lines.append("")
+    if self.fits:
+      lines.append(f"fits: peak {phase.peak / GIB:.2f} of {self.capacity_gib:.1f} GiB per "
+                   f"device ({phase.name}, {program.name})")
+    else:
+      lines.append(f"does not fit: peak {phase.peak / GIB:.2f} of {self.capacity_gib:.1f} "
+                   f"GiB per device ({phase.name}, {program.name}); would lower it: "
+                   + "; ".join(self.suggestions(c)))
+    return "\n".join(lines)
+
+
+def check(c) -> None:
+  """Every constraint between fields of whichever config file `c` is."""
+  from jaxscore import config_checks
+
+  if "arms" in c:
+    config_checks.check_study(c)
+  elif "train_sft" in c:
+    config_checks.check_self_explore(c)
+  else:
+    config_checks.check_experiment(c)
+
+
+def make_plan(c, config_name: str, *, topology: str | None = None,
+              devices: int | None = None, hbm_gib: float | None = None,
+              model: str | None = None, prompt_len: int | None = None) -> Plan:
+  from jaxscore import study
+  from jaxscore.infra import sharding
+  from jaxscore.models import shapes
+
+  check(c)
+  devs, target, capacity = target_devices(topology, devices)
+  capacity = hbm_gib or capacity
+  if capacity is None:
+    raise PlanError(f"{target}: no known memory per device; give --hbm_gib")
+  cfg = model_config(c, model)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devs)
+  rules = sharding.RULES[c.mesh.rules]
+  # Again with the mesh's -1 resolved: batches against the target's batch shards.
+  check(study.apply_overrides(c, [f"mesh.{axis}={n}" for axis, n in
+                                  zip(sharding.MESH_AXES, mesh.devices.shape)]))
+  if prompt_len:
+    prompts = Prompts(prompt_len, prompt_len // 4,
+                      f"--prompt_len={prompt_len}, messages {prompt_len // 4}")
+  else:
+    prompts = prompt_lengths(c, model, DEFAULT_PROMPT_LEN)
+  b = Builder(cfg, mesh, rules)
+  progs = programs(c, cfg, b, prompts)
+  return Plan(config=config_name, target=target, capacity_gib=capacity,
+              model=model or c.model.name, num_params=shapes.num_params(cfg),
+              mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
+              prompt=f"{prompts.prompt} tokens, messages {prompts.message} ({prompts.source})",
+              programs=progs)
+
+
+def run(args, overrides: Sequence[str]) -> int:
+  """The `jaxscore plan` command: prints the plan; 0 fits, 1 does not."""
+  if args.devices and "XLA_FLAGS" not in os.environ:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  c = load_config(args.config, overrides)
+  plan = make_plan(c, args.config, topology=args.topology, devices=args.devices,
+                   hbm_gib=args.hbm_gib, model=args.model, prompt_len=args.prompt_len)
+  print(plan.render(c))
+  return 0 if plan.fits else 1
+
+

@@ -1,0 +1,89 @@
+"""`jaxscore plan`: every variant of every config file planned on 8 fake devices; a run
+that does not fit, a contradiction between fields and a bad key are each reported."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import require_embedded
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+           JAX_PLATFORMS="cpu")
+
+
+def _tiny(tmp_path, **fields):
+  """A model directory with only a config.json: plan reads shapes, never weights."""
+  d = tmp_path / "tiny"
+  d.mkdir(exist_ok=True)
+  (d / "config.json").write_text(json.dumps(dict(
+      model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2) | fields))
+  return d
+
+
+def _plan(*args, timeout=600):
+  return subprocess.run([sys.executable, "-m", "jaxscore.cli", "plan", *args], env=ENV,
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_every_variant_of_every_config_file_is_planned():
+  require_embedded()  # Its tokenizer measures the cpu variants' prompts.
+  out = subprocess.run([sys.executable, str(ROOT / "tests" / "plan_check.py")], env=ENV,
+                       capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-4000:]
+  planned = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("OK ")]
+  assert planned == [f"configs/{f}:{v}" for f, vs in (
+      ("score.py", ("cpu", "gsm8k", "math", "code")), ("study.py", ("cpu", "gsm8k")),
+      ("self_explore.py", ("cpu", "gsm8k", "math"))) for v in vs]
+
+
+def test_weights_per_device_follow_the_sharding(tmp_path):
+  """Resident weights are the parameter count times 4 bytes, replicated on every device
+  (data_parallel), or an eighth of it with fsdp over 8 devices."""
+  tiny = _tiny(tmp_path)
+  norms = 2 * 2 * 64 + 64  # Two per layer and the final one: never split.
+  matrices = 2 * 512 * 64 + 2 * (2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128)
+  for rules, mesh, share in (("data_parallel", "--config.mesh.data=-1", 1),
+                             ("fsdp", "--config.mesh.fsdp=-1", 8)):
+    out = _plan("--config=configs/score.py:cpu", "--hbm_gib=1", f"--model={tiny}",
+                "--prompt_len=32", f"--config.mesh.rules={rules}", "--config.mesh.data=1"
+                if rules == "fsdp" else "--config.mesh.fsdp=1", mesh)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resident = next(l for l in out.stdout.splitlines() if "resident:" in l)
+    weights = float(resident.split("weights ")[1].split(",")[0])
+    expected = 4 * (matrices / share + norms) / 2**30
+    assert abs(weights - expected) < 0.001 * expected, (rules, resident, expected)
+    assert out.stdout.splitlines()[-1].startswith("fits:")
+
+
+def test_a_run_that_does_not_fit_exits_1_with_what_would_help(tmp_path):
+  out = _plan("--config=configs/score.py:cpu", "--hbm_gib=0.001",
+              f"--model={_tiny(tmp_path)}", "--prompt_len=32")
+  assert out.returncode == 1, out.stderr[-3000:]
+  last = out.stdout.splitlines()[-1]
+  assert last.startswith("does not fit: peak") and "model.remat=full" in last
+  assert "more devices" in last
+
+
+def test_contradicting_fields_and_unknown_keys_are_user_errors(tmp_path):
+  tiny = _tiny(tmp_path)
+  # 2 prompts x 2 samples cannot split over 8 devices: known only once the mesh is.
+  out = _plan("--config=configs/score.py:cpu,runlocal", f"--model={tiny}", "--hbm_gib=1")
+  assert out.returncode == 2, out.stderr
+  assert "rollout.prompts_per_step x rollout.group_size = 4 rows do not split over " \
+         "mesh.data x mesh.fsdp = 8" in out.stderr
+  out = _plan("--config=configs/score.py:cpu", f"--model={tiny}", "--hbm_gib=1",
+              "--config.objective=grpo", "--config.grpo.minibatches=3")
+  assert out.returncode == 2 and "grpo.minibatches=3" in out.stderr, out.stderr
+  assert "rollout.prompts_per_step" in out.stderr  # Both fields are named.
+  out = _plan("--config=configs/score.py:cpu", "--config.rollout.grup_size=2")
+  assert out.returncode == 2 and "rollout.grup_size is not a config field" in out.stderr
+  out = _plan("--config=configs/nope.py:cpu")
+  assert out.returncode == 2 and "no config file configs/nope.py" in out.stderr
+  out = _plan("--config=configs/score.py:cpu", "--topology=v5e:2x4", f"--model={tiny}")
+  assert out.returncode == 2 and "--topology=v5e:2x4" in out.stderr
