@@ -36,6 +36,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # logits this many positions at a time (0: all at once).
   c.model.remat = "none"
   c.model.logits_chunk = 0
+  # LoRA (jaxscore.models.lora): train rank-r adapters beside frozen weights, the base
+  # with adapters off serving as the reference (no second copy); rank 0 trains every
+  # weight. Targets: q, k, v, o, gate, up, down.
+  c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0,
+                                            "targets": "q,k,v,o,gate,up,down"})
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | gsm8k | math | mbpp | humaneval

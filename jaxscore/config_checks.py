@@ -177,9 +177,16 @@ def check_evaluate(c) -> None:
            lambda: rollout.Feedback(e.feedback, c.rollout.feedback_template))
 
 
+def check_lora(model) -> None:
+  from jaxscore.models import pretrained
+
+  _built("model.lora", lambda: pretrained.lora_config(model))
+
+
 def check_experiment(c) -> None:
   """configs/score.py and any config of its shape."""
   _check_task(c.task, c.format)
+  check_lora(c.model)
   check_rollout(c)
   check_objective(c)
   check_evaluate(c)
@@ -209,6 +216,7 @@ def check_self_explore(c) -> None:
   from jaxscore.self_explore import steps
 
   _check_task(c.task, c.format)
+  check_lora(c.model)
   _multiple("sample.batch_size", c.sample.batch_size, "sample.num_samples",
             c.sample.num_samples, "a problem's N samples share one prefill in one call")
   _multiple("explore.batch_size", c.explore.batch_size, "explore.k", c.explore.k,

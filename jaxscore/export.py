@@ -42,14 +42,15 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: str = "late
   returns what was written."""
   from jaxscore.infra import files
   from jaxscore.loops import common
-  from jaxscore.models import hf_checkpoint, pretrained
+  from jaxscore.models import hf_checkpoint, lora, pretrained
 
   c = run_config(workdir)
   model = pretrained.from_config(c.model)
   params, restored = common.restore_params(c, workdir, model.cfg, model.params, step)
   if restored is None:
     raise ExportError(f"{files.path(workdir) / 'checkpoints'} has no {step} checkpoint")
-  params = jax.tree.map(np.asarray, params)
+  # A LoRA run's adapters merged into the weights: a plain transformers checkpoint.
+  params = jax.tree.map(np.asarray, lora.merge(params, model.cfg))
   out = pathlib.Path(out)
   hf_checkpoint.save_hf(out, model.cfg, params, tokenizer=model.tokenizer, dtype=dtype)
   info = {"workdir": str(workdir), "step": restored, "which": step,

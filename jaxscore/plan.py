@@ -28,6 +28,7 @@ import pathlib
 from collections.abc import Sequence
 
 from jaxscore.infra import entry
+from jaxscore.models import lora
 
 # Memory per chip of the TPU generations a topology names (device_kind -> GiB of HBM);
 # a chip whose cores are separate devices shares it between them.
@@ -130,7 +131,8 @@ def model_config(c, name: str | None = None):
   name = name or c.model.name
   options = dict(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
                  remat=c.model.get("remat", "none"),
-                 logits_chunk=c.model.get("logits_chunk", 0))
+                 logits_chunk=c.model.get("logits_chunk", 0),
+                 lora=pretrained.lora_config(c.model))
   if name in shapes.NAMED:
     return shapes.config(name, **options)
   path = pretrained.resolve(name)
@@ -282,19 +284,27 @@ class Builder:
     from jaxscore.objectives import rl
 
     opt = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
-    state_sh = train_lib.state_shardings(opt, self.params, self.param_sh, self.mesh)
+    loss_fn, trainable, trainable_sh, base = objective.loss_fn, self.params, self.param_sh, None
+    if self.cfg.lora_scale is not None:  # The state is the adapters; the base is frozen.
+      base, trainable = lora.split(self.params)
+      trainable_sh = lora.split(self.param_sh)[1]
+      loss_fn = lambda a, batch, rng, base: objective.loss_fn(lora.combine(base, a), batch,
+                                                              rng, base)
+    state_sh = train_lib.state_shardings(opt, trainable, trainable_sh, self.mesh)
     state = _abstract(jax.eval_shape(lambda p: train_lib.TrainState.create(p, opt),
-                                     self.params), state_sh)
+                                     trainable), state_sh)
     key = jax.random.key(0)
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
-    step = jax.jit(train_lib.make_train_step(objective.loss_fn, opt,
-                                             *objective.updates_per_batch),
+    step = jax.jit(train_lib.make_train_step(loss_fn, opt, *objective.updates_per_batch),
                    donate_argnums=(0,), out_shardings=(state_sh, self.replicated))
-    ref = self.params if uses_reference else None
+    # With LoRA the frozen base is the reference: one copy, passed to every step.
+    ref = base if base is not None else (self.params if uses_reference else None)
     total, temp = _memory(_lower(self, step, state, batch, rng, ref))
-    weights = _bytes_per_device(self.params)
+    weights = _bytes_per_device(base if base is not None else self.params)
     resident = {"weights": weights, "optimizer": _bytes_per_device(state.opt_state),
-                "reference": weights if uses_reference else 0.0}
+                "reference": weights if uses_reference and base is None else 0.0}
+    if base is not None:
+      resident["adapters"] = _bytes_per_device(trainable)
     phases = [Phase("train step", total, temp)]
     if uses_reference:
       cfg = self.cfg
@@ -302,8 +312,9 @@ class Builder:
       tokens = batch.tokens_BxT
       mask = jax.ShapeDtypeStruct(tokens.shape, jnp.bool_, sharding=tokens.sharding)
       total, temp = _memory(_lower(self, logp, ref, tokens, mask))
+      # Waiting meanwhile: the state (the policy's weights or adapters, and moments).
       phases.append(Phase("reference log-probs", total, temp,
-                          waiting=resident["optimizer"] + weights))
+                          waiting=resident["optimizer"] + _bytes_per_device(trainable)))
     return phases, resident
 
   def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float,
@@ -486,6 +497,9 @@ class Plan:
     if not c.model.get("logits_chunk", 0):
       out.append("--config.model.logits_chunk=256 (log-probs without the whole B x T x V "
                  "logits)")
+    if pretrained_lora(c) is None:
+      out.append("--config.model.lora.rank=16 (train adapters: no optimizer state or "
+                 "reference copy of the weights)")
     if c.model.param_dtype == "float32":
       out.append("--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16")
     if c.mesh.rules == "data_parallel":
@@ -525,6 +539,12 @@ class Plan:
                    f"GiB per device ({phase.name}, {program.name}); would lower it: "
                    + "; ".join(self.suggestions(c)))
     return "\n".join(lines)
+
+
+def pretrained_lora(c):
+  from jaxscore.models import pretrained
+
+  return pretrained.lora_config(c.model)
 
 
 def check(c) -> None:

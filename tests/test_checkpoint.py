@@ -391,7 +391,12 @@ def test_training_loop_on_4_devices_matches_one_device(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
       if isinstance(a[k], float):
-        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+        # No sample of this tiny random model is rewarded and the policy starts at the
+        # reference: the gradients are zero in exact arithmetic (step 1) or the KL's
+        # answer to step 1's rounding (step 2), norms of 1e-7 to 1e-5 that sums taken
+        # in another order change by as much as themselves.
+        noise = 1e-4 if k == "grad_norm" else 1e-5
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=noise), (k, a, b)
       else:
         assert a[k] == b[k], k
 

@@ -130,6 +130,18 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def metas(self) -> dict[int, dict]:
+    """Each kept step's metadata (JSON), without reading its arrays; unreadable ones
+    are left out (`restore` reports them)."""
+    out = {}
+    for step in self.manager.all_steps():
+      try:
+        out[step] = self.manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      except Exception:  # A damaged step: restore() names it and falls back.
+        continue
+    return out
+
   def best_step(self) -> int | None:
     """The kept step with the best metric, ranked as the run that saved it ranked it."""
     scored = []

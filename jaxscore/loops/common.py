@@ -21,7 +21,9 @@ import numpy as np
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.infra import files, metric_writers, sharding
 from jaxscore.loops import train as train_lib
+from jaxscore.models import lora
 from jaxscore.models import model as model_lib
+from jaxscore.models import weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +84,32 @@ class Run:
     self._writer = None
     self.spent = 0.0  # The budget metric summed over the steps taken (see `drive`).
     self.workdir = files.path(workdir)
+    self.model_cfg = model_cfg
     self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    # With LoRA (model_cfg.lora) the state holds the adapters alone: the frozen base is
+    # the reference the loops pass to every step, one copy serving both.
+    self.lora = model_cfg.lora_scale is not None
     self.param_shardings = sharding.param_shardings(model_cfg, mesh, rules)
     abstract = jax.eval_shape(lambda: model_lib.init(model_cfg, jax.random.key(0)))
+    if self.lora:
+      (self.base_shardings, self.trainable_shardings) = lora.split(self.param_shardings)
+      abstract = lora.split(abstract)[1]
+      loss_fn = lambda adapters, batch, rng, base: objective.loss_fn(
+          lora.combine(base, adapters), batch, rng, base)
+    else:
+      self.base_shardings = self.trainable_shardings = self.param_shardings
+      loss_fn = objective.loss_fn
     self.state_shardings = train_lib.state_shardings(self.optimizer, abstract,
-                                                     self.param_shardings, mesh)
+                                                     self.trainable_shardings, mesh)
+    # Adapters belong to one base: saved with them, checked when they are restored.
+    self.meta = ({"base_model": c.model.name, "lora": dataclasses.asdict(model_cfg.lora)}
+                 if self.lora else {})
     self.replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
     # The new state keeps the old one's shardings (the compiler would otherwise pick its
     # own), so the next step and the sampler see the same input shardings: no recompiles.
     self.train_step = jax.jit(
-        train_lib.make_train_step(objective.loss_fn, self.optimizer,
-                                  *objective.updates_per_batch), donate_argnums=(0,),
-        out_shardings=(self.state_shardings, self.replicated))
+        train_lib.make_train_step(loss_fn, self.optimizer, *objective.updates_per_batch),
+        donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
     self.ckpt_cfg = CheckpointConfig(**c.checkpoint)
     self.log_cfg = LogConfig(**c.log)
     self.best_metric = best_metric
@@ -104,11 +120,24 @@ class Run:
   def initial_state(self, params, ref_params):
     """(state, reference params) in their shardings; the state restored if a checkpoint
     exists. The state owns fresh buffers: train_step donates them, and `params` may be
-    the very arrays the reference uses."""
-    ref_params = jax.device_put(ref_params, self.param_shardings)
+    the very arrays the reference uses. With LoRA, `params` is the frozen base and the
+    reference too (`ref_params` is not read: the base with adapters off is the
+    reference), and the state holds fresh adapters."""
+    if self.lora:
+      ref_params = jax.device_put(lora.split(params)[0], self.base_shardings)
+      params = lora.init(self.model_cfg, jax.random.key(self.c.seed))
+    else:
+      ref_params = jax.device_put(ref_params, self.param_shardings)
     create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)
     state = jax.jit(create, out_shardings=self.state_shardings)(
-        jax.device_put(params, self.param_shardings))
+        jax.device_put(params, self.trainable_shardings))
+    # Adapters belong to one base and one shape: checked before any array is read.
+    for step, meta in (self.ckpt.metas() if self.meta else {}).items():
+      for key, value in self.meta.items():
+        if meta.get(key, value) != value:
+          raise weights.CheckpointError(
+              f"{self.workdir / 'checkpoints'}: step {step}'s adapters were trained with "
+              f"{key}={meta[key]!r}, this run has {key}={value!r}: use another workdir")
     restored = self.ckpt.restore(checkpoint_lib.abstract_like(state))
     if restored is not None:
       state, meta = restored
@@ -165,8 +194,8 @@ class Run:
           writer.flush()
           best = ({self.best_metric: m[self.best_metric]}
                   if self.best_metric in m and not self.metric_before_update else None)
-          self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent},
-                         metrics=best)
+          self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent,
+                                       **self.meta}, metrics=best)
         if done:
           break
     bar.close()
@@ -178,6 +207,11 @@ class Run:
     if preempt.requested:
       print(f"SIGTERM: saved step {step}; rerun the same command to resume")
     return state, info
+
+  def policy(self, state, ref_params):
+    """The params the policy samples and is evaluated with: the state's own, or with
+    LoRA the frozen base and the state's adapters side by side."""
+    return lora.combine(ref_params, state.params) if self.lora else state.params
 
   def save_before_update(self, state, metrics: dict, phase: str | None = None) -> None:
     """Saves `state` if its step is due, labelled with `metrics[best_metric]`: called
@@ -192,16 +226,27 @@ class Run:
     best = {self.best_metric: metrics[self.best_metric]} if self.best_metric in metrics else None
     # `spent` is still the sum over the steps before this one, which is what the saved
     # (pre-update) state has taken.
-    self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent},
-                   metrics=best)
+    self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent,
+                                 **self.meta}, metrics=best)
 
 
 def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):
+  """What a checkpoint's `params` hold: the model's params, or with LoRA its adapters."""
   if mesh is None:
     mesh, rules = mesh_from_config(c)
   param_sh = sharding.param_shardings(model_cfg, mesh, rules)
+  if model_cfg.lora_scale is not None:
+    params = lora.split(jax.eval_shape(lambda: model_lib.init(model_cfg, jax.random.key(0))))[1]
+    param_sh = lora.split(param_sh)[1]
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       params, param_sh)
+
+
+def _with_base(model_cfg: model_lib.ModelConfig, restored, base):
+  """Restored checkpoint params as the policy: with LoRA, `base` and the adapters."""
+  if model_cfg.lora_scale is None:
+    return restored
+  return lora.combine(lora.split(base)[0], restored)
 
 
 def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: str = "latest",
@@ -219,12 +264,12 @@ def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: 
       restored = ckpt.restore(abstract, partial=True)
       if restored is None:
         return params, None
-      return restored[0]["params"], int(restored[1]["step"])
+      return _with_base(model_cfg, restored[0]["params"], params), int(restored[1]["step"])
     step = checkpoint_lib.pick_step(ckpt, which)
     if step is None:
       return params, None
     state, _ = ckpt.restore(abstract, step=step, partial=True)
-    return state["params"], step
+    return _with_base(model_cfg, state["params"], params), step
   finally:
     ckpt.close()
 

@@ -110,10 +110,11 @@ def train(c, model_cfg: model_lib.ModelConfig, objective, params, ref_params,
       m["epoch"] = epoch + pos / per_epoch
       if pos == 0:  # The end of an epoch.
         if eval_examples:
-          m |= evaluate(state.params)
+          m |= evaluate(run.policy(state, ref_params))
         if on_epoch_end is not None:
-          m |= on_epoch_end(state.params, epoch)
+          m |= on_epoch_end(run.policy(state, ref_params), epoch)
       return state, m, None
 
-    return run.drive(state, step_fn, total=oc.num_epochs * per_epoch,
-                     progress_keys=["loss", "eval/loss"], stop_after=stop_after)
+    state, info = run.drive(state, step_fn, total=oc.num_epochs * per_epoch,
+                            progress_keys=["loss", "eval/loss"], stop_after=stop_after)
+    return state.replace(params=run.policy(state, ref_params)), info

@@ -132,10 +132,13 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
     num_turns = loop.rollout_cfg.num_turns
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       step_fn = lambda state: loop.step(state, ref_params, pool)
-      return loop.run.drive(state, step_fn, total=objective.num_steps,
-                            progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
-                            stop_after=stop_after,
-                            budget=(("budget/tokens", token_budget) if token_budget else None))
+      state, info = loop.run.drive(
+          state, step_fn, total=objective.num_steps,
+          progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
+          stop_after=stop_after,
+          budget=(("budget/tokens", token_budget) if token_budget else None))
+    # The caller evaluates and samples with the policy (with LoRA: base and adapters).
+    return state.replace(params=loop.run.policy(state, ref_params)), info
 
 
 class OnlineLoop:
@@ -173,7 +176,8 @@ class OnlineLoop:
     rows = [p for p in batch_problems(self.problems, step, ro_cfg.prompts_per_step, c.seed)
             for _ in range(ro_cfg.group_size)]
     rng = jax.random.fold_in(jax.random.key(c.seed), step)
-    ro = rollout_lib.rollout(state.params, self.sampler, self.setup, rows, ro_cfg.num_turns,
+    policy = run.policy(state, ref_params)
+    ro = rollout_lib.rollout(policy, self.sampler, self.setup, rows, ro_cfg.num_turns,
                              self.sampling, rng, score_pool=pool, feedback=self.feedback,
                              score_overlap_splits=ro_cfg.score_overlap_splits,
                              group=ro_cfg.group_size)
@@ -182,7 +186,7 @@ class OnlineLoop:
     objective = self.objective
     traj = trajectories(ro, width, self.logp_fn,
                         ref_params if objective.uses_reference else None,
-                        state.params if objective.recompute_behaviour_logp else None)
+                        policy if objective.recompute_behaviour_logp else None)
     batch, batch_metrics = self.objective.make_batch(traj, step)
     reward = float(ro.rewards_BxN.sum(1).mean())
     # The reward belongs to the parameters that sampled it: a due checkpoint is saved

@@ -21,6 +21,32 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 0  # 0: no adapters (full fine-tuning).
+  alpha: float = 16.0  # The update is scaled by alpha / rank.
+  targets: str = "q,k,v,o,gate,up,down"  # Comma-separated: q, k, v, o, gate, up, down.
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"lora.rank={self.rank}: expected >= 0 (0: off)")
+    unknown = [t for t in self.target_names if t not in LORA_TARGETS]
+    if unknown or (self.rank and not self.target_names):
+      raise ValueError(f"lora.targets={self.targets!r}: expected a comma-separated subset "
+                       f"of {', '.join(LORA_TARGETS)}")
+
+  @property
+  def target_names(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
 REMAT_POLICIES = ("none", "full", "dots")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -72,6 +98,9 @@ class ModelConfig:
   # B x T x vocabulary float32 logits never exist at once (backward pass included);
   # 0 computes them all at once.
   logits_chunk: int = 0
+  # Low-rank adapters (jaxscore.models.lora) the params may carry beside the weights;
+  # None or rank 0: none.
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -101,6 +130,11 @@ class ModelConfig:
 
   def replace(self, **kwargs) -> ModelConfig:
     return dataclasses.replace(self, **kwargs)
+
+  @property
+  def lora_scale(self) -> float | None:
+    """alpha / rank of the adapters, or None without them."""
+    return self.lora.scale if self.lora is not None and self.lora.rank else None
 
   @property
   def layer_is_sliding(self) -> tuple[bool, ...]:

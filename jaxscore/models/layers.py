@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscore.models import lora
 from jaxscore.models.config import ModelConfig, RopeScaling
 
 # Activations and the cache have names of their own, so a rules table can shard a
@@ -114,21 +115,29 @@ _ACTIVATIONS = {"silu": jax.nn.silu,
 
 def gated_mlp(x_BxTxD, lp, cfg: ModelConfig):
   """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu_tanh)."""
-  dtype = jnp.dtype(cfg.dtype)
-  gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["gate"].astype(dtype))
-  up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, lp["up"].astype(dtype))
+  gate_BxTxF = dense("btd,df->btf", x_BxTxD, lp, "gate", cfg)
+  up_BxTxF = dense("btd,df->btf", x_BxTxD, lp, "up", cfg)
   h_BxTxF = nn.with_logical_constraint(
       _ACTIVATIONS[cfg.mlp_activation](gate_BxTxF) * up_BxTxF, ACT_MLP)
-  return jnp.einsum("btf,fd->btd", h_BxTxF, lp["down"].astype(dtype))
+  return dense("btf,fd->btd", h_BxTxF, lp, "down", cfg)
+
+
+def dense(equation: str, x, lp, name: str, cfg: ModelConfig):
+  """x times weight `name` of the layer, plus its low-rank adapter where `lp` has one
+  (jaxscore.models.lora: the merged matrix is never formed)."""
+  y = jnp.einsum(equation, x, lp[name].astype(jnp.dtype(cfg.dtype)))
+  if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
+    y = y + lora.delta(x, lp, name, cfg.lora_scale)
+  return y
 
 
 def qkv(x_BxTxD, lp, cfg: ModelConfig, positions_BxT, inv_freq_H2):
   """Projected queries, keys and values; biases (Qwen2) and per-head norms (Qwen3,
   Gemma 3) where the config has them, then RoPE on queries and keys."""
   dtype = jnp.dtype(cfg.dtype)
-  q = jnp.einsum("btd,dnh->btnh", x_BxTxD, lp["q"].astype(dtype))
-  k = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["k"].astype(dtype))
-  v = jnp.einsum("btd,dkh->btkh", x_BxTxD, lp["v"].astype(dtype))
+  q = dense("btd,dnh->btnh", x_BxTxD, lp, "q", cfg)
+  k = dense("btd,dkh->btkh", x_BxTxD, lp, "k", cfg)
+  v = dense("btd,dkh->btkh", x_BxTxD, lp, "v", cfg)
   if cfg.qkv_bias:
     q, k, v = (q + lp["q_bias"].astype(dtype), k + lp["k_bias"].astype(dtype),
                v + lp["v_bias"].astype(dtype))
@@ -140,7 +149,7 @@ def qkv(x_BxTxD, lp, cfg: ModelConfig, positions_BxT, inv_freq_H2):
 
 
 def out_proj(attn_BxTxNxH, lp, cfg: ModelConfig):
-  return jnp.einsum("btnh,nhd->btd", attn_BxTxNxH, lp["o"].astype(jnp.dtype(cfg.dtype)))
+  return dense("btnh,nhd->btd", attn_BxTxNxH, lp, "o", cfg)
 
 
 def attention_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:

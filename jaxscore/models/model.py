@@ -27,12 +27,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxscore.models import families, layers
-from jaxscore.models.config import REMAT_POLICIES, ModelConfig, RopeScaling
+from jaxscore.models import families, layers, lora
+from jaxscore.models.config import REMAT_POLICIES, LoraConfig, ModelConfig, RopeScaling
 from jaxscore.models.layers import ACT_EMBED, ACT_MLP, apply_rope, rms_norm
 
 Params = dict[str, Any]
-__all__ = ["ACT_EMBED", "ACT_MLP", "Cache", "ModelConfig", "Params", "RopeScaling",
+__all__ = ["ACT_EMBED", "ACT_MLP", "Cache", "LoraConfig", "ModelConfig", "Params", "RopeScaling",
            "apply", "apply_rope", "cache_axes", "embed", "init", "init_cache",
            "param_axes", "param_shapes", "remat", "rms_norm", "unembed"]
 
@@ -56,8 +56,10 @@ class Cache:
 # `flax.linen.logical_to_mesh_sharding`.
 def param_axes(cfg: ModelConfig) -> Params:
   """Logical axis names of every parameter, a pytree shaped like `init`'s."""
-  axes = {"embed": ("vocab", "embed"), "layers": families.get(cfg.family).layer_axes(cfg),
-          "final_norm": ("norm",)}
+  layer_axes = families.get(cfg.family).layer_axes(cfg)
+  if cfg.lora_scale is not None:
+    layer_axes |= lora.adapter_axes(cfg, layer_axes)
+  axes = {"embed": ("vocab", "embed"), "layers": layer_axes, "final_norm": ("norm",)}
   if not cfg.tie_embeddings:
     axes["lm_head"] = ("embed", "vocab")
   return axes
@@ -74,6 +76,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
       "layers": cfg.num_layers, "embed": cfg.embed_dim, "heads": cfg.num_heads,
       "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.mlp_dim,
       "vocab": cfg.vocab_size, "norm": cfg.embed_dim,
+      "lora_rank": cfg.lora.rank if cfg.lora is not None else 0,
   }
   return jax.tree.map(lambda axes: tuple(sizes[a] for a in axes),
                       param_axes(cfg), is_leaf=_is_axes)
@@ -96,7 +99,7 @@ def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
     name = jax.tree_util.keystr(path)
     if "norm" in name:
       return jnp.full(shape, 1.0 - cfg.norm_offset, dtype)
-    if "bias" in name:
+    if "bias" in name or lora.SUFFIX_B in name:  # Fresh adapters change nothing.
       return jnp.zeros(shape, dtype)
     return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 

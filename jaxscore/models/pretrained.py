@@ -90,7 +90,17 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
 
 
 def from_config(model) -> Pretrained:
-  """`load` from an experiment config's `model` group (name, dtypes, memory options;
-  a config without the memory options gets the defaults)."""
-  return load(model.name, param_dtype=model.param_dtype, dtype=model.dtype,
-              remat=model.get("remat", "none"), logits_chunk=model.get("logits_chunk", 0))
+  """`load` from an experiment config's `model` group (name, dtypes, memory options,
+  LoRA; a config without the memory options or LoRA gets the defaults)."""
+  m = load(model.name, param_dtype=model.param_dtype, dtype=model.dtype,
+           remat=model.get("remat", "none"), logits_chunk=model.get("logits_chunk", 0))
+  adapters = lora_config(model)
+  return m if adapters is None else dataclasses.replace(m, cfg=m.cfg.replace(lora=adapters))
+
+
+def lora_config(model) -> model_lib.LoraConfig | None:
+  """The `model.lora` group as a LoraConfig, or None when its rank is 0 (or absent)."""
+  group = model.get("lora")
+  if group is None or not group.get("rank", 0):
+    return None
+  return model_lib.LoraConfig(**group.to_dict())

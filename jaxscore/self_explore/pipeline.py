@@ -30,6 +30,7 @@ from jaxscore import evaluate as evaluate_lib
 from jaxscore import objectives, tasks
 from jaxscore.infra import files
 from jaxscore.loops import common, offline
+from jaxscore.models import lora
 from jaxscore.models import pretrained
 from jaxscore.objectives import dpo, sft
 from jaxscore.sampling import formats, rollout
@@ -107,7 +108,7 @@ class Pipeline:
     obj = objectives.make(objective, self.c[objective], objectives.Context(cfg))
     if self._done(stage):
       params, _ = common.restore_params(c, self._dir(stage), cfg, init_params, "latest")
-      return params
+      return lora.merge(params, cfg)
     state, info = offline.train(c, cfg, obj, init_params, ref_params, examples,
                                 self._dir(stage))
     if info["preempted"]:
@@ -115,7 +116,9 @@ class Pipeline:
     self._finish(stage, {"examples": len(examples), "steps": info["step"], **(stats or {})})
     # Nothing resumes a finished stage: it keeps its parameters, not the optimizer.
     common.keep_params_only(c, self._dir(stage), cfg, init_params)
-    return state.params
+    # With LoRA the stage's adapters are merged into its weights: the next stage (DPO
+    # from the RFT model, whose reference is the RFT model too) adapts that model.
+    return lora.merge(state.params, cfg)
 
   # -- The stages. --------------------------------------------------------------
 
