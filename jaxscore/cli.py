@@ -89,6 +89,33 @@ def _plan(args) -> int:
   return plan.run(args, args.overrides)
 
 
+def _add_plan(sub) -> None:
+  """The `jaxscore plan` subcommand's flags."""
+  plan = sub.add_parser(
+      "plan", help="check a config and whether it fits, before launching it",
+      description="Builds what a run builds at the config's real sizes without loading "
+                  "weights, checks every constraint between config fields, compiles the "
+                  "train step and the sampler ahead of time for the target's devices and "
+                  "prints per-device memory. Exit status 0: fits; 1: does not fit; 2: a "
+                  "user error. Further --config.KEY=VALUE arguments override the config.")
+  plan.add_argument("--config", required=True, help="FILE:VARIANT, e.g. configs/score.py:math")
+  target = plan.add_mutually_exclusive_group()
+  target.add_argument("--topology", default=None,
+                      help="a TPU slice, e.g. v5e:2x4 (v5e-8), v4:2x2x1, v5p:2x2x1; "
+                           "needs libtpu (the compiler only, no TPU)")
+  target.add_argument("--devices", type=int, default=None,
+                      help="N fake CPU devices (default: this host's devices)")
+  plan.add_argument("--hbm_gib", type=float, default=None,
+                    help="memory per device (default: the TPU generation's HBM)")
+  plan.add_argument("--model", default=None,
+                    help="a named shape (gemma3-4b, qwen3-8b, llama3.1-8b, ...), GGUF "
+                         "file or HF directory instead of the config's model.name")
+  plan.add_argument("--prompt_len", type=int, default=None,
+                    help="longest prompt in tokens (default: read from the data where it "
+                         "can be, else 512)")
+  plan.set_defaults(run=_plan)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="jaxscore", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -127,29 +154,7 @@ def main(argv: list[str] | None = None) -> int:
   ev.add_argument("--pass_k_samples", type=int, default=None,
                   help="samples per problem for pass@k (0: none; default: the run's)")
   ev.set_defaults(run=_evaluate)
-  plan = sub.add_parser(
-      "plan", help="check a config and whether it fits, before launching it",
-      description="Builds what a run builds at the config's real sizes without loading "
-                  "weights, checks every constraint between config fields, compiles the "
-                  "train step and the sampler ahead of time for the target's devices and "
-                  "prints per-device memory. Exit status 0: fits; 1: does not fit; 2: a "
-                  "user error. Further --config.KEY=VALUE arguments override the config.")
-  plan.add_argument("--config", required=True, help="FILE:VARIANT, e.g. configs/score.py:math")
-  target = plan.add_mutually_exclusive_group()
-  target.add_argument("--topology", default=None,
-                      help="a TPU slice, e.g. v5e:2x4 (v5e-8), v4:2x2x1, v5p:2x2x1; "
-                           "needs libtpu (the compiler only, no TPU)")
-  target.add_argument("--devices", type=int, default=None,
-                      help="N fake CPU devices (default: this host's devices)")
-  plan.add_argument("--hbm_gib", type=float, default=None,
-                    help="memory per device (default: the TPU generation's HBM)")
-  plan.add_argument("--model", default=None,
-                    help="a named shape (gemma3-4b, qwen3-8b, llama3.1-8b, ...), GGUF "
-                         "file or HF directory instead of the config's model.name")
-  plan.add_argument("--prompt_len", type=int, default=None,
-                    help="longest prompt in tokens (default: read from the data where it "
-                         "can be, else 512)")
-  plan.set_defaults(run=_plan)
+  _add_plan(sub)
   args, rest = parser.parse_known_args(argv)
   overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
   unknown = [a for a in rest if not a.startswith("--config.")]
