@@ -38,9 +38,11 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.model.logits_chunk = 0
   # LoRA (jaxscore.models.lora): train rank-r adapters beside frozen weights, the base
   # with adapters off serving as the reference (no second copy); rank 0 trains every
-  # weight. Targets: q, k, v, o, gate, up, down.
+  # weight. Targets: q, k, v, o, gate, up, down. QLoRA: quantize (none | int8 | nf4)
+  # stores the frozen base's projections in blocks of quant_block inputs.
   c.model.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 16.0,
-                                            "targets": "q,k,v,o,gate,up,down"})
+                                            "targets": "q,k,v,o,gate,up,down",
+                                            "quantize": "none", "quant_block": 64})
 
   c.task = ml_collections.ConfigDict()
   c.task.name = "arithmetic"  # arithmetic | gsm8k | math | mbpp | humaneval

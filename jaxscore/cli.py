@@ -55,6 +55,9 @@ def _export(args) -> int:
   print(f"wrote {args.out}: step {info['step']} ({args.step}) of {args.workdir}, "
         f"{args.dtype} weights, tokenizer with its chat template; load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+  if "adapter" in info:
+    print(f"wrote {info['adapter']}: the LoRA adapters alone; load them with "
+          f"peft.PeftModel.from_pretrained(<{info['adapter_base']}>, {info['adapter']!r})")
   return 0
 
 

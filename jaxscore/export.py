@@ -7,6 +7,12 @@ checkpoint's params replace its weights, and the directory gets `config.json`,
 `model.safetensors` and the tokenizer files with the chat template, so
 `transformers.AutoModelForCausalLM.from_pretrained(out)` and any server that reads that
 format load the trained policy.
+
+A LoRA run also gets `<out>/adapter`: the adapters alone as a PEFT LoRA directory
+(`adapter_config.json` + `adapter_model.safetensors`), which
+`peft.PeftModel.from_pretrained(base, out/adapter)` puts on the base model. Its base is
+the run's model directory; a base that is no transformers directory (a GGUF file, the
+embedded model) is written beside it as `<out>/base`.
 """
 
 from __future__ import annotations
@@ -49,11 +55,54 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: str = "late
   params, restored = common.restore_params(c, workdir, model.cfg, model.params, step)
   if restored is None:
     raise ExportError(f"{files.path(workdir) / 'checkpoints'} has no {step} checkpoint")
-  # A LoRA run's adapters merged into the weights: a plain transformers checkpoint.
-  params = jax.tree.map(np.asarray, lora.merge(params, model.cfg))
   out = pathlib.Path(out)
-  hf_checkpoint.save_hf(out, model.cfg, params, tokenizer=model.tokenizer, dtype=dtype)
   info = {"workdir": str(workdir), "step": restored, "which": step,
           "base_model": c.model.name, "dtype": dtype}
+  if model.cfg.lora_scale is not None:
+    base = model.path
+    if not (base.is_dir() and (base / "config.json").exists()):
+      base = out / "base"
+      hf_checkpoint.save_hf(base, model.cfg, jax.tree.map(np.asarray, model.params),
+                            tokenizer=model.tokenizer, dtype=dtype)
+    save_peft_adapter(out / "adapter", model.cfg, lora.split(params)[1], str(base.resolve()))
+    info |= {"adapter": str(out / "adapter"), "adapter_base": str(base)}
+  # A LoRA run's adapters merged into the weights: a plain transformers checkpoint.
+  params = jax.tree.map(np.asarray, lora.merge(params, model.cfg))
+  hf_checkpoint.save_hf(out, model.cfg, params, tokenizer=model.tokenizer, dtype=dtype)
   (out / "jaxscore_export.json").write_text(json.dumps(info, indent=1))
   return info
+
+
+def save_peft_adapter(directory: str | os.PathLike, cfg, adapters: dict,
+                      base_model: str) -> None:
+  """Writes `adapters` (jaxscore's `<w>_lora_a/_b` leaves) as a PEFT LoRA directory.
+
+  A weight's Hugging Face matrix is (out, in), its inputs and outputs each flattened
+  in jaxscore's row-major order, so A (in..., r) becomes lora_A (r, in) and B
+  (r, out...) lora_B (out, r); PEFT scales B A by lora_alpha / r, as jaxscore does.
+  """
+  from safetensors.numpy import save_file
+
+  from jaxscore.models import lora, weights
+
+  specs = weights.tensor_specs(cfg)["layers"]
+  r = cfg.lora.rank
+  tensors, modules = {}, set()
+  for name in cfg.lora.target_names:
+    a = np.asarray(adapters["layers"][name + lora.SUFFIX_A], np.float32)
+    b = np.asarray(adapters["layers"][name + lora.SUFFIX_B], np.float32)
+    module = specs[name].name.removesuffix(".weight")
+    modules.add(module.rpartition(".")[2])
+    for i in range(cfg.num_layers):
+      key = "base_model.model." + module.format(i=i)
+      tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
+      tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": r, "lora_alpha": cfg.lora.alpha, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(modules), "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "modules_to_save": None, "layers_to_transform": None}
+  (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -195,12 +195,11 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
 def _bytes_per_device(tree) -> float:
   """Bytes one device holds of abstract arrays with shardings."""
   import jax
-  import numpy as np
 
   total = 0
   for x in jax.tree.leaves(tree):
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-    total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    total += math.prod(shape) * jax.dtypes.itemsize_bits(x.dtype) / 8  # nf4: half a byte.
   return float(total)
 
 

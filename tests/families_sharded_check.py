@@ -1,7 +1,8 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_families.py).
 
-For each family, a tiny random model's forward pass and its cached decode, sharded over
-an fsdp mesh and an fsdp x tensor mesh, must match one device (relative tolerance).
+For each family, and for Llama on an nf4-quantized base with LoRA adapters (QLoRA), a
+tiny random model's forward pass and its cached decode, sharded over an fsdp mesh and
+an fsdp x tensor mesh, must match one device (relative tolerance).
 """
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 from numerics import assert_close
 
 from jaxscore.infra import sharding
+from jaxscore.models import lora
 from jaxscore.models import model as model_lib
 from jaxscore.models import weights
 
@@ -43,10 +45,25 @@ def forward_and_decode(cfg, params):
   return np.asarray(full), np.asarray(jnp.stack(decoded, 1))
 
 
-for name, fields in HF.items():
-  cfg = weights.config_from_hf(SIZES | fields)
-  assert cfg.family == name
+def qlora(cfg):
+  """`cfg` on an nf4 base with trained-looking rank-4 adapters; blocks of 4 inputs, so
+  the 8 blocks of a 32-wide input axis shard over 8 devices."""
+  cfg = cfg.replace(lora=lora.LoraConfig(rank=4, quantize="nf4", quant_block=4))
   params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
+  return cfg, jax.tree_util.tree_map_with_path(
+      lambda path, x: (0.3 * jax.random.normal(jax.random.key(2), x.shape)
+                       if lora.SUFFIX_B in jax.tree_util.keystr(path) else x), params)
+
+
+CASES = {name: weights.config_from_hf(SIZES | fields) for name, fields in HF.items()}
+CASES["qlora"] = CASES["llama"]
+for name, cfg in CASES.items():
+  if name == "qlora":
+    cfg, params = qlora(cfg)
+    assert lora.is_quantized(params["layers"]["q"])
+  else:
+    assert cfg.family == name
+    params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
   ref_full, ref_decoded = forward_and_decode(cfg, params)
   assert_close(ref_decoded, ref_full[:, T - 4:], what=f"{name}: decode vs forward")
   for shape, rules_name in (((1, 8, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")):
@@ -54,6 +71,9 @@ for name, fields in HF.items():
     with sharding.activate(mesh, rules):
       sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh, rules))
       assert any(not p.sharding.is_fully_replicated for p in jax.tree.leaves(sharded))
+      if name == "qlora":  # Scales split with their weight where their blocks divide.
+        q = sharded["layers"]["q"]
+        assert q.scale.sharding.spec == q.qvalue.sharding.spec, (q.scale.sharding, rules_name)
       full, decoded = forward_and_decode(cfg, sharded)
     assert_close(full, ref_full, what=f"{name} {rules_name}: forward")
     assert_close(decoded, ref_decoded, what=f"{name} {rules_name}: decode")

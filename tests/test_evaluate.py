@@ -62,12 +62,14 @@ def test_report_table_names_turns_from_their_number():
 
 @pytest.mark.slow
 def test_evaluate_mode_evaluates_the_trained_checkpoint(tmp_path):
-  """Train the embedded model for two smoke steps, then `--mode=evaluate` restores the
-  workdir's checkpoint (not the base model) and reports it."""
+  """Train rank-8 LoRA adapters on the embedded model for two smoke steps, then
+  `--mode=evaluate` restores the workdir's checkpoint (not the base model) and reports
+  it, and `jaxscore export` writes the merged model and the PEFT adapters."""
   require_embedded()
   config = f"--config={ROOT / 'configs' / 'score.py'}:cpu,runlocal"
   run = lambda *flags: subprocess.run(
-      [sys.executable, "-m", "jaxscore.main", config, f"--workdir={tmp_path}", *flags],
+      [sys.executable, "-m", "jaxscore.main", config, f"--workdir={tmp_path}",
+       "--config.model.lora.rank=8", *flags],
       capture_output=True, text=True, cwd=ROOT, timeout=900)
   train = run("--mode=train", "--config.evaluate.num_problems=2")
   assert train.returncode == 0, train.stderr[-3000:]
@@ -129,6 +131,16 @@ def _export_round_trip(workdir, best_step):
                 np.abs(theirs - ours).max(), 2e-3)
   np.testing.assert_allclose(theirs, ours, atol=2e-3, rtol=1e-3)
   assert np.abs(ours - trained).max() > 1e-4  # The export holds the trained weights.
+  # The adapters alone, on the base written beside them (a GGUF base has no
+  # transformers directory of its own), in peft: the merged model's logits.
+  peft = pytest.importorskip("peft")
+  info = json.loads((out / "jaxscore_export.json").read_text())
+  assert info["adapter_base"] == str(out / "base")
+  hf_base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+  with_adapter = peft.PeftModel.from_pretrained(hf_base, info["adapter"]).eval()
+  with torch.no_grad():
+    peft_logits = with_adapter(torch.tensor([ids])).logits[0].numpy()
+  np.testing.assert_allclose(peft_logits, ours, atol=2e-3, rtol=1e-3)
   # A user error is one line naming the problem, with no traceback.
   bad = cli(f"--workdir={workdir / 'missing'}", f"--out={out}")
   assert bad.returncode == 2 and "Traceback" not in bad.stderr

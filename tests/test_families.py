@@ -144,7 +144,7 @@ def test_sharded_forward_on_8_devices_matches_one_device():
   out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  for name in ("llama", "qwen3", "gemma2", "gemma3"):
+  for name in ("llama", "qwen3", "gemma2", "gemma3", "qlora"):
     for rules in ("fsdp", "fsdp_tp"):
       assert f"OK family={name} " in out.stdout and f"rules={rules}" in out.stdout
 

@@ -180,3 +180,177 @@ def test_merged_export_matches_the_adapter_forward_in_transformers(tmp_path):
   ours = np.asarray(model_lib.apply(params, tokens, CFG, mask_BxT=mask)[0])
   diff = np.abs(ours - hf_logits(hf, tokens, mask))[mask.astype(bool)].max()
   assert diff < 1e-4, diff
+
+
+# ---------------------------------------------------------------------------
+# QLoRA: the frozen base stored quantized.
+
+# The QLoRA paper's NormalFloat-4 code (Dettmers et al. 2023, appendix E).
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0])
+
+
+def _qcfg(quantize, block=8):
+  return CFG.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, quantize=quantize,
+                                          quant_block=block))
+
+
+def _blocks(w, axis, block):
+  """w with `axis` split into (blocks, block) and moved last: (..., blocks, block)."""
+  w = np.moveaxis(np.asarray(w, np.float64), axis, -1)
+  return w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
+
+
+def _dequantized_by_hand(w, axis, block, quantize):
+  """Blockwise absmax quantization written out with numpy: nearest code times scale."""
+  x = _blocks(w, axis, block)
+  absmax = np.abs(x).max(-1, keepdims=True)
+  if quantize == "int8":
+    scale = absmax / 127.5
+    out = np.clip(np.round(x / scale), -128, 127) * scale
+  else:
+    codes = np.abs(x[..., None] / absmax[..., None] - NF4).argmin(-1)
+    out = NF4[codes] * absmax
+  out = out.reshape(*out.shape[:-2], -1)
+  return np.moveaxis(out, -1, axis), absmax
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+@pytest.mark.parametrize("name,axis", [("q", 1), ("o", 2), ("down", 1)])
+def test_quantized_weights_equal_blockwise_absmax_by_hand(quantize, name, axis):
+  base, _ = _params()
+  cfg = _qcfg(quantize)
+  w = base["layers"][name]
+  qw = lora.quantize_base(base, cfg)["layers"][name]
+  assert lora.is_quantized(qw)
+  assert qw.qvalue.dtype == (jnp.int8 if quantize == "int8" else jnp.uint4)
+  deq = np.asarray(lora.dequantize(qw), np.float64)
+  want, absmax = _dequantized_by_hand(w, axis, 8, quantize)
+  # A block's extreme sits at code +-127.5 by construction, a tie that float32 rounding
+  # settles either way: there either neighbouring code is right.
+  extreme = _blocks(np.abs(np.asarray(w)), axis, 8) >= absmax * (1 - 1e-6)
+  extreme = np.moveaxis(extreme.reshape(*extreme.shape[:-2], -1), -1, axis)
+  close = np.isclose(deq, want, rtol=1e-5, atol=1e-6)
+  assert (close | extreme).all()
+  assert close.mean() > 0.8
+  # The error bound: half a step of int8, half the widest gap of the NF4 code.
+  half_step = 0.5 / 127.5 if quantize == "int8" else np.diff(NF4).max() / 2
+  err = _blocks(np.abs(deq - np.asarray(w)), axis, 8)
+  assert (err <= half_step * absmax + 1e-6).all()
+
+
+def test_block_must_divide_the_input_axis():
+  base, _ = _params()
+  with pytest.raises(ValueError, match="quant_block=5 does not divide"):
+    lora.quantize_base(base, _qcfg("nf4", block=5))
+  with pytest.raises(ValueError, match="lora.quantize='nf4' needs lora.rank > 0"):
+    lora.LoraConfig(rank=0, quantize="nf4")
+  with pytest.raises(ValueError, match="lora.quantize='int4'"):
+    lora.LoraConfig(rank=4, quantize="int4")
+
+
+def test_qlora_forward_is_the_dequantized_base_with_adapters():
+  """The model on a quantized base runs the dequantized weights (to float32 rounding)
+  and its cached decode agrees; int8 (256 levels) moves the logits far less than nf4
+  (16 levels)."""
+  base, adapters = _params()
+  adapters = _trained(adapters)
+  full = _logits(lora.combine(base, adapters), CFG)
+  errors = {}
+  for quantize in ("int8", "nf4"):
+    cfg = _qcfg(quantize)
+    qparams = lora.combine(lora.quantize_base(base, cfg), adapters)
+    ours = _logits(qparams, cfg)
+    np.testing.assert_allclose(ours, _logits(lora.merge(qparams, cfg), BASE),
+                               rtol=1e-5, atol=1e-5)
+    errors[quantize] = np.abs(ours - full).max()
+    tokens = _tokens()
+    _, cache = model_lib.apply(qparams, tokens[:, :5], cfg,
+                               cache=model_lib.init_cache(cfg, 2, 16))
+    rest, _ = model_lib.apply(qparams, tokens[:, 5:], cfg, cache=cache)
+    np.testing.assert_allclose(rest, ours[:, 5:], rtol=1e-5, atol=1e-5)
+  assert 0 < errors["int8"] < errors["nf4"] / 5, errors
+
+
+def test_qlora_gradients_reach_the_adapters_only():
+  base, adapters = _params()
+  cfg = _qcfg("nf4")
+  qbase = lora.quantize_base(base, cfg)
+
+  def loss(adapters, base):
+    logits, _ = model_lib.apply(lora.combine(base, adapters), _tokens(), cfg)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+
+  grads = jax.grad(loss)(_trained(adapters), qbase)
+  assert set(grads["layers"]) == set(adapters["layers"])
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+  # The base's quantized values are integers: no gradient can be taken through them.
+  with pytest.raises(TypeError):
+    jax.grad(loss, argnums=1)(adapters, qbase)
+
+
+
+@pytest.mark.slow
+def test_a_qlora_run_trains_on_the_quantized_base_and_resumes_exactly(tmp_path):
+  """SCoRe with rank-4 adapters on an nf4 base: the policy's projections are stored
+  quantized, the adapters learn, a stopped run resumes to the straight run's adapters
+  bit for bit, and the restored policy is the same quantized base with them."""
+  from test_checkpoint import _tiny_setup
+
+  from jaxscore.loops import common, online
+  from jaxscore.models import pretrained
+
+  setup, params = _tiny_setup()
+  c = _lora_config()
+  c.score.stages = "I:1,II:2"
+  c.model.lora.quantize, c.model.lora.quant_block = "nf4", 8
+  setup = dataclasses.replace(setup, cfg=setup.cfg.replace(lora=pretrained.lora_config(c.model)))
+  straight, _ = online.train(c, setup, params, params, tmp_path / "a")
+  base, adapters = lora.split(straight.params)
+  assert all(lora.is_quantized(base["layers"][t]) for t in lora.TARGETS)
+  assert any(float(np.abs(x).max()) > 0 for k, x in adapters["layers"].items()
+             if k.endswith(lora.SUFFIX_B))
+  online.train(c, setup, params, params, tmp_path / "b", stop_after=1)
+  resumed, info = online.train(c, setup, params, params, tmp_path / "b")
+  assert info["step"] == 3
+  jax.tree.map(np.testing.assert_array_equal, lora.split(resumed.params)[1], adapters)
+  restored, _ = common.restore_params(c, tmp_path / "a", setup.cfg, params)
+  tokens = _tokens() % setup.cfg.vocab_size
+  np.testing.assert_array_equal(model_lib.apply(restored, tokens, setup.cfg)[0],
+                                model_lib.apply(straight.params, tokens, setup.cfg)[0])
+
+
+def test_peft_adapter_directory_loads_in_peft_with_the_same_logits(tmp_path):
+  """The adapters alone (some targets), written as PEFT's LoRA format, on the base in
+  transformers: the same logits as jaxscore's adapter forward."""
+  from conftest import require_torch
+  from hf_tiny import hf_logits, padded_batch
+
+  from jaxscore import export
+  from jaxscore.models import hf_checkpoint
+
+  torch = require_torch()
+  peft = pytest.importorskip("peft")
+  import transformers
+
+  base, adapters = _params()
+  adapters = _trained(adapters)
+  cfg = BASE.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets="q,o,gate,down"))
+  adapters = {"layers": {k: v for k, v in adapters["layers"].items()
+                         if k.split("_lora")[0] in cfg.lora.target_names}}
+  hf_checkpoint.save_hf(tmp_path / "base", BASE, jax.tree.map(np.asarray, base))
+  export.save_peft_adapter(tmp_path / "adapter", cfg, adapters, str(tmp_path / "base"))
+  config = __import__("json").loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert config["target_modules"] == ["down_proj", "gate_proj", "o_proj", "q_proj"]
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "base", dtype=torch.float32, attn_implementation="eager")
+  with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+  tokens, mask = padded_batch(BASE.vocab_size)
+  ours = np.asarray(model_lib.apply(lora.combine(base, adapters), tokens, cfg, mask_BxT=mask)[0])
+  theirs = hf_logits(with_adapter, tokens, mask)
+  assert np.abs(ours - theirs)[mask.astype(bool)].max() < 1e-4
+  plain = np.asarray(model_lib.apply(base, tokens, BASE, mask_BxT=mask)[0])
+  assert np.abs(ours - plain)[mask.astype(bool)].max() > 1e-2  # The adapters matter.

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxscore.models import lora
 from jaxscore.models import model as model_lib
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -116,10 +117,11 @@ def check_divisible(shapes_tree: Any, axes_tree: Any, mesh: Mesh, rules: Rules) 
 
 
 def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
-  """Shardings of every parameter, after checking each sharded dimension divides."""
-  axes = model_lib.param_axes(cfg)
-  check_divisible(model_lib.param_shapes(cfg), axes, mesh, rules)
-  return shardings(axes, mesh, rules)
+  """Shardings of every parameter, after checking each sharded dimension divides (a
+  QArray of shardings for each projection QLoRA stores quantized)."""
+  axes, shapes = model_lib.param_axes(cfg), model_lib.param_shapes(cfg)
+  check_divisible(shapes, axes, mesh, rules)
+  return lora.quantized_shardings(shardings(axes, mesh, rules), shapes, cfg)
 
 
 def init_sharded(cfg: model_lib.ModelConfig, rng: jax.Array, mesh: Mesh, rules: Rules,

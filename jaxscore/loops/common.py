@@ -9,6 +9,7 @@ function of (config, step), so a checkpoint of the train state is all a resume n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -124,7 +125,7 @@ class Run:
     reference too (`ref_params` is not read: the base with adapters off is the
     reference), and the state holds fresh adapters."""
     if self.lora:
-      ref_params = jax.device_put(lora.split(params)[0], self.base_shardings)
+      ref_params = frozen_base(lora.split(params)[0], self.model_cfg, self.mesh, self.rules)
       params = lora.init(self.model_cfg, jax.random.key(self.c.seed))
     else:
       ref_params = jax.device_put(ref_params, self.param_shardings)
@@ -230,6 +231,19 @@ class Run:
                                  **self.meta}, metrics=best)
 
 
+def frozen_base(base, model_cfg: model_lib.ModelConfig, mesh, rules):
+  """A LoRA run's frozen base (no adapters) in its shardings, its projections stored as
+  QLoRA says: quantized on the devices, from full precision laid out the same way, so
+  no device ever holds more than its share of the full-precision base."""
+  base_sh = lora.split(sharding.param_shardings(model_cfg, mesh, rules))[0]
+  if model_cfg.quantize == "none" or any(map(lora.is_quantized, base["layers"].values())):
+    return jax.device_put(base, base_sh)
+  full = model_cfg.replace(lora=dataclasses.replace(model_cfg.lora, quantize="none"))
+  full_sh = lora.split(sharding.param_shardings(full, mesh, rules))[0]
+  return jax.jit(functools.partial(lora.quantize_base, cfg=model_cfg),
+                 out_shardings=base_sh)(jax.device_put(base, full_sh))
+
+
 def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):
   """What a checkpoint's `params` hold: the model's params, or with LoRA its adapters."""
   if mesh is None:
@@ -246,7 +260,10 @@ def _with_base(model_cfg: model_lib.ModelConfig, restored, base):
   """Restored checkpoint params as the policy: with LoRA, `base` and the adapters."""
   if model_cfg.lora_scale is None:
     return restored
-  return lora.combine(lora.split(base)[0], restored)
+  base = lora.split(base)[0]
+  if model_cfg.quantize != "none":  # The base the adapters were trained on.
+    base = jax.jit(functools.partial(lora.quantize_base, cfg=model_cfg))(base)
+  return lora.combine(base, restored)
 
 
 def restore_params(c, workdir, model_cfg: model_lib.ModelConfig, params, which: str = "latest",

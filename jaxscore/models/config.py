@@ -22,6 +22,9 @@ class RopeScaling:
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# How QLoRA stores the frozen base's projections: none (param_dtype), int8 (absmax
+# blocks), nf4 (4-bit NormalFloat blocks, the QLoRA paper's type).
+QUANT_TYPES = ("none", "int8", "nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +32,23 @@ class LoraConfig:
   rank: int = 0  # 0: no adapters (full fine-tuning).
   alpha: float = 16.0  # The update is scaled by alpha / rank.
   targets: str = "q,k,v,o,gate,up,down"  # Comma-separated: q, k, v, o, gate, up, down.
+  # QLoRA: every projection of the frozen base (all seven, adapted or not) stored as
+  # `quantize` in blocks of `quant_block` along its input axis, one absmax scale each,
+  # and dequantized inside its matmul; the adapters stay in param_dtype.
+  quantize: str = "none"
+  quant_block: int = 64
 
   def __post_init__(self):
     if self.rank < 0:
       raise ValueError(f"lora.rank={self.rank}: expected >= 0 (0: off)")
+    if self.quantize not in QUANT_TYPES:
+      raise ValueError(f"lora.quantize={self.quantize!r}: expected one of "
+                       f"{', '.join(QUANT_TYPES)}")
+    if self.quant_block <= 0:
+      raise ValueError(f"lora.quant_block={self.quant_block}: expected > 0")
+    if self.quantize != "none" and not self.rank:
+      raise ValueError(f"lora.quantize={self.quantize!r} needs lora.rank > 0: a quantized "
+                       "base is frozen, only adapters can be trained on it")
     unknown = [t for t in self.target_names if t not in LORA_TARGETS]
     if unknown or (self.rank and not self.target_names):
       raise ValueError(f"lora.targets={self.targets!r}: expected a comma-separated subset "
@@ -135,6 +151,11 @@ class ModelConfig:
   def lora_scale(self) -> float | None:
     """alpha / rank of the adapters, or None without them."""
     return self.lora.scale if self.lora is not None and self.lora.rank else None
+
+  @property
+  def quantize(self) -> str:
+    """How the frozen base's projections are stored (`LoraConfig.quantize`)."""
+    return self.lora.quantize if self.lora_scale is not None else "none"
 
   @property
   def layer_is_sliding(self) -> tuple[bool, ...]:

@@ -125,7 +125,9 @@ def gated_mlp(x_BxTxD, lp, cfg: ModelConfig):
 def dense(equation: str, x, lp, name: str, cfg: ModelConfig):
   """x times weight `name` of the layer, plus its low-rank adapter where `lp` has one
   (jaxscore.models.lora: the merged matrix is never formed)."""
-  y = jnp.einsum(equation, x, lp[name].astype(jnp.dtype(cfg.dtype)))
+  # A quantized (QLoRA) weight is dequantized here, next to its one use, where XLA can
+  # fuse the two: one layer's full-precision weight at a time.
+  y = jnp.einsum(equation, x, lora.dequantize(lp[name]).astype(jnp.dtype(cfg.dtype)))
   if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
     y = y + lora.delta(x, lp, name, cfg.lora_scale)
   return y

@@ -15,6 +15,13 @@ dict and the branch in `layers`.
   adapters = lora.init(cfg, rng)                       # only these are trained
   params = lora.combine(base_params, adapters)         # what model.apply runs
   merged = lora.merge(params, cfg)                     # plain weights, for export
+
+QLoRA (`cfg.lora.quantize` int8 or nf4) stores the frozen base's seven projections as
+qwix `QArray`s (quantized values and one absmax scale per block of `quant_block` inputs);
+`layers.dense` dequantizes each inside its matmul, one scanned layer at a time, so the
+full-precision base never exists on the device. The adapters are never quantized.
+qwix's array-level `quantize`/`dequantize` fit a params tree directly; its Flax-module
+rewriting does not apply here.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import qwix
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxscore.models.config import LORA_TARGETS as TARGETS
 from jaxscore.models.config import LoraConfig
 
-__all__ = ["LoraConfig", "TARGETS", "adapter_axes", "combine", "delta", "init",
-           "is_adapter", "merge", "num_params", "split"]
+__all__ = ["LoraConfig", "TARGETS", "adapter_axes", "combine", "delta", "dequantize",
+           "init", "is_adapter", "is_quantized", "merge", "num_params", "quantize_base",
+           "quantized_shardings", "split"]
 
 # Each target's einsum layout: how many leading (after `layers`) axes are its input.
 _INPUT_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
@@ -93,9 +103,11 @@ def delta(x: jax.Array, lp: dict, name: str, scale: float) -> jax.Array | None:
 
 
 def merge(params: dict, cfg) -> dict:
-  """Plain params: every adapted weight replaced by W + (alpha / r) A B (for export, or
-  to freeze a stage's adapters into the base of the next)."""
+  """Plain params: every adapted weight replaced by W + (alpha / r) A B, a quantized
+  base dequantized first (for export, or to freeze a stage's adapters into the base of
+  the next)."""
   base, adapters = split(params)
+  base = dequantize_base(base)
   if not adapters["layers"]:
     return base
   layers = dict(base["layers"])
@@ -110,3 +122,76 @@ def merge(params: dict, cfg) -> dict:
 
 def num_params(adapters: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
+
+
+# ----------------------------------------------------------------------------
+# QLoRA: the frozen base's projections stored quantized.
+
+_QTYPES = {"int8": jnp.int8, "nf4": "nf4"}
+
+
+def is_quantized(w: Any) -> bool:
+  return isinstance(w, qwix.QArray)
+
+
+def dequantize(w: Any) -> jax.Array:
+  """A weight as a plain array, whether or not it is stored quantized."""
+  return qwix.dequantize(w) if is_quantized(w) else w
+
+
+def dequantize_base(params: dict) -> dict:
+  """Params with every quantized projection back at full precision."""
+  return {**params, "layers": {k: dequantize(v) for k, v in params["layers"].items()}}
+
+
+def _tiling(name: str, shape: tuple[int, ...], block: int) -> tuple[tuple[int, ...], int, int]:
+  """(channelwise axes, tiled axis, block) of stacked weight `name`: blocks along its
+  last input axis (the whole axis where it is shorter than `block`), one scale per block
+  and per every other index, layers included."""
+  tiled = _INPUT_AXES[name]
+  block = min(block, shape[tiled])
+  if shape[tiled] % block:
+    raise ValueError(f"model.lora.quant_block={block} does not divide axis {tiled} "
+                     f"(size {shape[tiled]}) of weight {name} {tuple(shape)}: pick a "
+                     "divisor")
+  return tuple(a for a in range(len(shape)) if a != tiled), tiled, block
+
+
+def _quantize_one(name: str, w: jax.Array, cfg) -> qwix.QArray:
+  channelwise, tiled, block = _tiling(name, w.shape, cfg.lora.quant_block)
+  return qwix.quantize(w, _QTYPES[cfg.lora.quantize], channelwise_axes=channelwise,
+                       tiled_axes={tiled: block})
+
+
+def quantize_base(params: dict, cfg) -> dict:
+  """The params with the base's projections stored as `cfg.lora.quantize` (unchanged
+  when it is none; a weight already quantized is kept as it is)."""
+  if cfg.quantize == "none":
+    return params
+  layers = dict(params["layers"])
+  for name in TARGETS:
+    if name in layers and not is_quantized(layers[name]):
+      layers[name] = _quantize_one(name, layers[name], cfg)
+  return {**params, "layers": layers}
+
+
+def quantized_shardings(shardings: dict, shapes: dict, cfg) -> dict:
+  """`shardings` (of full-precision params) with each quantized projection's sharding
+  as a QArray of shardings: values laid out like the weight, scales too, except along
+  the tiled axis when its number of blocks does not divide over the mesh axes there."""
+  if cfg.quantize == "none":
+    return shardings
+  layers = dict(shardings["layers"])
+  for name in TARGETS:
+    if name not in layers:
+      continue
+    s, shape = layers[name], shapes["layers"][name]
+    _, tiled, block = _tiling(name, shape, cfg.lora.quant_block)
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    mesh_axes = spec[tiled] if isinstance(spec[tiled], tuple) else (spec[tiled],)
+    size = math.prod(s.mesh.shape[a] for a in mesh_axes if a is not None)
+    if (shape[tiled] // block) % size:
+      spec[tiled] = None
+    layers[name] = qwix.QArray(qvalue=s, scale=NamedSharding(s.mesh, PartitionSpec(*spec)),
+                               zero_point=None, qtype=_QTYPES[cfg.lora.quantize])
+  return {**shardings, "layers": layers}

@@ -89,7 +89,8 @@ def _is_axes(x) -> bool:
 
 def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
   """Random parameters: normal(stddev) matrices, norms that start as the identity (1, or
-  0 where the family stores them around `norm_offset`), zero biases."""
+  0 where the family stores them around `norm_offset`), zero biases; with QLoRA the
+  projections as `lora.quantize_base` stores them."""
   shapes = param_shapes(cfg)
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_axes)
   rngs = jax.random.split(rng, len(with_paths))
@@ -103,8 +104,9 @@ def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
       return jnp.zeros(shape, dtype)
     return (stddev * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-  return jax.tree.unflatten(
+  params = jax.tree.unflatten(
       treedef, [one(p, s, k) for (p, s), k in zip(with_paths, rngs)])
+  return lora.quantize_base(params, cfg)  # QLoRA: the base's projections quantized.
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:

@@ -101,6 +101,7 @@ def from_config(model) -> Pretrained:
 def lora_config(model) -> model_lib.LoraConfig | None:
   """The `model.lora` group as a LoraConfig, or None when its rank is 0 (or absent)."""
   group = model.get("lora")
-  if group is None or not group.get("rank", 0):
+  if group is None:
     return None
-  return model_lib.LoraConfig(**group.to_dict())
+  adapters = model_lib.LoraConfig(**group.to_dict())  # Checked even when off.
+  return adapters if adapters.rank else None
