@@ -152,7 +152,10 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.0  # adamw only.
   c.optim.max_grad_norm = 1.0  # 0 disables clipping. Not stated.
-  c.optim.grad_accum_steps = 1  # Micro-batches per optimizer update.
+  # Split each train step's batch into this many slices whose gradients are summed
+  # before its one update (the same update, one slice's activations at a time).
+  c.optim.micro_batches = 1
+  c.optim.grad_accum_steps = 1  # Train steps (rollout batches) per optimizer update.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices along each mesh axis; -1 takes the rest.

@@ -38,7 +38,10 @@ def _train_group(batch_size: int, num_epochs: int, max_len: int, optimizer: str,
   g.optim.b2 = 0.999  # Adam's second-moment decay; RMSprop's decay (0.99 there).
   g.optim.weight_decay = 0.0
   g.optim.max_grad_norm = 1.0  # 0 disables clipping.
-  g.optim.grad_accum_steps = 1
+  g.optim.grad_accum_steps = 1  # Train steps per optimizer update.
+  # Each step's batch split into this many slices whose gradients are summed before
+  # its one update (the same update, one slice's activations at a time).
+  g.optim.micro_batches = 1
   g.warmup_fraction = warmup_fraction  # Linear warmup over this share of the steps.
   return g
 

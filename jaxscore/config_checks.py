@@ -54,6 +54,13 @@ def check_optim(g, where: str = "optim") -> None:
   _require(oc.grad_accum_steps >= 1,
            f"{where}.grad_accum_steps={oc.grad_accum_steps}: must be >= 1")
   _require(oc.warmup_steps >= 0, f"{where}.warmup_steps={oc.warmup_steps}: must be >= 0")
+  _require(oc.micro_batches >= 1, f"{where}.micro_batches={oc.micro_batches}: must be >= 1")
+
+
+def _check_micro_batches(micro: int, rows: int, rows_field: str, where: str = "optim") -> None:
+  _require(rows % micro == 0,
+           f"{rows_field} = {rows} rows do not split into {where}.micro_batches={micro} "
+           f"equal slices: make {rows_field} a multiple of {micro}")
 
 
 def check_mesh(m, rows: int | None = None, rows_field: str = "") -> None:
@@ -151,6 +158,8 @@ def check_objective(c) -> None:
   if obj.kind == "offline":
     _require(c.offline.batch_size >= 1,
              f"offline.batch_size={c.offline.batch_size}: must be >= 1")
+    _check_micro_batches(c.optim.get("micro_batches", 1), c.offline.batch_size,
+                         "offline.batch_size")
     return
   group, rows = c.rollout.group_size, rollout_rows(c)
   if getattr(obj.config, "advantage", None) == "rloo":
@@ -162,6 +171,9 @@ def check_objective(c) -> None:
            f"{c.objective}.minibatches={minibatches} equal minibatches: make the rows a "
            f"multiple of {minibatches}")
   _require(obj.num_steps >= 1, f"{c.objective}: {obj.num_steps} training steps")
+  _check_micro_batches(c.optim.get("micro_batches", 1), rows // minibatches,
+                       "rollout.prompts_per_step x rollout.group_size"
+                       + (f" / {c.objective}.minibatches" if minibatches > 1 else ""))
 
 
 def check_evaluate(c) -> None:
@@ -245,6 +257,8 @@ def check_self_explore(c) -> None:
     _require(0.0 <= g.warmup_fraction < 1.0,
              f"{stage}.warmup_fraction={g.warmup_fraction}: must be in [0, 1)")
     check_optim(g.optim, f"{stage}.optim")
+    _check_micro_batches(g.optim.get("micro_batches", 1), g.offline.batch_size,
+                         f"{stage}.offline.batch_size", f"{stage}.optim")
     check_mesh(c.mesh, g.offline.batch_size, f"{stage}.offline.batch_size")
   _require(c.evaluate.batch_size >= 1,
            f"evaluate.batch_size={c.evaluate.batch_size}: must be >= 1")

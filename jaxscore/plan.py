@@ -234,8 +234,26 @@ def _memory(lowered) -> tuple[float, float]:
 
   key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
   if key not in _COMPILED:
-    _COMPILED[key] = _analyse(lowered.compile())
+    try:
+      _COMPILED[key] = _analyse(lowered.compile())
+    except Exception as e:  # The TPU compiler refuses a program over its HBM.
+      needed = _refused_bytes(str(e))
+      if needed is None:
+        raise
+      _COMPILED[key] = (needed, needed)
   return _COMPILED[key]
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _refused_bytes(message: str) -> float | None:
+  """The temporaries a compiler's out-of-memory error says a program needs, e.g.
+  "RESOURCE_EXHAUSTED: ... HLO temporaries (2.55T) exceeds available HBM (15.75G)"."""
+  import re
+
+  found = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT]?)\)", message, re.S)
+  return None if found is None else float(found[1]) * _UNITS[found[2]]
 
 
 def _analyse(compiled) -> tuple[float, float]:
@@ -294,7 +312,9 @@ class Builder:
                                      trainable), state_sh)
     key = jax.random.key(0)
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
-    step = jax.jit(train_lib.make_train_step(loss_fn, opt, *objective.updates_per_batch),
+    step = jax.jit(train_lib.make_train_step(loss_fn, opt, *objective.updates_per_batch,
+                                             micro_batches=c.optim.get("micro_batches", 1),
+                                             batch_weight=objective.batch_weight),
                    donate_argnums=(0,), out_shardings=(state_sh, self.replicated))
     # With LoRA the frozen base is the reference: one copy, passed to every step.
     ref = base if base is not None else (self.params if uses_reference else None)
@@ -307,7 +327,8 @@ class Builder:
     phases = [Phase("train step", total, temp)]
     if uses_reference:
       cfg = self.cfg
-      logp = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
+      slices = c.optim.get("micro_batches", 1)
+      logp = jax.jit(lambda p, t, m: rl.sliced_token_logprobs(p, t, m, cfg, slices))
       tokens = batch.tokens_BxT
       mask = jax.ShapeDtypeStruct(tokens.shape, jnp.bool_, sharding=tokens.sharding)
       total, temp = _memory(_lower(self, logp, ref, tokens, mask))
@@ -496,15 +517,21 @@ class Plan:
     if not c.model.get("logits_chunk", 0):
       out.append("--config.model.logits_chunk=256 (log-probs without the whole B x T x V "
                  "logits)")
-    if pretrained_lora(c) is None:
+    adapters = pretrained_lora(c)
+    if adapters is None:
       out.append("--config.model.lora.rank=16 (train adapters: no optimizer state or "
                  "reference copy of the weights)")
+    elif adapters.quantize != "nf4":
+      out.append("--config.model.lora.quantize=nf4 (QLoRA: the frozen base in 4 bits)")
+    program, phase = self.peak
+    if phase.name in ("train step", "reference log-probs") and "optim" in c:
+      out.append(f"--config.optim.micro_batches={2 * c.optim.get('micro_batches', 1)} "
+                 "(the same update, gradients accumulated over slices of the batch)")
     if c.model.param_dtype == "float32":
       out.append("--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16")
     if c.mesh.rules == "data_parallel":
       out.append("--config.mesh.rules=fsdp --config.mesh.fsdp=-1 --config.mesh.data=1 "
                  "(shard weights and optimizer state over the devices)")
-    program, phase = self.peak
     need = phase.peak / GIB
     out.append(f"more devices: the peak ({phase.name} of {program.name}) is {need:.1f} GiB "
                f"per device against {self.capacity_gib:.1f}")

@@ -63,6 +63,19 @@ def test_weights_per_device_follow_the_sharding(tmp_path):
     expected = 4 * (matrices / share + norms) / 2**30
     assert abs(weights - expected) < 0.001 * expected, (rules, resident, expected)
     assert out.stdout.splitlines()[-1].startswith("fits:")
+  # QLoRA: the seven projections at half a byte (nf4) plus a float32 scale per block
+  # of 8 inputs, the embeddings and norms as they were, all split over 8 devices.
+  out = _plan("--config=configs/score.py:cpu", "--hbm_gib=1", f"--model={tiny}",
+              "--prompt_len=32", "--config.mesh.rules=fsdp", "--config.mesh.data=1",
+              "--config.mesh.fsdp=-1", "--config.model.lora.rank=4",
+              "--config.model.lora.quantize=nf4", "--config.model.lora.quant_block=8")
+  assert out.returncode == 0, out.stderr[-3000:]
+  resident = next(l for l in out.stdout.splitlines() if "resident:" in l)
+  weights = float(resident.split("weights ")[1].split(",")[0])
+  projections = matrices - 2 * 512 * 64
+  expected = (4 * 2 * 512 * 64 / 8 + (0.5 + 4 / 8) * projections / 8 + 4 * norms) / 2**30
+  assert abs(weights - expected) < 0.001 * expected, (resident, expected)
+  assert "optimizer" in resident and "adapters" in resident
 
 
 def test_a_run_that_does_not_fit_exits_1_with_what_would_help(tmp_path):
@@ -91,3 +104,23 @@ def test_contradicting_fields_and_unknown_keys_are_user_errors(tmp_path):
   assert out.returncode == 2 and "no config file configs/nope.py" in out.stderr
   out = _plan("--config=configs/score.py:cpu", "--topology=v5e:2x4", f"--model={tiny}")
   assert out.returncode == 2 and "--topology=v5e:2x4" in out.stderr
+
+
+def test_a_program_the_compiler_refuses_for_memory_does_not_fit():
+  """A TPU compile that runs out of HBM raises; plan reads what it needed from the error
+  (the run does not fit) instead of crashing."""
+  from jaxscore import plan
+
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+             "HLO temporaries (2.55T) exceeds available HBM (15.75G).")
+  assert plan._refused_bytes(message) == 2.55 * 2**40
+  assert plan._refused_bytes("INVALID_ARGUMENT: bad shape (3)") is None
+
+  class Refused:
+    def as_text(self):
+      return "refused program"
+
+    def compile(self):
+      raise RuntimeError(message)
+
+  assert plan._memory(Refused()) == (2.55 * 2**40, 2.55 * 2**40)

@@ -99,6 +99,55 @@ def test_one_train_step_golden():
   assert int(new_state.step) == 1
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean", "sum"])
+def test_micro_batches_give_the_whole_batch_gradient(aggregation):
+  """Four rows of uneven response lengths in 2 or 4 slices: the loss, the gradient and
+  the update are the whole batch's (float32 rounding), for every aggregation; token
+  counts add up and maxima stay maxima."""
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  halves = [_batch([[1.0, -2.0], [0.5, 3.0]], [0.11, 0.01], seed=s) for s in (1, 2)]
+  batch = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *halves)
+  batch = batch.replace(mask_BxT=batch.mask_BxT.at[2, 3:].set(0))  # Row 2: 1 token.
+  loss_cfg = pg.PolicyLossConfig(kl_estimator="k3", policy_loss="clipped", clip_eps=0.2,
+                                 aggregation=aggregation)
+  loss_fn = lambda p, b, r, ref: pg.policy_gradient_loss(p, b, r, ref, cfg=CFG,
+                                                         loss_cfg=loss_cfg)
+  weight = lambda b: pg.batch_weight(b, loss_cfg)
+  whole = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, None, None)
+  opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-3))
+  state = train_lib.TrainState.create(params, opt)
+  want_state, want = jax.jit(train_lib.make_train_step(loss_fn, opt))(
+      state, batch, jax.random.key(0))
+  for slices in ((2, 4) if aggregation == "token_mean" else (2,)):
+    (loss, metrics), grads = jax.jit(train_lib.accumulated_grad(loss_fn, slices, weight))(
+        params, batch, jax.random.key(0), None)
+    np.testing.assert_allclose(loss, whole[0][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 grads, whole[1])
+    assert metrics["tokens/response"] == whole[0][1]["tokens/response"]
+    np.testing.assert_allclose(metrics["policy/ratio_max_dev"],
+                               whole[0][1]["policy/ratio_max_dev"], rtol=1e-6)
+    if aggregation == "token_mean":  # Token means are exact when tokens weigh slices.
+      np.testing.assert_allclose(metrics["kl/mean"], whole[0][1]["kl/mean"], rtol=1e-5)
+    new_state, m = jax.jit(train_lib.make_train_step(loss_fn, opt, micro_batches=slices,
+                                                     batch_weight=weight))(
+        state, batch, jax.random.key(0))
+    np.testing.assert_allclose(m["grad_norm"], want["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 new_state.params, want_state.params)
+  with pytest.raises(ValueError, match="does not split into optim.micro_batches=3"):
+    train_lib.accumulated_grad(loss_fn, 3, weight)(params, batch, jax.random.key(0), None)
+
+
+def test_sliced_reference_logprobs_equal_the_whole_batch():
+  params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
+  tokens = jax.random.randint(jax.random.key(1), (4, 8), 0, CFG.vocab_size)
+  mask = jnp.concatenate([MASK, MASK[::-1]])
+  whole = rl.token_logprobs(params, tokens, mask, CFG)[0]
+  np.testing.assert_allclose(rl.sliced_token_logprobs(params, tokens, mask, CFG, 2), whole,
+                             rtol=1e-6, atol=1e-6)
+
+
 def test_score_raises_reward_on_a_toy_task():
   """Reward 1 when an attempt starts with token 7; two-turn SCoRe stage II, RLOO."""
   cfg = model_lib.ModelConfig(vocab_size=12, num_layers=1, embed_dim=16, num_heads=2,

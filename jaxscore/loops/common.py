@@ -109,7 +109,9 @@ class Run:
     # The new state keeps the old one's shardings (the compiler would otherwise pick its
     # own), so the next step and the sampler see the same input shardings: no recompiles.
     self.train_step = jax.jit(
-        train_lib.make_train_step(loss_fn, self.optimizer, *objective.updates_per_batch),
+        train_lib.make_train_step(loss_fn, self.optimizer, *objective.updates_per_batch,
+                                  micro_batches=c.optim.get("micro_batches", 1),
+                                  batch_weight=objective.batch_weight),
         donate_argnums=(0,), out_shardings=(self.state_shardings, self.replicated))
     self.ckpt_cfg = CheckpointConfig(**c.checkpoint)
     self.log_cfg = LogConfig(**c.log)

@@ -152,7 +152,8 @@ class OnlineLoop:
                           best_metric="reward", best_mode="max", metric_before_update=True)
 
     def token_logprobs(params, tokens_BxT, mask_BxT):
-      return rl.token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg)[0]
+      return rl.sliced_token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg,
+                                      c.optim.get("micro_batches", 1))
 
     # Teacher-forced log-probs of the reference (and of the policy, where the objective
     # recomputes behaviour log-probs): one compiled function.

@@ -8,6 +8,7 @@ it runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -51,7 +52,11 @@ class OptimConfig:
   b2: float = 0.999  # Adam's second-moment decay; RMSprop's decay (PyTorch's alpha).
   weight_decay: float = 0.0
   max_grad_norm: float = 1.0  # 0 disables clipping.
-  grad_accum_steps: int = 1
+  grad_accum_steps: int = 1  # Optimizer updates every k train steps (optax.MultiSteps).
+  # Each train step's batch (each PPO minibatch) split into this many equal slices
+  # whose gradients are accumulated before its one update: the same update, with the
+  # activations of one slice at a time.
+  micro_batches: int = 1
 
 
 def learning_rate_schedule(c: OptimConfig) -> optax.Schedule:
@@ -89,11 +94,79 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
   return opt
 
 
+def strided_slices(x: jax.Array, num: int) -> jax.Array:
+  """x's rows as `num` slices, slice m holding rows m, m + num, m + 2 num, ...: where the
+  rows are split over devices in contiguous blocks, every slice keeps rows on every
+  device (a contiguous slice would leave most devices idle)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+
+def rows_weight(batch) -> jax.Array:
+  """A batch's weight in a mean over rows: its number of rows."""
+  return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+
+
+def accumulated_grad(loss_fn, micro_batches: int, batch_weight=rows_weight):
+  """`value_and_grad(loss_fn, has_aux=True)` of the whole batch, taken one of
+  `micro_batches` slices at a time (`lax.scan`; `strided_slices`).
+
+  `batch_weight(slice)` is what a slice counts in the mean the loss takes (its rows
+  for a mean over rows, its loss tokens for a mean over tokens), so the weighted mean
+  of the slices' losses and gradients is the whole batch's. Metrics are the same
+  weighted means (exact for means of the loss's own kind; a per-token mean metric
+  under a per-row loss is approximate), except `tokens/*` counts (summed) and `*max*`
+  (the maximum).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    return grad_fn
+
+  def combined(params, batch, rng, ref_params):
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if rows % micro_batches:
+      raise ValueError(f"a batch of {rows} rows does not split into optim.micro_batches="
+                       f"{micro_batches} equal slices")
+    slices = jax.tree.map(functools.partial(strided_slices, num=micro_batches), batch)
+
+    def body(acc, xs):
+      mb, i = xs
+      (loss, metrics), grads = grad_fn(params, mb, jax.random.fold_in(rng, i), ref_params)
+      w = batch_weight(mb)
+      acc_w, acc_loss, acc_grads, acc_sums, acc_max = acc
+      return (acc_w + w, acc_loss + w * loss,
+              jax.tree.map(lambda a, g: a + w * g.astype(a.dtype), acc_grads, grads),
+              {k: acc_sums[k] + (v if k.startswith("tokens/") else w * v)
+               for k, v in metrics.items()},
+              {k: jnp.maximum(acc_max[k], v) for k, v in metrics.items()}), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], slices), rng,
+                            ref_params)
+    (_, metric_shapes), grad_shapes = shapes
+    zeros = lambda tree, dtype=None: jax.tree.map(
+        lambda x: jnp.zeros(x.shape, dtype or x.dtype), tree)
+    init = (jnp.float32(0), jnp.float32(0), zeros(grad_shapes, jnp.float32),
+            zeros(metric_shapes, jnp.float32),
+            jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf, jnp.float32), metric_shapes))
+    (total, loss, grads, sums, maxes), _ = jax.lax.scan(
+        body, init, (slices, jnp.arange(micro_batches)))
+    total = jnp.maximum(total, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / total).astype(p.dtype), grads, grad_shapes)
+    metrics = {k: maxes[k] if "max" in k else v if k.startswith("tokens/") else v / total
+               for k, v in sums.items()}
+    return (loss / total, metrics), grads
+
+  return combined
+
+
 def make_train_step(loss_fn, optimizer: optax.GradientTransformation, epochs: int = 1,
-                    minibatches: int = 1):
+                    minibatches: int = 1, micro_batches: int = 1,
+                    batch_weight=rows_weight):
   """`train_step(state, batch, rng, ref_params=None) -> (state, metrics)`.
 
   `ref_params` is read-only: it gets no gradient and is not part of the state.
+
+  With `micro_batches > 1` each update's gradient is accumulated over that many
+  slices of its batch (`accumulated_grad`, weighted by `batch_weight`).
 
   With `epochs * minibatches > 1` (PPO/GRPO), one call makes that many optimizer updates
   on one batch: each epoch visits the rows in a new seeded order, split into
@@ -103,9 +176,10 @@ def make_train_step(loss_fn, optimizer: optax.GradientTransformation, epochs: in
   (where the clipped ratio is still 1).
   """
 
+  grad_fn = accumulated_grad(loss_fn, micro_batches, batch_weight)
+
   def update(params, opt_state, batch, rng, ref_params):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, rng, ref_params)
+    (loss, metrics), grads = grad_fn(params, batch, rng, ref_params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))

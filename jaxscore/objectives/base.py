@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxscore.models import model as model_lib
@@ -114,6 +115,12 @@ class Objective:
   def updates_per_batch(self) -> tuple[int, int]:
     """(epochs, minibatches): optimizer updates the train step makes on each batch."""
     return 1, 1
+
+  def batch_weight(self, batch) -> jax.Array:
+    """What a slice of a batch counts in the mean the loss takes over the batch, so
+    that gradients accumulated over slices (`optim.micro_batches`) are the batch's: its
+    rows here; objectives whose loss is a mean over tokens count those."""
+    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
 
   def loss_fn(self, params, batch, rng, ref_params):
     raise NotImplementedError

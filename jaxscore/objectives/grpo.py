@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -66,6 +67,9 @@ class GRPO(base.OnlineObjective):
   @property
   def updates_per_batch(self) -> tuple[int, int]:
     return self.config.epochs, self.config.minibatches
+
+  def batch_weight(self, batch) -> jax.Array:
+    return pg.batch_weight(batch, self.loss_cfg)
 
   def advantages(self, rewards_BxN, turns_BxN):
     """(returns_BxN, advantages_BxN); both 0 on turns not taken."""

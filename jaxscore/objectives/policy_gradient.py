@@ -64,6 +64,12 @@ def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
   return token_objective(logp, batch, loss_cfg, exact_kl_BxT=exact_kl, entropy_BxT=entropy)
 
 
+def batch_weight(batch: RLBatch, loss_cfg: PolicyLossConfig) -> jax.Array:
+  """A slice's weight in the loss's aggregate: see `rl.aggregation_weight`."""
+  response = (batch.turn_BxT > 0) & batch.mask_BxT.astype(bool)
+  return rl.aggregation_weight(response, loss_cfg.aggregation)
+
+
 def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
                     exact_kl_BxT=None, entropy_BxT=None):
   """The loss as a function of the policy's per-token log-probs (and, for the exact
@@ -148,6 +154,9 @@ class PolicyGradient(base.OnlineObjective):
     self.loss_cfg = PolicyLossConfig(
         kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in_reward,
         aggregation=c.aggregation, num_turns=ctx.num_turns)
+
+  def batch_weight(self, batch: RLBatch) -> jax.Array:
+    return batch_weight(batch, self.loss_cfg)
 
   # -- What subclasses change. ------------------------------------------------
 

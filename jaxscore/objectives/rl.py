@@ -89,6 +89,22 @@ def token_logprobs(params, tokens_BxT, mask_BxT, cfg: model_lib.ModelConfig):
   return logp, entropy
 
 
+def sliced_token_logprobs(params, tokens_BxT, mask_BxT, cfg: model_lib.ModelConfig,
+                          slices: int = 1) -> jax.Array:
+  """`token_logprobs(...)[0]` computed over `slices` strided slices of the rows one
+  after another (`lax.map`), holding one slice's activations at a time."""
+  if slices == 1:
+    return token_logprobs(params, tokens_BxT, mask_BxT, cfg)[0]
+  b = tokens_BxT.shape[0]
+  if b % slices:
+    raise ValueError(f"a batch of {b} rows does not split into optim.micro_batches={slices} "
+                     "equal slices")
+  split = lambda x: jnp.swapaxes(x.reshape(b // slices, slices, *x.shape[1:]), 0, 1)
+  logp_MxRxT = jax.lax.map(lambda tm: token_logprobs(params, tm[0], tm[1], cfg)[0],
+                           (split(tokens_BxT), split(mask_BxT)))
+  return jnp.swapaxes(logp_MxRxT, 0, 1).reshape(b, -1)
+
+
 # ----------------------------------------------------------------------------
 # KL(pi || pi_ref) per token, estimated on tokens sampled from pi.
 #
@@ -303,6 +319,14 @@ def aggregate(x_BxT: jax.Array, mask_BxT: jax.Array, how: str) -> jax.Array:
   if how == "sum":
     return jnp.sum(x_BxT * mask) / x_BxT.shape[0]
   raise ValueError(f"aggregation={how!r}: expected token_mean, sequence_mean or sum")
+
+
+def aggregation_weight(mask_BxT: jax.Array, how: str) -> jax.Array:
+  """What a slice of a batch counts in `aggregate(..., how)` over the whole batch: its
+  masked tokens for token_mean, its rows otherwise (micro-batch accumulation)."""
+  if how == "token_mean":
+    return jnp.sum(mask_BxT.astype(jnp.float32))
+  return jnp.float32(mask_BxT.shape[0])
 
 
 def reinforce_loss(logp_BxT, advantages_BxT, old_logp_BxT=None, clip_eps=None):

@@ -80,6 +80,10 @@ class SFT(base.OfflineObjective):
   def collate(self, examples, width):
     return collate_completions(examples, width)
 
+  def batch_weight(self, batch: SFTBatch) -> jax.Array:
+    target = batch.target_BxT.astype(bool) & batch.mask_BxT.astype(bool)
+    return rl.aggregation_weight(target, self.config.aggregation)
+
   def loss_fn(self, params, batch, rng, ref_params):
     return sft_loss(params, batch, rng, ref_params, cfg=self.ctx.model_cfg,
                     aggregation=self.config.aggregation)
