@@ -354,3 +354,22 @@ def test_peft_adapter_directory_loads_in_peft_with_the_same_logits(tmp_path):
   assert np.abs(ours - theirs)[mask.astype(bool)].max() < 1e-4
   plain = np.asarray(model_lib.apply(base, tokens, BASE, mask_BxT=mask)[0])
   assert np.abs(ours - plain)[mask.astype(bool)].max() > 1e-2  # The adapters matter.
+
+
+def test_the_backward_pass_keeps_no_dequantized_copy_of_the_base():
+  """The gradient of a QLoRA forward needs the weights again; it dequantizes them again
+  rather than keeping every layer's full-precision copy: its temporaries stay within a
+  fraction of the projections' float32 size of plain LoRA's (XLA's memory analysis)."""
+  cfg = model_lib.ModelConfig(vocab_size=64, num_layers=4, embed_dim=256, num_heads=4,
+                              num_kv_heads=2, mlp_dim=1024)
+  params = model_lib.init(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  temps = {}
+  for quantize in ("none", "nf4"):
+    qcfg = cfg.replace(lora=lora.LoraConfig(rank=4, quantize=quantize))
+    base = lora.quantize_base(params, qcfg)
+    loss = lambda a, b: jnp.mean(model_lib.apply(lora.combine(b, a), tokens, qcfg)[0])
+    compiled = jax.jit(jax.grad(loss)).lower(lora.init(qcfg, jax.random.key(1)), base).compile()
+    temps[quantize] = compiled.memory_analysis().temp_size_in_bytes
+  projections = 4 * sum(params["layers"][t].size for t in lora.TARGETS)
+  assert temps["nf4"] - temps["none"] < 0.25 * projections, (temps, projections)

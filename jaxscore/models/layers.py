@@ -6,6 +6,7 @@ Shapes follow the package legend (`jaxscore/__init__.py`); here N counts query h
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -122,12 +123,22 @@ def gated_mlp(x_BxTxD, lp, cfg: ModelConfig):
   return dense("btf,fd->btd", h_BxTxF, lp, "down", cfg)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(0, 3))
+def _dequantized_einsum(equation: str, x, w, dtype):
+  """x times a quantized (QLoRA) weight, dequantized next to its one use. Under
+  `jax.checkpoint` the backward pass keeps the quantized weight (already resident) and
+  dequantizes it again, instead of saving every layer's full-precision copy."""
+  return jnp.einsum(equation, x, lora.dequantize(w).astype(dtype))
+
+
 def dense(equation: str, x, lp, name: str, cfg: ModelConfig):
   """x times weight `name` of the layer, plus its low-rank adapter where `lp` has one
   (jaxscore.models.lora: the merged matrix is never formed)."""
-  # A quantized (QLoRA) weight is dequantized here, next to its one use, where XLA can
-  # fuse the two: one layer's full-precision weight at a time.
-  y = jnp.einsum(equation, x, lora.dequantize(lp[name]).astype(jnp.dtype(cfg.dtype)))
+  w, dtype = lp[name], jnp.dtype(cfg.dtype)
+  if lora.is_quantized(w):
+    y = _dequantized_einsum(equation, x, w, dtype)
+  else:
+    y = jnp.einsum(equation, x, w.astype(dtype))
   if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
     y = y + lora.delta(x, lp, name, cfg.lora_scale)
   return y
