@@ -81,6 +81,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   # Feedback that stops rows: cut each batch into this many parts so one is scored while
   # the others sample (worth it when scoring is slow, e.g. code tests); 1 = whole batch.
   c.rollout.score_overlap_splits = 1
+  # Sample each step's rows as this many consecutive batches, one after another: the
+  # devices hold one batch's KV cache at a time (paper-size steps on 16 GiB chips).
+  c.rollout.sample_batches = 1
 
   # The objective trained (a name in jaxscore.objectives); its fields are the config
   # group of the same name.

@@ -118,7 +118,8 @@ def check_rollout(c) -> None:
   sampling = _built("sampler", lambda: sampler.SamplingConfig(**c.sampler))
   _require(sampling.max_new_tokens >= 1,
            f"sampler.max_new_tokens={sampling.max_new_tokens}: must be >= 1")
-  for field in ("num_turns", "group_size", "prompts_per_step", "score_overlap_splits"):
+  for field in ("num_turns", "group_size", "prompts_per_step", "score_overlap_splits",
+                "sample_batches"):
     _require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
   _require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
   splits, rows = ro.score_overlap_splits, rollout_rows(c)
@@ -127,10 +128,11 @@ def check_rollout(c) -> None:
              f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "
              f"stop rows, not rollout.feedback={ro.feedback!r} (whose turns are scored "
              "while the next one samples anyway): set it to 1")
-    _require(ro.prompts_per_step % splits == 0,
-             f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
-             f"rollout.score_overlap_splits={splits} parts of whole groups: make it a "
-             f"multiple of {splits}")
+  batches = ro.sample_batches
+  _require(ro.prompts_per_step % (batches * splits) == 0,
+           f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
+           f"rollout.sample_batches={batches} x rollout.score_overlap_splits={splits} "
+           f"parts of whole groups: make it a multiple of {batches * splits}")
 
 
 def make_objective(c):
@@ -208,6 +210,9 @@ def check_experiment(c) -> None:
 
   if objectives.get(c.objective).kind == "online":
     check_mesh(c.mesh, rollout_rows(c), "rollout.prompts_per_step x rollout.group_size")
+    if c.rollout.get("sample_batches", 1) > 1:  # Each sampling batch splits too.
+      check_mesh(c.mesh, rollout_rows(c) // c.rollout.sample_batches,
+                 "rollout.prompts_per_step x rollout.group_size / rollout.sample_batches")
   else:
     check_mesh(c.mesh, c.offline.batch_size, "offline.batch_size")
 

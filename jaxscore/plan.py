@@ -413,7 +413,8 @@ def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
       turns_BxN=jnp.ones((rows, ro.num_turns), bool))
   batch, _ = objective.make_batch(traj, 0)
   phases, resident = b.train_phases(c, objective, b.batch(batch), objective.uses_reference)
-  sample, cache = b.sampler_phases(rows, max_len, prompts.prompt,
+  # The sampler holds one of `sample_batches` batches at a time.
+  sample, cache = b.sampler_phases(rows // ro.sample_batches, max_len, prompts.prompt,
                                    waiting=resident["optimizer"] + resident["reference"])
   resident["KV cache"] = cache
   return Program(name, f"{c.objective}: {rows} x {width} tokens, {ro.num_turns} turn(s)",
@@ -535,6 +536,9 @@ class Plan:
     need = phase.peak / GIB
     out.append(f"more devices: the peak ({phase.name} of {program.name}) is {need:.1f} GiB "
                f"per device against {self.capacity_gib:.1f}")
+    if phase.name.startswith("sampler") and "rollout" in c:
+      out.append(f"--config.rollout.sample_batches={2 * c.rollout.get('sample_batches', 1)} "
+                 "(sample the step's rows in consecutive batches)")
     out.append("a smaller batch (rollout.prompts_per_step, offline.batch_size, "
                "sample.batch_size)")
     return out

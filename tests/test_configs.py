@@ -88,6 +88,12 @@ def test_rl_batches_must_split_as_the_objective_and_mesh_split_them():
          "rollout.prompts_per_step=4", "rollout.score_overlap_splits=3")
   _fails("score", "cpu", {"rollout.score_overlap_splits": 2}, "rollout.score_overlap_splits",
          "rollout.feedback='instruction'")
+  _fails("score", "cpu", {"rollout.sample_batches": 3}, "rollout.prompts_per_step=4",
+         "rollout.sample_batches=3")
+  _fails("score", "cpu", {"mesh.data": 8, "rollout.sample_batches": 4}, "mesh.data",
+         "rollout.sample_batches", "4 rows")
+  _fails("score", "cpu", {"optim.micro_batches": 3}, "optim.micro_batches=3",
+         "rollout.prompts_per_step x rollout.group_size")
 
 
 def test_objectives_refuse_what_they_cannot_train_when_the_config_loads():

@@ -305,6 +305,38 @@ def test_feedback_rollout_in_parts_scores_one_part_while_the_other_samples(monke
 
 
 @pytest.mark.parametrize("kind", ["instruction", "unary"])
+def test_rollout_in_consecutive_batches_equals_the_whole_batch(kind, monkeypatch):
+  """sample_batches=2: two sampler batches of two rows, one after the other, with the
+  whole batch's greedy results in the same row order."""
+  setup, params = _scripted_setup()
+  problems = setup.task.problems("train")
+  feedback = rollout_lib.Feedback(kind)
+  smp = _sampler(setup, problems, feedback)
+  greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=4)
+  whole = rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                              feedback=feedback)
+  starts = []
+  start_groups = rollout_lib.start_groups
+  monkeypatch.setattr(rollout_lib, "start_groups", lambda smp, prompts, *a: (
+      starts.append(len(prompts)), start_groups(smp, prompts, *a))[1])
+  setup.task.calls.clear()  # The scripted task counts attempts.
+  batches = rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                                feedback=feedback, sample_batches=2)
+  assert starts == [2, 2]
+  np.testing.assert_array_equal(batches.rewards_BxN, whole.rewards_BxN)
+  np.testing.assert_array_equal(batches.turns_BxN, whole.turns_BxN)
+  assert batches.texts == whole.texts and batches.ids == whole.ids
+  assert [[s and s.reward for s in t] for t in batches.scores] == \
+      [[s and s.reward for s in t] for t in whole.scores]
+  for field in ("tokens_BxT", "turn_BxT", "length_B"):
+    np.testing.assert_array_equal(getattr(batches.episode, field),
+                                  getattr(whole.episode, field))
+  with pytest.raises(ValueError, match="rollout.sample_batches=3"):
+    rollout_lib.rollout(params, smp, setup, problems, 3, greedy, jax.random.key(0),
+                        feedback=feedback, sample_batches=3)
+
+
+@pytest.mark.parametrize("kind", ["instruction", "unary"])
 def test_rollout_of_groups_prefills_each_prompt_once_with_the_same_samples(kind):
   setup, params = _scripted_setup()
   problems = [p for p in setup.task.problems("train") for _ in range(2)]  # Groups of 2.

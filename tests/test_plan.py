@@ -124,3 +124,15 @@ def test_a_program_the_compiler_refuses_for_memory_does_not_fit():
       raise RuntimeError(message)
 
   assert plan._memory(Refused()) == (2.55 * 2**40, 2.55 * 2**40)
+
+
+def test_sampling_in_consecutive_batches_divides_the_kv_cache(tmp_path):
+  tiny = _tiny(tmp_path)
+  cache = {}
+  for batches in (1, 2):
+    out = _plan("--config=configs/score.py:cpu", "--hbm_gib=1", f"--model={tiny}",
+                "--prompt_len=32", f"--config.rollout.sample_batches={batches}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    resident = next(l for l in out.stdout.splitlines() if "resident:" in l)
+    cache[batches] = float(resident.split("KV cache ")[1].split()[0])
+  assert cache[2] == pytest.approx(cache[1] / 2, rel=0.01), cache

@@ -43,6 +43,9 @@ class RolloutConfig:
   # on the device, so one part is scored while the others sample (slow scorers, e.g.
   # sandboxed code tests); 1 samples the batch whole (fastest when scoring is cheap).
   score_overlap_splits: int = 1
+  # > 1: each step's rows sampled as this many consecutive batches, one after another,
+  # so the devices hold one batch's KV cache at a time (the train step sees them all).
+  sample_batches: int = 1
 
   @property
   def feedback_config(self) -> rollout_lib.Feedback:
@@ -181,6 +184,7 @@ class OnlineLoop:
     ro = rollout_lib.rollout(policy, self.sampler, self.setup, rows, ro_cfg.num_turns,
                              self.sampling, rng, score_pool=pool, feedback=self.feedback,
                              score_overlap_splits=ro_cfg.score_overlap_splits,
+                             sample_batches=ro_cfg.sample_batches,
                              group=ro_cfg.group_size)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)

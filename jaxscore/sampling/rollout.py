@@ -218,7 +218,7 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
             problems: Sequence[base.Problem], num_turns: int,
             sampling: sampler_lib.SamplingConfig, rng, score_pool=None,
             feedback: Feedback = Feedback(), score_overlap_splits: int = 1,
-            group: int = 1) -> Rollouts:
+            group: int = 1, sample_batches: int = 1) -> Rollouts:
   """Samples up to `num_turns` attempts per problem with `feedback` between them.
 
   With a multi-process sampler, each process tokenizes, feeds and scores only its rows.
@@ -226,8 +226,12 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
   instruction_len(setup, feedback))`). With feedback that stops rows,
   `score_overlap_splits` > 1 scores one part of the rows while the others sample (see
   `_feedback_rollout`). `group` > 1: rows come in runs of `group` copies of a problem,
-  whose prompt is prefilled once for the run.
+  whose prompt is prefilled once for the run. `sample_batches` > 1 samples the rows in
+  that many consecutive batches, one after another (`_in_batches`).
   """
+  if sample_batches > 1:
+    return _in_batches(params, smp, setup, problems, num_turns, sampling, rng, score_pool,
+                       feedback, score_overlap_splits, group, sample_batches)
   if feedback.stops_when_correct:
     return _feedback_rollout(params, smp, setup, problems, num_turns, sampling, rng,
                              feedback, score_overlap_splits, group)
@@ -263,6 +267,35 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
   local = np.array([[s.reward for s in turn] for turn in scores], np.float32).T
   return Rollouts(list(problems), texts, ids, scores, sharding.gather_rows(local), mine,
                   smp.episode(state))
+
+
+def _in_batches(params, smp, setup: Setup, problems, num_turns: int, sampling, rng,
+                score_pool, feedback: Feedback, score_overlap_splits: int, group: int,
+                batches: int) -> Rollouts:
+  """The rows sampled as `batches` consecutive batches of whole groups, each finished
+  (decoded and its episode read) before the next starts: one batch's KV cache on the
+  devices at a time. Batch k samples with `rng` folded with k, so no two rows share a
+  random stream; greedy results do not depend on `batches`."""
+  if jax.process_count() > 1:
+    raise ValueError("rollout.sample_batches > 1 is not supported with several processes "
+                     "yet: use more devices per process or fewer rows per step")
+  n = len(problems)
+  if n % (batches * group):
+    raise ValueError(f"{n} rows do not split into rollout.sample_batches={batches} batches "
+                     f"of whole groups of {group}")
+  size = n // batches
+  parts = [rollout(params, smp, setup, problems[k * size:(k + 1) * size], num_turns,
+                   sampling, jax.random.fold_in(rng, k), score_pool, feedback,
+                   score_overlap_splits, group) for k in range(batches)]
+  concat = lambda field: np.concatenate([getattr(p, field) for p in parts])
+  turns = range(len(parts[0].texts))
+  return Rollouts(
+      list(problems), [[t for p in parts for t in p.texts[i]] for i in turns],
+      [[t for p in parts for t in p.ids[i]] for i in turns],
+      [[s for p in parts for s in p.scores[i]] for i in turns], concat("rewards_BxN"),
+      slice(0, n), jax.tree.map(lambda *xs: jnp.concatenate(xs),
+                                *[p.episode for p in parts]),
+      turns_BxN=concat("turns_BxN"))
 
 
 class _FeedbackRows:
