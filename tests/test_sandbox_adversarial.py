@@ -187,6 +187,68 @@ def test_flooding_output_keeps_the_host_memory_bounded():
   assert peak[0] - before < 200 << 10, (before, peak[0])  # KiB: under 200 MiB.
 
 
+def _shmem_kib() -> int:
+  """The host's shared memory (tmpfs pages), /proc/meminfo's Shmem."""
+  for line in open("/proc/meminfo"):
+    if line.startswith("Shmem:"):
+      return int(line.split()[1])
+  raise AssertionError("no Shmem line in /proc/meminfo")
+
+
+def test_filling_every_writable_path_takes_at_most_its_tmpfs_cap():
+  """The candidate writes 4 MiB files into /tmp, /dev/shm, /dev, / and its working
+  directory until each refuses, and reports how much each took; the tests only pass if
+  it returns, so a reward of 1 means every fill ended. Each writable path holds at most
+  `tmpfs_bytes` (2 MiB here), the rest are read-only, and the host's shared memory
+  grows by no more than the caps while the candidate runs."""
+  limits = sandbox.Limits(timeout_s=20.0, cpu_seconds=10, memory_bytes=512 << 20,
+                          tmpfs_bytes=2 << 20)
+  attack = """
+import os
+def f():
+  took = {}
+  for d in ("/tmp", "/dev/shm", "/dev", "/", "."):
+    n = 0
+    for i in range(400):
+      try:
+        with open(os.path.join(d, f"fill{i}"), "wb") as out:
+          for _ in range(4):
+            out.write(b"x" * (1 << 20))
+            out.flush()
+            n += 1 << 20
+      except OSError:
+        break
+    took[d] = n
+  return took
+"""
+  problem = Problem(id="fill", question="", prompt="", tests=("r = f()",),
+                    metadata={"setup": "", "reference": ""})
+  peak, stop = [0], threading.Event()
+  before = _shmem_kib()
+
+  def watch():
+    while not stop.is_set():
+      peak[0] = max(peak[0], _shmem_kib())
+      time.sleep(0.02)
+
+  t = threading.Thread(target=watch)
+  t.start()
+  try:
+    job = make_task("mbpp").job(problem, attack)
+    result = sandbox.run_tests(**job, limits=limits)
+  finally:
+    stop.set()
+    t.join()
+  assert result.status == "ok", result  # Every fill ended with an error, none ran on.
+  # Two 2 MiB tmpfs (/tmp is also the working directory): at most 4 MiB, plus noise
+  # from the rest of the host.
+  assert (peak[0] - before) < 4096 + 8192, (before, peak[0])
+  probe = make_task("mbpp").job(problem, attack.replace("return took", "assert took["
+                                "'/tmp'] <= 2 << 20 and took['/dev/shm'] <= 2 << 20 and "
+                                "took['/dev'] == took['/'] == 0, took\n  return took"))
+  assert sandbox.run_tests(**probe, limits=limits).status == "ok"
+
+
 def test_no_process_survives_the_run():
   marker = "jaxscore-survivor-7b"
   attack = f"""

@@ -41,6 +41,9 @@ class Limits:
   file_bytes: int = 16 << 20
   processes: int = 16  # Counted per user; effective when not running as root.
   deny_network: bool = True
+  # Size of each writable filesystem of a bwrap sandbox (/tmp, /dev/shm): tmpfs pages
+  # are host memory that no address-space limit counts.
+  tmpfs_bytes: int = 32 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,14 +124,17 @@ class SandboxUnavailable(RuntimeError):
   """The isolation a task asks for cannot be had on this machine."""
 
 
-def isolated_command(role: str, isolation: str = "bwrap") -> list[str]:
+def isolated_command(role: str, isolation: str = "bwrap",
+                     tmpfs_bytes: int = Limits.tmpfs_bytes) -> list[str]:
   """The command that runs `sandbox_worker.py role`.
 
   bwrap: new user, pid, network, mount, IPC, UTS and cgroup namespaces; uid 65534; no
   capabilities; read-only binds of the interpreter and system libraries only; a fresh
-  tmpfs as the working directory; its own /proc; an empty environment; killed with its
-  parent and in a session of its own. process: the same worker as a plain child
-  process (weaker: it shares the host's files, network and process table).
+  tmpfs of `tmpfs_bytes` as the working directory (/tmp) and another as /dev/shm, every
+  other path read-only (/dev and the sandbox's root included, which bwrap would leave
+  writable and unbounded); its own /proc; an empty environment; killed with its parent
+  and in a session of its own. process: the same worker as a plain child process
+  (weaker: it shares the host's files, network and process table).
   """
   exe = os.path.realpath(sys.executable)
   args = ["-I", "-S", "-B"]
@@ -151,9 +157,11 @@ def isolated_command(role: str, isolation: str = "bwrap") -> list[str]:
     binds += ["--ro-bind", prefix, prefix]
   return [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
           "--uid", "65534", "--gid", "65534", "--clearenv", "--setenv", "LANG", "C.UTF-8",
-          "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp", *binds,
-          "--ro-bind", str(WORKER), "/sandbox/worker.py", exe, *args, "/sandbox/worker.py",
-          role]
+          "--proc", "/proc", "--dev", "/dev",
+          "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+          "--size", str(tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", *binds,
+          "--ro-bind", str(WORKER), "/sandbox/worker.py", "--remount-ro", "/",
+          exe, *args, "/sandbox/worker.py", role]
 
 
 class _Peer:
@@ -166,7 +174,8 @@ class _Peer:
                              "memory_bytes": limits.memory_bytes,
                              "file_bytes": limits.file_bytes})
     self.proc = subprocess.Popen(
-        [*isolated_command(role, isolation), limits_arg], stdin=subprocess.PIPE,
+        [*isolated_command(role, isolation, limits.tmpfs_bytes), limits_arg],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
     self.buffer = b""
