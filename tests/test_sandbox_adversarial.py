@@ -249,6 +249,139 @@ def f():
   assert sandbox.run_tests(**probe, limits=limits).status == "ok"
 
 
+SPAWN_BY_PATH = """
+import glob, importlib.machinery, importlib.util, os, sys
+def f():
+  path = glob.glob(sys.base_prefix + "/lib/python3*/lib-dynload/_posixsubprocess*.so")[0]
+  loader = importlib.machinery.ExtensionFileLoader("_posixsubprocess", path)
+  spec = importlib.util.spec_from_file_location("_posixsubprocess", path, loader=loader)
+  fork_exec = importlib.util.module_from_spec(spec).fork_exec
+  args = [sys.executable.encode(), b"-c", b"import time; time.sleep(30)"]
+  started = 0
+  for _ in range(200):
+    try:
+      fork_exec(args, [args[0]], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(),
+                False, False, -1, None, None, None, -1, None, True)
+      started += 1
+    except Exception:
+      pass
+  return started
+"""
+THREADS = """
+import threading, time
+def f():
+  started = 0
+  for _ in range(500):
+    try:
+      threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+      started += 1
+    except Exception:
+      pass
+  return started
+"""
+
+
+def _host_tasks() -> int:
+  """Processes and threads on the host (what a pid cap protects)."""
+  return sum(len(os.listdir(f"/proc/{p}/task")) for p in os.listdir("/proc")
+             if p.isdigit() and os.path.exists(f"/proc/{p}/task"))
+
+
+@pytest.mark.parametrize("attack", [SPAWN_BY_PATH, THREADS], ids=["fork_exec_by_path",
+                                                                  "threads"])
+def test_spawning_by_any_route_stays_within_the_process_cap(attack):
+  """Processes started through the C extension loaded by file path (the audit hook sees
+  no `os.fork`), or threads: the candidate's whole sandbox holds at most
+  `Limits.processes` tasks, the reward is 0, and none is left afterwards."""
+  if sandbox.bounds.probe().kind not in ("cgroup1", "cgroup2", "uid"):
+    pytest.skip(f"no per-sandbox process bound here: {sandbox.bounds.probe().detail}")
+  limits = sandbox.Limits(timeout_s=10.0, cpu_seconds=5, memory_bytes=512 << 20,
+                          processes=16)
+  problem = Problem(id="spawn", question="", prompt="", tests=("assert f() >= 200",),
+                    metadata={"setup": "", "reference": ""})
+  peak, stop = [0], threading.Event()
+  before = _host_tasks()
+
+  def watch():
+    while not stop.is_set():
+      peak[0] = max(peak[0], _host_tasks())
+      time.sleep(0.01)
+
+  t = threading.Thread(target=watch)
+  t.start()
+  try:
+    result = sandbox.run_tests(**make_task("mbpp").job(problem, attack), limits=limits)
+  finally:
+    stop.set()
+    t.join()
+  assert result.status != "ok", result
+  # Two sandboxes (candidate and tests) of at most 16 tasks each, and the watcher.
+  assert peak[0] - before <= 2 * 16 + 4, (before, peak[0])
+  time.sleep(0.3)
+  assert _host_tasks() - before <= 4, (before, _host_tasks())
+
+
+@pytest.fixture
+def no_cgroups(monkeypatch):
+  """As if the host had no writable cgroup hierarchy (probed afresh, then restored)."""
+  def refuse():
+    raise PermissionError("read-only cgroup hierarchy (test)")
+
+  monkeypatch.setattr(sandbox.bounds, "_parents", refuse)
+  monkeypatch.setattr(sandbox.bounds, "_probed", None)
+  yield
+  sandbox.bounds._probed = None
+
+
+def test_without_cgroups_root_runs_each_sandbox_as_its_own_uid(no_cgroups):
+  """The fallback as root: an unprivileged host uid per sandbox, where RLIMIT_NPROC
+  binds: spawning through the extension loaded by path stays within the cap."""
+  if os.geteuid() != 0:
+    pytest.skip("the uid fallback is for a scorer running as root")
+  mode = sandbox.bounds.probe()
+  if mode.kind != "uid":
+    pytest.skip(mode.detail)
+  limits = sandbox.Limits(timeout_s=10.0, cpu_seconds=5, memory_bytes=512 << 20,
+                          processes=16)
+  problem = Problem(id="spawn", question="", prompt="", tests=("assert f() >= 200",),
+                    metadata={"setup": "", "reference": ""})
+  before = _host_tasks()
+  result = sandbox.run_tests(**make_task("mbpp").job(problem, SPAWN_BY_PATH), limits=limits)
+  assert result.status != "ok", result
+  time.sleep(0.3)
+  assert _host_tasks() - before <= 4
+
+
+def test_no_bound_on_processes_is_a_clear_error_not_a_weaker_sandbox(no_cgroups,
+                                                                     monkeypatch):
+  if os.geteuid() != 0:
+    pytest.skip("the bounds an unprivileged scorer has are its own uid's")
+  which = shutil.which
+  monkeypatch.setattr(shutil, "which", lambda name: None if name == "setpriv" else which(name))
+  with pytest.raises(sandbox.SandboxUnavailable, match="no writable cgroup.*setpriv"):
+    sandbox.run_tests_many([make_task("mbpp").job(PROBLEM, "def f():\n  return 1")])
+
+
+def test_the_whole_sandbox_gets_at_most_its_cpu_share():
+  """With `cpus=0.25` a busy loop gets about a quarter of each second of wall time (the
+  cgroup quota binds the sandbox as a whole), far below the full second it takes
+  unbounded."""
+  if sandbox.bounds.probe().kind not in ("cgroup1", "cgroup2"):
+    pytest.skip(f"no cgroup CPU quota here: {sandbox.bounds.probe().detail}")
+  busy = """
+import time
+def f():
+  start = time.monotonic()
+  while time.monotonic() - start < 2.0:
+    pass
+  return time.process_time()
+"""
+  problem = Problem(id="cpu", question="", prompt="", tests=("assert f() < 1.0",),
+                    metadata={"setup": "", "reference": ""})
+  limits = sandbox.Limits(timeout_s=10.0, cpus=0.25)
+  assert sandbox.run_tests(**make_task("mbpp").job(problem, busy), limits=limits).passed
+
+
 def test_no_process_survives_the_run():
   marker = "jaxscore-survivor-7b"
   attack = f"""

@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from concurrent import futures
 
+from jaxscore.tasks import bounds
+
 CHILD = pathlib.Path(__file__).with_name("sandbox_child.py")
 
 
@@ -39,11 +41,22 @@ class Limits:
   cpu_seconds: int = 10
   memory_bytes: int = 1 << 30
   file_bytes: int = 16 << 20
-  processes: int = 16  # Counted per user; effective when not running as root.
+  # Processes (and threads) of the whole sandbox, however started: a cgroup's pids.max,
+  # else RLIMIT_NPROC of a uid of its own (jaxscore.tasks.bounds).
+  processes: int = 16
   deny_network: bool = True
   # Size of each writable filesystem of a bwrap sandbox (/tmp, /dev/shm): tmpfs pages
   # are host memory that no address-space limit counts.
   tmpfs_bytes: int = 32 << 20
+  # CPUs the whole sandbox may use at once (a cgroup CPU quota): with several scoring
+  # workers beside a trainer, each takes at most this share of the host.
+  cpus: float = 1.0
+
+  @property
+  def group_memory_bytes(self) -> int:
+    """The whole sandbox's memory limit (a cgroup's): the process's address space, its
+    two tmpfs and the interpreter and bwrap around it."""
+    return self.memory_bytes + 2 * self.tmpfs_bytes + (64 << 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,12 +185,19 @@ class _Peer:
     # the scorer is a large training process. The worker lowers its own limits first.
     limits_arg = json.dumps({"cpu_seconds": limits.cpu_seconds,
                              "memory_bytes": limits.memory_bytes,
-                             "file_bytes": limits.file_bytes})
-    self.proc = subprocess.Popen(
-        [*isolated_command(role, isolation, limits.tmpfs_bytes), limits_arg],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+                             "file_bytes": limits.file_bytes,
+                             "processes": limits.processes})
+    command = isolated_command(role, isolation, limits.tmpfs_bytes)
+    self.group = (_bounds(limits) if isolation == "bwrap" else
+                  bounds.Group([], {}, [], "none"))
+    try:
+      self.proc = subprocess.Popen(
+          [*self.group.prefix, *command, limits_arg], stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+          env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", **self.group.env})
+    except BaseException:
+      self.group.close()
+      raise
     self.buffer = b""
     self.failure: str | None = None  # "timeout" | "error" once the peer is unusable.
 
@@ -234,6 +254,7 @@ class _Peer:
     _kill_group(self.proc.pid)
     self.proc.kill()
     self.proc.wait()
+    self.group.close()
     for f in (self.proc.stdin, self.proc.stdout):
       try:
         f.close()
@@ -308,10 +329,28 @@ def _call_candidate(candidate_peer: _Peer, call: dict, deadline: float) -> dict:
     return {"failed": f"returned {e}"}
 
 
+def _bounds(limits: Limits) -> bounds.Group:
+  """The kernel bounds of one new sandbox; the first one says which are in force."""
+  try:
+    mode = bounds.probe()
+  except bounds.BoundsUnavailable as e:
+    raise SandboxUnavailable(str(e)) from None
+  global _announced
+  if not _announced:
+    _announced = True
+    print(f"sandbox bounds: {mode.detail}", file=sys.stderr, flush=True)
+  return bounds.enter(limits.processes, limits.group_memory_bytes, limits.cpus)
+
+
+_announced = False
+
+
 def run_tests_many(jobs: Sequence[dict], limits: Limits = Limits(), workers: int = 2,
                    isolation: str = "bwrap") -> list[Result]:
   """`run_tests(**job)` for every job, in parallel; results in order."""
   isolated_command("candidate", isolation)  # Fails at once if the isolation is missing.
+  if isolation == "bwrap":
+    _bounds(limits).close()  # ... and if no kernel bound on its processes can be had.
   with futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
     return list(pool.map(lambda job: run_tests(**job, limits=limits, isolation=isolation),
                          jobs))

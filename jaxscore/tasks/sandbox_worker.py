@@ -219,10 +219,13 @@ def run_tests(channel):
 
 
 def set_limits(limits):
-  """CPU seconds, address space, file size; no core files. Lowered before any untrusted
-  code runs, and (without capabilities) never raised again."""
+  """CPU seconds, address space, file size, processes of this uid; no core files.
+  Lowered before any untrusted code runs, and (without capabilities) never raised
+  again."""
   import resource
 
+  if "processes" in limits:
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"],) * 2)
   cpu = limits["cpu_seconds"]
   resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
   resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)
