@@ -122,3 +122,28 @@ def test_generation_config_stop_tokens_end_sampling(tmp_path):
 
   with pytest.raises(weights.CheckpointError, match="generation_config.json: eos_token_id='x'"):
     pretrained.load(tmp_path)
+
+
+def test_the_no_torch_notice_of_transformers_is_dropped_and_nothing_else():
+  """jaxscore imports transformers for tokenizers: its "PyTorch was not found" line is
+  noise to every user without torch; any other transformers message still shows."""
+  import logging
+
+  from jaxscore.models import tokenizer  # noqa: F401  (installs the filter)
+
+  seen = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      seen.append(record.getMessage())
+
+  logger = logging.getLogger("transformers")
+  handler = Keep()
+  logger.addHandler(handler)
+  try:
+    logger.warning("PyTorch was not found. Models won't be available and only tokenizers, "
+                   "configuration and file/data utilities can be used.")
+    logger.warning("Token indices sequence length is longer than the maximum")
+  finally:
+    logger.removeHandler(handler)
+  assert seen == ["Token indices sequence length is longer than the maximum"]

@@ -8,10 +8,24 @@ and chat template, so it needs no torch.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
 from jaxscore.models import gguf_checkpoint, weights
+
+
+class _NoTorchNotice(logging.Filter):
+  """transformers announces at import that PyTorch is missing ("Models won't be
+  available"); jaxscore imports it for tokenizers only, where that is expected, so that
+  one line is dropped. Every other transformers message passes."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Installed before this module first imports transformers (its library root logger).
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 # llama.cpp pre-tokenizer names whose split differs from GPT-2's byte-level regex.
 _LLAMA3_SPLIT = (
