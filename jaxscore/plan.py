@@ -135,7 +135,7 @@ def model_config(c, name: str | None = None):
                  lora=pretrained.lora_config(c.model))
   if name in shapes.NAMED:
     return shapes.config(name, **options)
-  path = pretrained.resolve(name)
+  path = pretrained.resolve(name, weights=False)  # Shapes only.
   if path.suffix == ".gguf":
     return gguf_checkpoint.config_from_gguf(gguf_checkpoint.gguf_reader(path), **options)
   config_path = path / "config.json"
@@ -172,7 +172,7 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
   setup, errors = None, []
   for name in dict.fromkeys(n for n in (model, c.model.name) if n):
     try:
-      tok = tokenizer_lib.load_tokenizer(pretrained.resolve(name))
+      tok = tokenizer_lib.load_tokenizer(pretrained.resolve(name, weights=False))
       setup = rollout.Setup(None, tok, formats.make_format(tok, c.format), task)
       break
     except Exception as e:  # A named shape has no tokenizer; a directory may lack one.

@@ -1,8 +1,10 @@
 """Weights in and out against transformers (PyTorch) and the gguf package."""
 
 import json
+import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import report_parity, require_torch
@@ -259,3 +261,53 @@ def test_corrupt_gguf_is_named(tmp_path, corruption):
   path.write_bytes(data[:len(data) // 3] if corruption == "truncated" else b"NOPE" + data[4:])
   with pytest.raises(weights.CheckpointError, match=r"m\.gguf: not a readable GGUF file"):
     gguf_checkpoint.load_gguf(path)
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path):
+  """`org/name[@revision]` resolves through huggingface_hub's cache: a cache laid out
+  here as the hub writes it (refs/main -> snapshots/<commit>), read with
+  HF_HUB_OFFLINE=1; a model missing from the cache is one clear line."""
+  import subprocess
+  import sys
+
+  from hf_tiny import chat_tokenizer
+
+  from jaxscore.models import hf_checkpoint
+
+  cfg = weights.config_from_hf(dict(model_type="qwen3", vocab_size=300, hidden_size=32,
+                                    intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=8))
+  params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo = tmp_path / "hf" / "hub" / "models--acme--tiny-chat"
+  snapshot = repo / "snapshots" / commit
+  hf_checkpoint.save_hf(snapshot, cfg, jax.tree.map(np.asarray, params),
+                        tokenizer=chat_tokenizer("qwen3"))
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text(commit)
+  np.save(tmp_path / "tokens.npy", np.arange(12).reshape(2, 6))
+  script = f"""
+import numpy as np
+from jaxscore.models import model, pretrained
+for name in ("acme/tiny-chat", "acme/tiny-chat@{commit}"):
+  m = pretrained.load(name)
+  assert str(m.path).endswith("{commit}"), m.path
+  logits, _ = model.apply(m.params, np.load({str(tmp_path / 'tokens.npy')!r}), m.cfg)
+  np.save({str(tmp_path / 'logits.npy')!r}, np.asarray(logits))
+  print("OK", name, m.cfg.family, m.tokenizer.eos_token)
+try:
+  pretrained.resolve("acme/not-cached")
+except FileNotFoundError as e:
+  print("ERR", e)
+"""
+  env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("HF_HUB_CACHE", None)
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK acme/tiny-chat qwen3 <|im_end|>" in out.stdout
+  assert f"OK acme/tiny-chat@{commit} qwen3" in out.stdout
+  ours = np.asarray(model_lib.apply(params, jnp.arange(12).reshape(2, 6), cfg)[0])
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), ours, rtol=1e-5, atol=1e-5)
+  assert "ERR 'acme/not-cached' is not in the Hugging Face cache" in out.stdout

