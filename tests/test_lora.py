@@ -358,8 +358,8 @@ def test_peft_adapter_directory_loads_in_peft_with_the_same_logits(tmp_path):
 
 def test_the_backward_pass_keeps_no_dequantized_copy_of_the_base():
   """The gradient of a QLoRA forward needs the weights again; it dequantizes them again
-  rather than keeping every layer's full-precision copy: its temporaries stay within a
-  fraction of the projections' float32 size of plain LoRA's (XLA's memory analysis)."""
+  rather than keeping every layer's full-precision copy: its temporaries exceed plain
+  LoRA's by one layer's float32 projections, not the stack's (XLA's memory analysis)."""
   cfg = model_lib.ModelConfig(vocab_size=64, num_layers=4, embed_dim=256, num_heads=4,
                               num_kv_heads=2, mlp_dim=1024)
   params = model_lib.init(cfg, jax.random.key(0))
@@ -371,5 +371,7 @@ def test_the_backward_pass_keeps_no_dequantized_copy_of_the_base():
     loss = lambda a, b: jnp.mean(model_lib.apply(lora.combine(b, a), tokens, qcfg)[0])
     compiled = jax.jit(jax.grad(loss)).lower(lora.init(qcfg, jax.random.key(1)), base).compile()
     temps[quantize] = compiled.memory_analysis().temp_size_in_bytes
-  projections = 4 * sum(params["layers"][t].size for t in lora.TARGETS)
-  assert temps["nf4"] - temps["none"] < 0.25 * projections, (temps, projections)
+  projections = 4 * sum(params["layers"][t].size for t in lora.TARGETS)  # float32 bytes.
+  # One layer's dequantized weights at a time, not all four layers'.
+  assert temps["nf4"] - temps["none"] <= 1.25 * projections / cfg.num_layers, (
+      temps, projections)
