@@ -180,6 +180,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.transcripts_every = 25  # Steps between transcript samples (0 = never).
   c.log.num_transcripts = 4
+  # Weights & Biases (pip install 'jaxscore[wandb]'): "" logs to files only.
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""
 
   # Greedy multi-turn evaluation on the task's eval split, before and after training.
   c.evaluate = ml_collections.ConfigDict()

@@ -138,6 +138,9 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.transcripts_every = 0  # Offline stages write no transcripts.
   c.log.num_transcripts = 0
+  # Weights & Biases (pip install 'jaxscore[wandb]'): "" logs to files only.
+  c.log.wandb_project = ""
+  c.log.wandb_entity = ""
 
   variant, *options = arg.split(",") if arg else ["cpu"]
   if variant == "cpu":

@@ -528,3 +528,37 @@ def test_the_best_checkpoint_holds_the_parameters_that_earned_its_reward(tmp_pat
   best = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=10, read_only=True)
   assert best.best_step() == max(labelled, key=lambda s: (labelled[s], s))
   best.close()
+
+
+def test_weights_and_biases_logs_one_run_per_workdir_offline(tmp_path, monkeypatch):
+  """log.wandb_project in W&B's offline mode (files under the workdir, no network): the
+  scalars and the config reach the run's file, a resumed run continues the same W&B
+  run (its id kept in the workdir), and the evaluation table joins it."""
+  pytest.importorskip("wandb")
+  from jaxscore import main
+  from jaxscore.loops import online
+
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  setup, params = _tiny_setup()
+  c = _config()
+  c.score.stages = "I:1,II:1"
+  c.log.wandb_project = "jaxscore-test"
+  online.train(c, setup, params, params, tmp_path, stop_after=1)
+  online.train(c, setup, params, params, tmp_path)
+  run_id = (tmp_path / "wandb_run_id").read_text()
+  runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+  assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs), runs
+  main._log_table(c, tmp_path, {"before": {"acc@t1": 0.25, "acc@t2": 0.5,
+                                           "delta(t1,t2)": 0.25, "delta_i->c": 0.25,
+                                           "delta_c->i": 0.0}})
+  first, second, third = sorted((tmp_path / "wandb").glob("offline-run-*"))
+  for run in (first, second):
+    data = next(run.glob("run-*.wandb")).read_bytes()
+    assert b"reward/t1" in data and b"kl/t1" in data  # Scalars of the loop.
+  assert b"objective" in next(first.glob("run-*.wandb")).read_bytes()  # The config.
+  assert third.name.endswith("-" + run_id)
+  table = json.loads(next(third.glob("files/media/table/evaluation_*.table.json")).read_text())
+  assert table["columns"] == ["model", "acc@t1", "acc@t2", "delta(t1,t2)", "delta_i->c",
+                              "delta_c->i"]
+  assert table["data"] == [["before", 25.0, 50.0, 25.0, 25.0, 0.0]]

@@ -1,4 +1,5 @@
-"""Metrics (JSONL and TensorBoard) and transcripts of a run, written by process 0 only.
+"""Metrics (JSONL, TensorBoard and optionally W&B) and transcripts of a run, written by
+process 0 only.
 
 On resume, records logged after the restored checkpoint are dropped first, so the files
 read as if the run had never stopped.
@@ -26,8 +27,9 @@ class MetricsWriter:
   `flush` (called with every checkpoint), since each flush rewrites the file.
   """
 
-  def __init__(self, workdir: epath.Path, start_step: int = 0):
+  def __init__(self, workdir: epath.Path, start_step: int = 0, wandb_run=None):
     self.enabled = jax.process_index() == 0
+    self.wandb = wandb_run  # A W&B run (jaxscore.infra.wandb_log), or None.
     if not self.enabled:
       return
     workdir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,10 @@ class MetricsWriter:
       for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
           self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      from jaxscore.infra import wandb_log
+
+      self.wandb.log(wandb_log.scalars(metrics), step=step)
 
   def write_transcripts(self, step: int, records: Sequence[dict]) -> None:
     """Appends sampled episodes (JSON-serialisable dicts) under `step`."""
@@ -68,6 +74,8 @@ class MetricsWriter:
       self.flush()
       if self.tb is not None:
         self.tb.close()
+      if self.wandb is not None:
+        self.wandb.finish()
 
 
 def _tensorboard(logdir: epath.Path):

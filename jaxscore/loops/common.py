@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscore.infra import checkpoint as checkpoint_lib
-from jaxscore.infra import files, metric_writers, sharding
+from jaxscore.infra import files, metric_writers, sharding, wandb_log
 from jaxscore.loops import train as train_lib
 from jaxscore.models import lora
 from jaxscore.models import model as model_lib
@@ -38,6 +38,10 @@ class CheckpointConfig:
 class LogConfig:
   transcripts_every: int = 25  # Steps between transcript samples (0 = never).
   num_transcripts: int = 4
+  # Weights & Biases (pip install 'jaxscore[wandb]'): a project logs every scalar, the
+  # config and the evaluation tables to one run per workdir; "" logs nothing there.
+  wandb_project: str = ""
+  wandb_entity: str = ""
 
 
 class Preemption:
@@ -162,7 +166,10 @@ class Run:
     from tqdm import tqdm
 
     step = first = int(state.step)
-    writer = self._writer = metric_writers.MetricsWriter(self.workdir, start_step=step)
+    run = wandb_log.start(self.workdir, self.log_cfg.wandb_project, self.log_cfg.wandb_entity,
+                          self.c.to_dict())
+    writer = self._writer = metric_writers.MetricsWriter(self.workdir, start_step=step,
+                                                         wandb_run=run)
     running: dict[str, float] = {}
     # No bar in logs and pipes; a notebook's output is no TTY either, but shows it live.
     bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
