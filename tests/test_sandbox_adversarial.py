@@ -352,12 +352,50 @@ def test_without_cgroups_root_runs_each_sandbox_as_its_own_uid(no_cgroups):
   assert _host_tasks() - before <= 4
 
 
-def test_no_bound_on_processes_is_a_clear_error_not_a_weaker_sandbox(no_cgroups,
-                                                                     monkeypatch):
+@pytest.fixture
+def no_user_namespaces(no_cgroups, monkeypatch):
+  """... and no way to run a sandbox as an unprivileged uid (setpriv hidden)."""
   if os.geteuid() != 0:
     pytest.skip("the bounds an unprivileged scorer has are its own uid's")
   which = shutil.which
   monkeypatch.setattr(shutil, "which", lambda name: None if name == "setpriv" else which(name))
+
+
+def test_without_cgroups_or_a_uid_a_seccomp_filter_starts_no_process(no_user_namespaces):
+  """The last fallback as root: bwrap's seccomp filter refuses fork, vfork and non-thread
+  clone, so spawning through the extension loaded by path starts nothing, while threads
+  and honest code still run."""
+  assert sandbox.bounds.probe().kind == "seccomp"
+  spawned = Problem(id="spawn", question="", prompt="", tests=("assert f() >= 1",),
+                    metadata={"setup": "", "reference": ""})
+  before = _host_tasks()
+  result = sandbox.run_tests(**make_task("mbpp").job(spawned, SPAWN_BY_PATH), limits=LIMITS)
+  assert result.status == "failed", result  # f() ran and started no process.
+  assert _host_tasks() - before <= 4
+  threads = Problem(id="threads", question="", prompt="", tests=("assert f() >= 10",),
+                    metadata={"setup": "", "reference": ""})
+  assert sandbox.run_tests(**make_task("mbpp").job(threads, THREADS), limits=LIMITS).passed
+  assert score("def f():\n  return 1").reward == 1.0
+
+
+def test_seccomp_filter_program_by_hand():
+  """The BPF words for x86-64, written out: arch check, x32 guard, clone3 -> ENOSYS,
+  fork and vfork -> EPERM, clone allowed only with CLONE_THREAD."""
+  import struct
+
+  words = [struct.unpack("<HBBI", sandbox.bounds.seccomp_filter("x86_64")[i:i + 8])
+           for i in range(0, len(sandbox.bounds.seccomp_filter("x86_64")), 8)]
+  assert words == [
+      (0x20, 0, 0, 4), (0x15, 0, 11, 0xC000003E), (0x20, 0, 0, 0),
+      (0x35, 9, 0, 0x40000000), (0x15, 6, 0, 57), (0x15, 5, 0, 58), (0x15, 5, 0, 435),
+      (0x15, 0, 2, 56), (0x20, 0, 0, 16), (0x45, 0, 1, 0x10000),
+      (0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, 0x00050001), (0x06, 0, 0, 0x00050026),
+      (0x06, 0, 0, 0x80000000)]
+
+
+def test_no_bound_on_processes_is_a_clear_error_not_a_weaker_sandbox(no_user_namespaces,
+                                                                     monkeypatch):
+  monkeypatch.setattr(sandbox.bounds, "_SYSCALLS", {})  # No filter for this machine.
   with pytest.raises(sandbox.SandboxUnavailable, match="no writable cgroup.*setpriv"):
     sandbox.run_tests_many([make_task("mbpp").job(PROBLEM, "def f():\n  return 1")])
 

@@ -11,6 +11,9 @@ each sandbox is started inside one of:
     sandbox ends. Needs a writable cgroup hierarchy: root on a VM, or a delegated group.
   * else, as root, an unprivileged host uid of its own (`setpriv`), under which the
     worker's RLIMIT_NPROC binds; memory and CPU stay per process.
+  * else, as root without unprivileged user namespaces, a seccomp filter (bwrap
+    `--seccomp`) that refuses fork, vfork and clone without CLONE_THREAD: no new
+    processes at all; threads stay, bounded by the address space;
   * else (not root): the caller's uid, whose RLIMIT_NPROC binds already, but counts the
     trainer's own threads and processes too.
 `probe()` picks the first available once per process and says which in one line.
@@ -22,7 +25,9 @@ import dataclasses
 import itertools
 import os
 import pathlib
+import platform
 import shutil
+import struct
 import signal
 import threading
 import time
@@ -47,16 +52,25 @@ class Mode:
 
 @dataclasses.dataclass
 class Group:
-  """The bounds of one sandbox: a command prefix that enters them, and `close`."""
+  """The bounds of one sandbox: a command prefix that enters them, bwrap options (and
+  the descriptors they name), and `close`."""
 
   prefix: list[str]
   env: dict[str, str]
   dirs: list[pathlib.Path]
   kind: str
   uid: int | None = None
+  bwrap_args: list[str] = dataclasses.field(default_factory=list)
+  pass_fds: tuple[int, ...] = ()
 
   def close(self) -> None:
     """Kills whatever is left in the group's cgroups and removes them."""
+    for fd in self.pass_fds:
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+    self.pass_fds = ()
     for d in self.dirs:
       _kill_all(d)
     for d in reversed(self.dirs):
@@ -176,6 +190,10 @@ def _probe() -> Mode:
       reason += "; unprivileged user namespaces are refused"
     else:
       reason += "; setpriv (util-linux) is not installed"
+    if bwrap and platform.machine() in _SYSCALLS:
+      return Mode("seccomp", f"seccomp: {reason}; a seccomp filter refuses fork, vfork and "
+                  "clone without CLONE_THREAD, so a sandbox starts no process (threads "
+                  "stay, bounded by its address space); memory and CPU per process")
     raise BoundsUnavailable(
         f"the sandbox cannot bound the processes a candidate starts as root: {reason}. Run "
         "the scorer with a writable or delegated cgroup (e.g. `systemd-run --scope -p "
@@ -197,8 +215,53 @@ def enter(processes: int, memory_bytes: int, cpus: float) -> Group:
     prefix = ["/bin/sh", "-c", 'for p in $JAXSCORE_CGROUP_PROCS; do echo $$ > "$p" || '
               'exit 125; done; exec "$@"', "sh"]
     return Group(prefix, {"JAXSCORE_CGROUP_PROCS": procs}, dirs, mode.kind)
+  if mode.kind == "seccomp":
+    fd = os.memfd_create("jaxscore-seccomp")
+    os.write(fd, seccomp_filter())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return Group([], {}, [], "seccomp", bwrap_args=["--seccomp", str(fd)], pass_fds=(fd,))
   if mode.kind == "uid":
     uid = UID_BASE + next(_counter) % 100_000
     return Group([shutil.which("setpriv"), f"--reuid={uid}", f"--regid={uid}",
                   "--clear-groups"], {}, [], "uid", uid)
   return Group([], {}, [], "user")
+
+
+# ----------------------------------------------------------------------------
+# The seccomp filter: classic BPF over `struct seccomp_data` (nr at 0, arch at 4, the
+# first argument's low word at 16 on these little-endian machines).
+
+_SYSCALLS = {  # AUDIT_ARCH, then syscall numbers (aarch64 has no fork or vfork).
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435}),
+}
+_LD_W_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _ERRNO, _KILL = 0x7FFF0000, 0x00050000, 0x80000000
+_EPERM, _ENOSYS = 1, 38  # clone3 -> ENOSYS: the C library falls back to clone.
+_CLONE_THREAD = 0x00010000
+
+
+def seccomp_filter(machine: str | None = None) -> bytes:
+  """The filter bwrap installs before the worker starts: another architecture (or
+  x86-64's x32 calls) is killed, clone3 answers ENOSYS, fork and vfork EPERM, clone
+  EPERM unless it makes a thread; everything else is allowed."""
+  arch, nr = _SYSCALLS[machine or platform.machine()]
+  # (code, jump-if-true label, jump-if-false label, k); labels resolve to offsets.
+  prog = [("ld", None, None, 4), (_JEQ, None, "kill", arch), ("ld", None, None, 0)]
+  if "fork" in nr:
+    prog.append((_JGE, "kill", None, 0x40000000))
+    prog += [(_JEQ, "eperm", None, nr["fork"]), (_JEQ, "eperm", None, nr["vfork"])]
+  prog += [(_JEQ, "enosys", None, nr["clone3"]), (_JEQ, None, "allow", nr["clone"]),
+           ("ld", None, None, 16), (_JSET, "allow", "eperm", _CLONE_THREAD)]
+  labels = {"allow": len(prog), "eperm": len(prog) + 1, "enosys": len(prog) + 2,
+            "kill": len(prog) + 3}
+  prog += [(_RET, None, None, _ALLOW), (_RET, None, None, _ERRNO | _EPERM),
+           (_RET, None, None, _ERRNO | _ENOSYS), (_RET, None, None, _KILL)]
+  out = b""
+  for i, (code, jt, jf, k) in enumerate(prog):
+    if code == "ld":
+      out += struct.pack("<HBBI", _LD_W_ABS, 0, 0, k)
+      continue
+    offset = lambda label: 0 if label is None else labels[label] - i - 1
+    out += struct.pack("<HBBI", code, offset(jt), offset(jf), k)
+  return out

@@ -138,7 +138,8 @@ class SandboxUnavailable(RuntimeError):
 
 
 def isolated_command(role: str, isolation: str = "bwrap",
-                     tmpfs_bytes: int = Limits.tmpfs_bytes) -> list[str]:
+                     tmpfs_bytes: int = Limits.tmpfs_bytes,
+                     bwrap_args: Sequence[str] = ()) -> list[str]:
   """The command that runs `sandbox_worker.py role`.
 
   bwrap: new user, pid, network, mount, IPC, UTS and cgroup namespaces; uid 65534; no
@@ -173,7 +174,7 @@ def isolated_command(role: str, isolation: str = "bwrap",
           "--proc", "/proc", "--dev", "/dev",
           "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
           "--size", str(tmpfs_bytes), "--tmpfs", "/tmp", "--chdir", "/tmp", *binds,
-          "--ro-bind", str(WORKER), "/sandbox/worker.py", "--remount-ro", "/",
+          "--ro-bind", str(WORKER), "/sandbox/worker.py", "--remount-ro", "/", *bwrap_args,
           exe, *args, "/sandbox/worker.py", role]
 
 
@@ -187,17 +188,21 @@ class _Peer:
                              "memory_bytes": limits.memory_bytes,
                              "file_bytes": limits.file_bytes,
                              "processes": limits.processes})
-    command = isolated_command(role, isolation, limits.tmpfs_bytes)
     self.group = (_bounds(limits) if isolation == "bwrap" else
                   bounds.Group([], {}, [], "none"))
+    command = isolated_command(role, isolation, limits.tmpfs_bytes, self.group.bwrap_args)
     try:
       self.proc = subprocess.Popen(
           [*self.group.prefix, *command, limits_arg], stdin=subprocess.PIPE,
           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-          env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", **self.group.env})
+          env={"LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", **self.group.env},
+          pass_fds=self.group.pass_fds)
     except BaseException:
       self.group.close()
       raise
+    for fd in self.group.pass_fds:  # bwrap has its own copy now.
+      os.close(fd)
+    self.group.pass_fds = ()
     self.buffer = b""
     self.failure: str | None = None  # "timeout" | "error" once the peer is unusable.
 
