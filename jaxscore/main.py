@@ -77,21 +77,6 @@ def train(c, setup, params, workdir):
   return offline.train(c, setup.cfg, objective, params, params, examples, workdir)
 
 
-def _log_table(c, workdir, results: dict) -> None:
-  """The evaluation table, as printed, to the run's W&B run (if `log.wandb_project`)."""
-  from jaxscore import evaluate
-  from jaxscore.infra import wandb_log
-
-  project = c.log.get("wandb_project", "")
-  if not project:
-    return
-  keys = [k for k in evaluate.table_keys(eval_turns(c))
-          if all(k in r for r in results.values())]
-  wandb_log.log_table(workdir, project, c.log.get("wandb_entity", ""), "evaluation",
-                      ["model", *keys],
-                      [[name, *(100 * r[k] for k in keys)] for name, r in results.items()])
-
-
 def main(argv):
   del argv
   import jax
@@ -136,7 +121,9 @@ def main(argv):
     report.write_text(json.dumps(results, indent=1))
     evaluate.plot_accuracy(results, workdir / "eval" / "accuracy.png")
     print("\n" + evaluate.format_table(results, eval_turns(c)))
-    _log_table(c, workdir, results)
+    from jaxscore.infra import wandb_log
+
+    wandb_log.log_evaluation(c, workdir, results, eval_turns(c))
     print(f"\nreport: {report}\nplots: {workdir / 'eval'}")
 
 

@@ -535,7 +535,7 @@ def test_weights_and_biases_logs_one_run_per_workdir_offline(tmp_path, monkeypat
   scalars and the config reach the run's file, a resumed run continues the same W&B
   run (its id kept in the workdir), and the evaluation table joins it."""
   pytest.importorskip("wandb")
-  from jaxscore import main
+  from jaxscore.infra import wandb_log
   from jaxscore.loops import online
 
   monkeypatch.setenv("WANDB_MODE", "offline")
@@ -549,9 +549,9 @@ def test_weights_and_biases_logs_one_run_per_workdir_offline(tmp_path, monkeypat
   run_id = (tmp_path / "wandb_run_id").read_text()
   runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
   assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs), runs
-  main._log_table(c, tmp_path, {"before": {"acc@t1": 0.25, "acc@t2": 0.5,
-                                           "delta(t1,t2)": 0.25, "delta_i->c": 0.25,
-                                           "delta_c->i": 0.0}})
+  wandb_log.log_evaluation(c, tmp_path, {"before": {"acc@t1": 0.25, "acc@t2": 0.5,
+                                                    "delta(t1,t2)": 0.25, "delta_i->c": 0.25,
+                                                    "delta_c->i": 0.0}}, num_turns=2)
   first, second, third = sorted((tmp_path / "wandb").glob("offline-run-*"))
   for run in (first, second):
     data = next(run.glob("run-*.wandb")).read_bytes()
