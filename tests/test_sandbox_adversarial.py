@@ -187,6 +187,26 @@ def test_flooding_output_keeps_the_host_memory_bounded():
   assert peak[0] - before < 200 << 10, (before, peak[0])  # KiB: under 200 MiB.
 
 
+def _peak_while(sample, fn):
+  """(fn(), sample() before, the largest sample() taken every 10 ms while fn ran)."""
+  peak, stop = [0], threading.Event()
+  before = sample()
+
+  def watch():
+    while not stop.is_set():
+      peak[0] = max(peak[0], sample())
+      time.sleep(0.01)
+
+  t = threading.Thread(target=watch)
+  t.start()
+  try:
+    result = fn()
+  finally:
+    stop.set()
+    t.join()
+  return result, before, max(peak[0], before)
+
+
 def _shmem_kib() -> int:
   """The host's shared memory (tmpfs pages), /proc/meminfo's Shmem."""
   for line in open("/proc/meminfo"):
@@ -223,26 +243,13 @@ def f():
 """
   problem = Problem(id="fill", question="", prompt="", tests=("r = f()",),
                     metadata={"setup": "", "reference": ""})
-  peak, stop = [0], threading.Event()
-  before = _shmem_kib()
-
-  def watch():
-    while not stop.is_set():
-      peak[0] = max(peak[0], _shmem_kib())
-      time.sleep(0.02)
-
-  t = threading.Thread(target=watch)
-  t.start()
-  try:
-    job = make_task("mbpp").job(problem, attack)
-    result = sandbox.run_tests(**job, limits=limits)
-  finally:
-    stop.set()
-    t.join()
+  result, before, peak = _peak_while(
+      _shmem_kib, lambda: sandbox.run_tests(**make_task("mbpp").job(problem, attack),
+                                            limits=limits))
   assert result.status == "ok", result  # Every fill ended with an error, none ran on.
   # Two 2 MiB tmpfs (/tmp is also the working directory): at most 4 MiB, plus noise
   # from the rest of the host.
-  assert (peak[0] - before) < 4096 + 8192, (before, peak[0])
+  assert (peak - before) < 4096 + 8192, (before, peak)
   probe = make_task("mbpp").job(problem, attack.replace("return took", "assert took["
                                 "'/tmp'] <= 2 << 20 and took['/dev/shm'] <= 2 << 20 and "
                                 "took['/dev'] == took['/'] == 0, took\n  return took"))
@@ -299,24 +306,12 @@ def test_spawning_by_any_route_stays_within_the_process_cap(attack):
                           processes=16)
   problem = Problem(id="spawn", question="", prompt="", tests=("assert f() >= 200",),
                     metadata={"setup": "", "reference": ""})
-  peak, stop = [0], threading.Event()
-  before = _host_tasks()
-
-  def watch():
-    while not stop.is_set():
-      peak[0] = max(peak[0], _host_tasks())
-      time.sleep(0.01)
-
-  t = threading.Thread(target=watch)
-  t.start()
-  try:
-    result = sandbox.run_tests(**make_task("mbpp").job(problem, attack), limits=limits)
-  finally:
-    stop.set()
-    t.join()
+  result, before, peak = _peak_while(
+      _host_tasks, lambda: sandbox.run_tests(**make_task("mbpp").job(problem, attack),
+                                             limits=limits))
   assert result.status != "ok", result
   # Two sandboxes (candidate and tests) of at most 16 tasks each, and the watcher.
-  assert peak[0] - before <= 2 * 16 + 4, (before, peak[0])
+  assert peak - before <= 2 * 16 + 4, (before, peak)
   time.sleep(0.3)
   assert _host_tasks() - before <= 4, (before, _host_tasks())
 

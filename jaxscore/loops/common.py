@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.infra import files, metric_writers, sharding, wandb_log
@@ -158,18 +159,12 @@ class Run:
     """Runs `step_fn` from the state's step to `total`; returns (state, info).
 
     `step_fn(state) -> (state, metrics, transcripts)`: metrics a flat dict with at least
-    `loss` (and the best metric where a step has one), transcripts a list of JSON
-    records or None. `budget=(key, limit)` also ends the run after the step at which
-    the sum of metric `key` over all steps reaches `limit` (e.g. sampled tokens); the
-    sum is checkpointed with the state, so a resumed run stops where it would have.
+    `loss` (and the best metric where a step has one), transcripts JSON records or None.
+    `budget=(key, limit)` also ends the run after the step at which the sum of metric
+    `key` reaches `limit` (e.g. sampled tokens), checkpointed: a resume stops there too.
     """
-    from tqdm import tqdm
-
     step = first = int(state.step)
-    run = wandb_log.start(self.workdir, self.log_cfg.wandb_project, self.log_cfg.wandb_entity,
-                          self.c.to_dict())
-    writer = self._writer = metric_writers.MetricsWriter(self.workdir, start_step=step,
-                                                         wandb_run=run)
+    writer = self._writer = self._metrics_writer(step)
     running: dict[str, float] = {}
     # No bar in logs and pipes; a notebook's output is no TTY either, but shows it live.
     bar = tqdm(total=total, initial=step, desc=self.objective.title, dynamic_ncols=True,
@@ -217,6 +212,13 @@ class Run:
     if preempt.requested:
       print(f"SIGTERM: saved step {step}; rerun the same command to resume")
     return state, info
+
+  def _metrics_writer(self, step: int) -> metric_writers.MetricsWriter:
+    """Files, TensorBoard and (with `log.wandb_project`) the workdir's W&B run, from
+    `step` on."""
+    run = wandb_log.start(self.workdir, self.log_cfg.wandb_project, self.log_cfg.wandb_entity,
+                          self.c.to_dict())
+    return metric_writers.MetricsWriter(self.workdir, start_step=step, wandb_run=run)
 
   def policy(self, state, ref_params):
     """The params the policy samples and is evaluated with: the state's own, or with
