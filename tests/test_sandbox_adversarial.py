@@ -14,6 +14,9 @@ import pytest
 from jaxscore.tasks import make_task, sandbox
 from jaxscore.tasks.base import Problem
 
+# The bounds are checked against the host's task count, shared memory and `ps`.
+pytestmark = pytest.mark.host_exclusive
+
 LIMITS = sandbox.Limits(timeout_s=8.0, cpu_seconds=4, memory_bytes=512 << 20)
 SECRET = "jaxscore-test-secret-4f1c"
 PROBLEM = Problem(id="adv", question="", prompt="", tests=("assert f() == 1",),
