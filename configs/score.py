@@ -161,7 +161,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.optim.grad_accum_steps = 1  # Train steps (rollout batches) per optimizer update.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Devices along each mesh axis; -1 takes the rest.
+  c.mesh.dcn = 1  # Slices (data-parallel across them over DCN); the axes below are per slice.
+  c.mesh.data = -1  # Devices along each mesh axis within a slice; -1 takes the rest.
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = "data_parallel"  # data_parallel | fsdp | fsdp_tp (jaxscore.sharding.RULES)

@@ -125,6 +125,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.evaluate.max_new_tokens = 512
 
   c.mesh = ml_collections.ConfigDict()
+  c.mesh.dcn = 1  # Slices (data-parallel across them over DCN); the axes below are per slice.
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1

@@ -58,6 +58,9 @@ def _export(args) -> int:
   if "adapter" in info:
     print(f"wrote {info['adapter']}: the LoRA adapters alone; load them with "
           f"peft.PeftModel.from_pretrained(<{info['adapter_base']}>, {info['adapter']!r})")
+  if args.push_to_hub:
+    url = export.push_to_hub(args.out, args.push_to_hub, private=not args.public)
+    print(f"pushed {args.out} to {url}")
   return 0
 
 
@@ -108,6 +111,9 @@ def _add_plan(sub) -> None:
                            "needs libtpu (the compiler only, no TPU)")
   target.add_argument("--devices", type=int, default=None,
                       help="N fake CPU devices (default: this host's devices)")
+  plan.add_argument("--slices", type=int, default=1,
+                    help="with --topology: that many slices joined over DCN (set "
+                         "--config.mesh.dcn to the same number)")
   plan.add_argument("--hbm_gib", type=float, default=None,
                     help="memory per device (default: the TPU generation's HBM)")
   plan.add_argument("--model", default=None,
@@ -140,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
   export.add_argument("--out", required=True, help="directory to write")
   export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="weights' dtype in the safetensors file")
+  export.add_argument("--push_to_hub", default="",
+                      help="then upload the directory to this Hugging Face model repo "
+                           "(org/name; HF_TOKEN or `hf auth login`)")
+  export.add_argument("--public", action="store_true",
+                      help="with --push_to_hub: create the repo public (default private)")
   export.set_defaults(run=_export)
   ev = sub.add_parser(
       "evaluate", help="evaluate a trained checkpoint of a run",

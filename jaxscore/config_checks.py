@@ -68,16 +68,18 @@ def check_mesh(m, rows: int | None = None, rows_field: str = "") -> None:
 
   _require(m.rules in sharding.RULES,
            f"mesh.rules={m.rules!r}: expected one of {', '.join(sharding.RULES)}")
+  _require(m.dcn >= 1, f"mesh.dcn={m.dcn}: expected the number of slices, >= 1")
   sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
   for axis, n in sizes.items():
     _require(n == -1 or n >= 1, f"mesh.{axis}={n}: expected -1 (the rest) or >= 1")
   _require(list(sizes.values()).count(-1) <= 1,
            "mesh.data, mesh.fsdp, mesh.tensor: at most one may be -1 (the rest)")
-  batch_ways = m.data * m.fsdp
+  batch_ways = m.dcn * m.data * m.fsdp
   if rows is not None and m.data != -1 and m.fsdp != -1:
     _require(rows % batch_ways == 0,
-             f"{rows_field} = {rows} rows do not split over mesh.data x mesh.fsdp = "
-             f"{batch_ways} batch shards: make the rows a multiple of {batch_ways}")
+             f"{rows_field} = {rows} rows do not split over mesh.dcn x mesh.data x "
+             f"mesh.fsdp = {batch_ways} batch shards: make the rows a multiple of "
+             f"{batch_ways}")
 
 
 def check_checkpoint(ck) -> None:

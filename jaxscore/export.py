@@ -8,6 +8,10 @@ checkpoint's params replace its weights, and the directory gets `config.json`,
 `transformers.AutoModelForCausalLM.from_pretrained(out)` and any server that reads that
 format load the trained policy.
 
+With `--push_to_hub=org/name` the directory is then uploaded to that Hugging Face
+model repository (created private if it does not exist; `HF_TOKEN` or `hf auth login`);
+a `<out>/base` written for a GGUF base stays local.
+
 A LoRA run also gets `<out>/adapter`: the adapters alone as a PEFT LoRA directory
 (`adapter_config.json` + `adapter_model.safetensors`), which
 `peft.PeftModel.from_pretrained(base, out/adapter)` puts on the base model. Its base is
@@ -106,3 +110,33 @@ def save_peft_adapter(directory: str | os.PathLike, cfg, adapters: dict,
             "use_dora": False, "init_lora_weights": True, "inference_mode": True,
             "modules_to_save": None, "layers_to_transform": None}
   (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def push_to_hub(out: str | os.PathLike, repo_id: str, *, private: bool = True,
+                token: str | None = None) -> str:
+  """Uploads the exported directory `out` to the hub model repository `repo_id`, creating
+  it (private unless told otherwise) if need be; returns the commit's URL."""
+  from huggingface_hub import HfApi
+  from huggingface_hub import errors as hub_errors
+
+  out = pathlib.Path(out)
+  if "/" not in repo_id or repo_id.count("/") > 1:
+    raise ExportError(f"--push_to_hub={repo_id!r}: expected a repository id org/name")
+  info = json.loads((out / "jaxscore_export.json").read_text())
+  api = HfApi(token=token)
+  try:
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(out), ignore_patterns=["base/*"],
+        commit_message=f"jaxscore export: step {info['step']} ({info['which']}) of "
+                       f"{info['base_model']}")
+  except hub_errors.OfflineModeIsEnabled:
+    raise ExportError(f"--push_to_hub={repo_id}: HF_HUB_OFFLINE is set; unset it to "
+                      f"upload (the export itself is in {out})") from None
+  except (hub_errors.HfHubHTTPError, OSError) as e:
+    hint = ("log in with `hf auth login` or set HF_TOKEN to a token with write access"
+            if getattr(getattr(e, "response", None), "status_code", None) in (401, 403)
+            else "the export itself is in " + str(out))
+    raise ExportError(f"--push_to_hub={repo_id}: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}; {hint}") from None
+  return commit.commit_url

@@ -92,25 +92,33 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
     raise PlanError(str(e)) from None
 
 
-def target_devices(topology: str | None, devices: int | None):
-  """(devices, description, GiB per device or None) of a TPU topology or of this host."""
+def target_devices(topology: str | None, devices: int | None, slices: int = 1):
+  """(devices, description, GiB per device or None) of `slices` TPU slices of `topology`,
+  or of this host."""
   import jax
 
+  if slices < 1:
+    raise PlanError(f"--slices={slices}: expected >= 1")
+  if slices > 1 and not topology:
+    raise PlanError(f"--slices={slices} needs --topology (the slices' TPU topology)")
   if topology:
     try:
       from jax.experimental import topologies
 
-      topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+      topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                          num_slices=slices)
     except Exception as e:  # No libtpu, or a topology it does not know.
       raise PlanError(f"--topology={topology}: cannot describe it ({type(e).__name__}: "
                       f"{e}); `pip install libtpu` compiles for TPUs without one, or use "
                       "--devices=N") from None
     kind = topo.devices[0].device_kind
     # A chip whose cores are separate devices (v4 without megacore) splits its HBM.
-    chips = {tuple(getattr(d, "coords", (i,))) for i, d in enumerate(topo.devices)}
+    chips = {(getattr(d, "slice_index", 0), *getattr(d, "coords", (i,)))
+             for i, d in enumerate(topo.devices)}
     per_chip = len(topo.devices) // max(len(chips), 1)
     hbm = HBM_GIB.get(kind)
-    return (list(topo.devices), f"{topology} ({kind}, {len(topo.devices)} devices)",
+    name = topology if slices == 1 else f"{slices} x {topology}"
+    return (list(topo.devices), f"{name} ({kind}, {len(topo.devices)} devices)",
             None if hbm is None else hbm / per_chip)
   have = jax.devices()
   if devices and devices != len(have):
@@ -590,19 +598,20 @@ def check(c) -> None:
 
 
 def make_plan(c, config_name: str, *, topology: str | None = None,
-              devices: int | None = None, hbm_gib: float | None = None,
+              devices: int | None = None, slices: int = 1, hbm_gib: float | None = None,
               model: str | None = None, prompt_len: int | None = None) -> Plan:
   from jaxscore import study
   from jaxscore.infra import sharding
   from jaxscore.models import shapes
 
   check(c)
-  devs, target, capacity = target_devices(topology, devices)
+  devs, target, capacity = target_devices(topology, devices, slices)
   capacity = hbm_gib or capacity
   if capacity is None:
     raise PlanError(f"{target}: no known memory per device; give --hbm_gib")
   cfg = model_config(c, model)
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devs)
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn,
+                            devices=devs)
   rules = sharding.RULES[c.mesh.rules]
   # Again with the mesh's -1 resolved: batches against the target's batch shards.
   check(study.apply_overrides(c, [f"mesh.{axis}={n}" for axis, n in
@@ -627,7 +636,7 @@ def run(args, overrides: Sequence[str]) -> int:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   c = load_config(args.config, overrides)
   plan = make_plan(c, args.config, topology=args.topology, devices=args.devices,
-                   hbm_gib=args.hbm_gib, model=args.model, prompt_len=args.prompt_len)
+                   slices=args.slices, hbm_gib=args.hbm_gib, model=args.model, prompt_len=args.prompt_len)
   print(plan.render(c))
   return 0 if plan.fits else 1
 

@@ -5,16 +5,21 @@
 
 Each run gets `<workdir>/<key=value,...>` as its workdir. `--launcher=local` runs them one
 after another here; `--launcher=tpu` starts each on the TPU VM named by $TPU_NAME with
-launch/tpu_vm.sh. `--dry_run` prints the commands only. After local runs, a summary
+launch/tpu_vm.sh; `--launcher=xpk` submits each as its own workload to the GKE cluster
+named by $CLUSTER with launch/xpk.sh (the workloads queue for the cluster's slices, named
+`<$WORKLOAD or jaxscore>-<index>-<hash of the run's name>`). `--dry_run` prints the
+commands only. After local runs, a summary
 table of every run's final metrics is written to `<workdir>/summary.md`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -26,7 +31,7 @@ from jaxscore.infra import entry, files
 
 _CONFIG = flags.DEFINE_string("config", None, "configs/<file>.py[:arg]")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Parent of the runs' workdirs.")
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "tpu"], "Where runs go.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", ["local", "tpu", "xpk"], "Where runs go.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,16 +67,29 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 def commands(config: str, workdir: str, sweep: list[dict], launcher: str) -> list[list[str]]:
   out = []
-  for overrides in sweep:
+  for i, overrides in enumerate(sweep):
     run_dir = f"{workdir.rstrip('/')}/{run_name(overrides)}"
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
     if launcher == "local":
       out.append([sys.executable, "-m", "jaxscore.main", f"--config={config}",
                   f"--workdir={run_dir}", *args])
-    else:
+    elif launcher == "tpu":
       out.append(["env", f"CONFIG={config}", f"WORKDIR={run_dir}",
                   str(ROOT / "launch" / "tpu_vm.sh"), "run", "--", *args])
+    else:
+      out.append(["env", f"CONFIG={config}", f"WORKDIR={run_dir}",
+                  f"WORKLOAD={workload_name(i, run_name(overrides))}",
+                  str(ROOT / "launch" / "xpk.sh"), "run", "--", *args])
   return out
+
+
+def workload_name(index: int, name: str) -> str:
+  """A GKE workload name for run `index` of a sweep: lowercase letters, digits and '-',
+  at most 40 characters, distinct per run even where the runs' names differ only in
+  characters Kubernetes does not allow."""
+  prefix = re.sub(r"[^a-z0-9-]+", "-", os.environ.get("WORKLOAD", "jaxscore").lower())
+  digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+  return f"{prefix.strip('-')[:24] or 'jaxscore'}-{index}-{digest}"
 
 
 def summary(workdir: str, sweep: list[dict]) -> str:

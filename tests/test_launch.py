@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,71 @@ def test_tpu_vm_requires_its_variables():
   assert rc != 0 and "TPU_NAME" in err
   rc, _, err = _dry("tpu_vm.sh", "run", **TPU)
   assert rc != 0 and "CONFIG" in err
+
+
+XPK = dict(CLUSTER="score-gke", ZONE="us-west4-a", PROJECT="my-proj")
+
+
+def test_xpk_create_asks_for_the_slices_and_capacity():
+  rc, out, _ = _dry("xpk.sh", "create", ACCELERATOR="v5litepod-16", NUM_SLICES="2", SPOT="1",
+                    **XPK)
+  assert rc == 0
+  assert out.strip() == ("xpk cluster create --cluster=score-gke --zone=us-west4-a "
+                         "--project=my-proj --tpu-type=v5litepod-16 --num-slices=2 --spot")
+  out = _dry("xpk.sh", "create", RESERVATION="res-1", **XPK)[1]
+  assert "--tpu-type=v5litepod-16 --num-slices=1 --reservation=res-1" in out
+
+
+def test_xpk_run_is_one_workload_data_parallel_over_the_slices():
+  env = dict(XPK, NUM_SLICES="2", CONFIG="configs/score.py:math", WORKDIR="gs://b/run1",
+             WORKLOAD="score-math-1")
+  rc, out, _ = _dry("xpk.sh", "run", "--", "--config.score.alpha=5", **env)
+  assert rc == 0
+  plain = out.replace("\\", "")
+  assert plain.startswith("xpk workload create --cluster=score-gke --zone=us-west4-a "
+                          "--project=my-proj --workload=score-math-1 --tpu-type=v5litepod-16 "
+                          "--num-slices=2 --base-docker-image=python:3.11 --script-dir=")
+  for part in ("JAXSCORE_DISTRIBUTED=auto python -m jaxscore.main", "--config.mesh.dcn=2",
+               "--config=configs/score.py:math", "--workdir=gs://b/run1",
+               "--config.score.alpha=5", "pip install -q -e '.[tpu]'"):
+    assert part in plain, part
+  built = _dry("xpk.sh", "run", IMAGE="gcr.io/p/jaxscore:1", **env)[1].replace("\\", "")
+  assert "--docker-image=gcr.io/p/jaxscore:1 --command=cd /app && JAXSCORE" in built
+  assert "pip install" not in built
+  rc, out, _ = _dry("xpk.sh", "build", IMAGE="gcr.io/p/jaxscore:1", **XPK)
+  assert rc == 0 and "docker build -t gcr.io/p/jaxscore:1 -f" in out and "docker push" in out
+  assert (ROOT / "launch" / "Dockerfile").exists()
+
+
+def test_xpk_logs_list_stop_delete():
+  logs = _dry("xpk.sh", "logs", WORKLOAD="score-math-1", **XPK)[1].splitlines()
+  assert logs[0].startswith("gcloud container clusters get-credentials score-gke "
+                            "--zone=us-west4-a --project=my-proj")
+  assert "jobset-name=score-math-1" in logs[1] and "job-completion-index=0" in logs[1]
+  assert _dry("xpk.sh", "list", **XPK)[1].startswith("xpk workload list --cluster=score-gke")
+  assert _dry("xpk.sh", "stop", WORKLOAD="w1", **XPK)[1].strip().endswith("--workload=w1")
+  assert _dry("xpk.sh", "delete", **XPK)[1].startswith("xpk cluster delete --cluster=score-gke")
+
+
+def test_xpk_requires_its_variables():
+  rc, _, err = _dry("xpk.sh", "create", ZONE="z")
+  assert rc != 0 and "CLUSTER" in err
+  for cmd, missing in (("run", "CONFIG"), ("logs", "WORKLOAD"), ("stop", "WORKLOAD"),
+                       ("build", "IMAGE")):
+    rc, _, err = _dry("xpk.sh", cmd, **dict(XPK, WORKLOAD="")) if missing == "WORKLOAD" \
+        else _dry("xpk.sh", cmd, **XPK)
+    assert rc != 0 and missing in err, (cmd, err)
+
+
+def test_sweep_on_xpk_submits_one_named_workload_per_run(tmp_path):
+  runs = [{"score.alpha": 1.0}, {"score.alpha": 10.0}, {"model.name": "Qwen/Qwen3-8B"}]
+  cmds = sweep.commands("configs/score.py:math", "gs://b/sweep", runs, "xpk")
+  names = [next(a for a in c if a.startswith("WORKLOAD=")).split("=", 1)[1] for c in cmds]
+  assert len(set(names)) == 3
+  assert all(re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", n) and len(n) <= 40 for n in names)
+  assert cmds[1][-4:] == [str(ROOT / "launch" / "xpk.sh"), "run", "--",
+                          "--config.score.alpha=10.0"]
+  assert "WORKDIR=gs://b/sweep/score.alpha=10.0" in cmds[1]
 
 
 def test_gpu_host_multi_host_environment():

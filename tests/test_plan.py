@@ -48,15 +48,17 @@ def test_every_variant_of_every_config_file_is_planned():
 
 def test_weights_per_device_follow_the_sharding(tmp_path):
   """Resident weights are the parameter count times 4 bytes, replicated on every device
-  (data_parallel), or an eighth of it with fsdp over 8 devices."""
+  (data_parallel), an eighth of it with fsdp over 8 devices, a quarter with fsdp inside
+  each of two slices (the slices hold a copy each)."""
   tiny = _tiny(tmp_path)
   norms = 2 * 2 * 64 + 64  # Two per layer and the final one: never split.
   matrices = 2 * 512 * 64 + 2 * (2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128)
-  for rules, mesh, share in (("data_parallel", "--config.mesh.data=-1", 1),
-                             ("fsdp", "--config.mesh.fsdp=-1", 8)):
+  for rules, mesh, share in (("data_parallel", ["--config.mesh.data=-1"], 1),
+                             ("fsdp", ["--config.mesh.fsdp=-1"], 8),
+                             ("fsdp", ["--config.mesh.fsdp=-1", "--config.mesh.dcn=2"], 4)):
     out = _plan("--config=configs/score.py:cpu", "--hbm_gib=1", f"--model={tiny}",
                 "--prompt_len=32", f"--config.mesh.rules={rules}", "--config.mesh.data=1"
-                if rules == "fsdp" else "--config.mesh.fsdp=1", mesh)
+                if rules == "fsdp" else "--config.mesh.fsdp=1", *mesh)
     assert out.returncode == 0, out.stderr[-3000:]
     resident = next(l for l in out.stdout.splitlines() if "resident:" in l)
     weights = float(resident.split("weights ")[1].split(",")[0])
@@ -93,7 +95,7 @@ def test_contradicting_fields_and_unknown_keys_are_user_errors(tmp_path):
   out = _plan("--config=configs/score.py:cpu,runlocal", f"--model={tiny}", "--hbm_gib=1")
   assert out.returncode == 2, out.stderr
   assert "rollout.prompts_per_step x rollout.group_size = 4 rows do not split over " \
-         "mesh.data x mesh.fsdp = 8" in out.stderr
+         "mesh.dcn x mesh.data x mesh.fsdp = 8" in out.stderr
   out = _plan("--config=configs/score.py:cpu", f"--model={tiny}", "--hbm_gib=1",
               "--config.objective=grpo", "--config.grpo.minibatches=3")
   assert out.returncode == 2 and "grpo.minibatches=3" in out.stderr, out.stderr
@@ -104,6 +106,11 @@ def test_contradicting_fields_and_unknown_keys_are_user_errors(tmp_path):
   assert out.returncode == 2 and "no config file configs/nope.py" in out.stderr
   out = _plan("--config=configs/score.py:cpu", "--topology=v5e:2x4", f"--model={tiny}")
   assert out.returncode == 2 and "--topology=v5e:2x4" in out.stderr
+  out = _plan("--config=configs/score.py:cpu", "--slices=2", f"--model={tiny}")
+  assert out.returncode == 2 and "--slices=2 needs --topology" in out.stderr
+  out = _plan("--config=configs/score.py:cpu", "--config.mesh.dcn=3", f"--model={tiny}",
+              "--hbm_gib=1")
+  assert out.returncode == 2 and "mesh.dcn=3 slices do not divide 8 devices" in out.stderr
 
 
 def test_a_program_the_compiler_refuses_for_memory_does_not_fit():

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import jax
 import pytest
@@ -20,7 +21,7 @@ def test_meshes_match_one_device_and_rules():
   out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  for mesh in ("(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)"):
+  for mesh in ("(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 2, 2)"):
     assert f"OK mesh={mesh}" in out.stdout
   assert out.stdout.count("OK error") == 3
 
@@ -32,9 +33,26 @@ def test_rules_map_logical_axes():
   assert sharding.spec(("layers", "embed", "heads", "head_dim"), rules) == \
       jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   assert sharding.spec(("activation_batch", "activation_length", "activation_embed"),
-                       rules) == jax.sharding.PartitionSpec(("data", "fsdp"), None, None)
+                       rules) == jax.sharding.PartitionSpec(("dcn", "data", "fsdp"), None, None)
   mesh = sharding.make_mesh(1, 1, 1)
   assert jax.tree.structure(sharding.param_shardings(cfg, mesh, rules)) == \
       jax.tree.structure(model_lib.init(cfg, jax.random.key(0)))
   with pytest.raises(sharding.ShardingError, match="needs 2 devices"):
     sharding.make_mesh(2, 1, 1)
+
+
+def test_slices_follow_slice_index_then_process_then_order():
+  dev = lambda i, s, p: types.SimpleNamespace(id=i, slice_index=s, process_index=p)
+  # Two slices of two hosts each, listed out of order.
+  devs = [dev(i, s, p) for i, (s, p) in enumerate([(1, 2), (0, 0), (1, 3), (0, 1)])]
+  assert [[d.id for d in g] for g in sharding._slices(devs, 2)] == [[1, 3], [0, 2]]
+  with pytest.raises(sharding.ShardingError, match="span 2 slices: set mesh.dcn=2"):
+    sharding._slices(devs, 1)
+  # GPU hosts (no slice_index): one slice per process.
+  gpus = [types.SimpleNamespace(id=i, process_index=i % 2) for i in range(4)]
+  assert [[d.id for d in g] for g in sharding._slices(gpus, 2)] == [[0, 2], [1, 3]]
+  # One process's fake devices: consecutive runs.
+  fake = [types.SimpleNamespace(id=i) for i in range(4)]
+  assert [[d.id for d in g] for g in sharding._slices(fake, 2)] == [[0, 1], [2, 3]]
+  with pytest.raises(sharding.ShardingError, match="mesh.dcn=3 slices do not divide 1"):
+    sharding.make_mesh(dcn=3)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -311,3 +312,54 @@ except FileNotFoundError as e:
   ours = np.asarray(model_lib.apply(params, jnp.arange(12).reshape(2, 6), cfg)[0])
   np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), ours, rtol=1e-5, atol=1e-5)
   assert "ERR 'acme/not-cached' is not in the Hugging Face cache" in out.stdout
+
+
+def _exported(tmp_path):
+  out = tmp_path / "exported"
+  (out / "base").mkdir(parents=True)
+  for name in ("config.json", "model.safetensors", "tokenizer.json", "base/model.safetensors"):
+    (out / name).write_text(name)
+  (out / "jaxscore_export.json").write_text(json.dumps(
+      {"step": 40, "which": "best", "base_model": "smollm2-135m-instruct"}))
+  return out
+
+
+def test_push_to_hub_uploads_the_export_without_a_local_base(tmp_path, monkeypatch):
+  import huggingface_hub
+
+  from jaxscore import export
+
+  calls = {}
+  monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                      lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, kw)))
+
+  def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message, **kw):
+    files = sorted(str(p.relative_to(folder_path)) for p in
+                   pathlib.Path(folder_path).rglob("*") if p.is_file()
+                   and not any(p.relative_to(folder_path).match(g) for g in ignore_patterns))
+    calls["upload"] = (repo_id, files, commit_message)
+    return huggingface_hub.CommitInfo(
+        commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message="",
+        commit_description="", oid="abc")
+
+  monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+  out = _exported(tmp_path)
+  assert export.push_to_hub(out, "me/score-cpu") == "https://huggingface.co/me/score-cpu/commit/abc"
+  assert calls["create"] == ("me/score-cpu", {"repo_type": "model", "private": True,
+                                               "exist_ok": True})
+  repo, files, message = calls["upload"]
+  assert files == ["config.json", "jaxscore_export.json", "model.safetensors",
+                   "tokenizer.json"]
+  assert message == "jaxscore export: step 40 (best) of smollm2-135m-instruct"
+  with pytest.raises(export.ExportError, match="expected a repository id org/name"):
+    export.push_to_hub(out, "score-cpu")
+
+
+def test_push_to_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
+  from huggingface_hub import constants
+
+  from jaxscore import export
+
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  with pytest.raises(export.ExportError, match="HF_HUB_OFFLINE is set; unset it to upload"):
+    export.push_to_hub(_exported(tmp_path), "me/score-cpu")

@@ -2,9 +2,13 @@
 
 The model names every parameter, cache and large-activation axis (see
 `model.param_axes`, `model.cache_axes`, `model.ACT_EMBED`); a topology is a small rules
-table from those names to the mesh axes `data`, `fsdp` and `tensor`:
+table from those names to the mesh axes `dcn`, `data`, `fsdp` and `tensor`. `dcn` spans
+slices (TPU slices joined by the data-center network, or hosts without a fast
+interconnect): the batch is split over it and the weights are not, so the only traffic
+across it is the gradients' all-reduce; the other three axes live inside each slice:
 
-  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)           # one slice
+  mesh = make_mesh(data=1, fsdp=-1, tensor=1, dcn=2)   # two slices, fsdp inside each
   with activate(mesh, RULES["fsdp_tp"]):
     params = init_sharded(cfg, rng, mesh, RULES["fsdp_tp"])    # created in place
     state, metrics = jax.jit(train_step)(state, shard_batch(batch, mesh, rules), rng)
@@ -23,15 +27,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxscore.models import lora
 from jaxscore.models import model as model_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-_BATCH = ("data", "fsdp")
+_BATCH = ("dcn", "data", "fsdp")
 RULES: dict[str, Rules] = {
     # Replicated weights, batch split over every device.
     "data_parallel": (
@@ -53,30 +58,61 @@ class ShardingError(ValueError):
   """A mesh that does not fit the devices, or an axis that does not divide a dimension."""
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+  """A (dcn, data, fsdp, tensor) mesh: `dcn` slices of (data, fsdp, tensor) devices each.
+
+  One of data, fsdp, tensor may be -1 to take the rest of a slice's devices. Slices are
+  the devices' `slice_index` (multi-slice TPU), else their processes when there are `dcn`
+  of them, else `dcn` equal runs of consecutive devices (fake CPU devices).
+  """
   devices = list(devices if devices is not None else jax.devices())
+  if dcn < 1 or len(devices) % dcn:
+    raise ShardingError(f"mesh.dcn={dcn} slices do not divide {len(devices)} devices")
+  slices = _slices(devices, dcn)
+  per_slice = len(slices[0])
   sizes = [data, fsdp, tensor]
+  shown = lambda: dict(zip(MESH_AXES, [dcn, *sizes]))
   if sizes.count(-1) > 1:
     raise ShardingError("at most one mesh axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide "
-                          f"{len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ShardingError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                        f"devices, but there are {len(devices)}")
-  try:
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
-  except AssertionError:
-    # A described topology whose chips' cores are separate devices (v4 without megacore,
-    # as libtpu describes v4 slices for ahead-of-time compiles): devices in their order.
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES,
-                axis_types=(AxisType.Auto,) * 3)
+    if per_slice % known:
+      raise ShardingError(f"mesh {shown()} does not divide the {per_slice} devices of "
+                          f"each of {dcn} slice(s)")
+    sizes[sizes.index(-1)] = per_slice // known
+  if math.prod(sizes) != per_slice:
+    raise ShardingError(f"mesh {shown()} needs {dcn * math.prod(sizes)} devices, but "
+                        f"there are {len(devices)} ({dcn} slice(s) of {per_slice})")
+  grid = np.stack([_slice_grid(s, sizes) for s in slices])
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _slices(devices: list[jax.Device], dcn: int) -> list[list[jax.Device]]:
+  for key in ("slice_index", "process_index"):
+    groups: dict[int, list[jax.Device]] = {}
+    for d in devices:
+      groups.setdefault(getattr(d, key, 0), []).append(d)
+    if len(groups) == dcn and len({len(g) for g in groups.values()}) == 1:
+      return [groups[k] for k in sorted(groups)]
+    if key == "slice_index" and len(groups) > 1:
+      raise ShardingError(f"mesh.dcn={dcn}, but the devices span {len(groups)} slices: "
+                          f"set mesh.dcn={len(groups)}")
+  n = len(devices) // dcn
+  return [devices[i * n:(i + 1) * n] for i in range(dcn)]
+
+
+def _slice_grid(devices: list[jax.Device], sizes: list[int]) -> np.ndarray:
+  """Devices of one slice as a (data, fsdp, tensor) array laid out on the interconnect."""
+  for split_physical_axes in (False, True):  # Splitting a torus axis only if need be.
+    try:
+      return mesh_utils.create_device_mesh(
+          sizes, devices, allow_split_physical_axes=split_physical_axes)
+    except (AssertionError, NotImplementedError, ValueError):
+      pass
+  # A described topology whose chips' cores are separate devices (v4 without megacore,
+  # as libtpu describes v4 slices for ahead-of-time compiles): the devices in order.
+  return np.array(devices).reshape(sizes)
 
 
 @contextlib.contextmanager

@@ -65,7 +65,7 @@ class Preemption:
 
 
 def mesh_from_config(c):
-  return (sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+  return (sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn),
           sharding.RULES[c.mesh.rules])
 
 
