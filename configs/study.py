@@ -16,7 +16,9 @@ import pathlib
 
 import ml_collections
 
-VARIANTS = ("cpu", "gsm8k")
+VARIANTS = ("cpu", "gsm8k", "score_effect")
+# The configs/score.py variant each study variant starts from.
+_SCORE_VARIANT = {"score_effect": "cpu_correct"}
 _SCORE = pathlib.Path(__file__).with_name("score.py")
 SELF_REFINE_PROMPT = ("Review your previous answer step by step and point out any "
                       "mistakes. Then give a corrected solution, ending with the final "
@@ -34,7 +36,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   variant, *options = arg.split(",") if arg else ["cpu"]
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
-  c = _score_config(",".join([variant, *options]))
+  c = _score_config(",".join([_SCORE_VARIANT.get(variant, variant), *options]))
   c.unlock()
 
   c.study = ml_collections.ConfigDict()
@@ -71,6 +73,16 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c.evaluate.batch_size = 20
     c.offline.batch_size = 8
     c.offline.num_epochs = 2
+  elif variant == "score_effect":
+    # Whether SCoRe turns a second attempt that does not help into one that fixes the
+    # first, against its ablations (SCoRe's Table 4), on configs/score.py:cpu_correct:
+    # every arm samples the same episodes; the intrinsic protocol is the one that counts.
+    c.study.arms = "base,score,score_alpha0,stage2_only,single_turn_pg"
+    c.study.reference_arm = "score"
+    c.study.episodes = 16 * 36
+    c.study.train_turns = 2
+    c.study.eval_turns = 2
+    c.study.pass_k_samples = 2
   elif variant == "gsm8k":
     # GSM8K (the paper): 8-turn evaluation and pass@8, GRPO with 8 samples per prompt.
     c.rollout.group_size = 8
@@ -109,6 +121,16 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       "score": ("method=rl;objective=score;rollout.num_turns=2;rollout.feedback=instruction;"
                 "score.stages=" + (f"I:{stage1},II:{steps - stage1}" if stage1
                                     else f"II:{steps}")),
+      # SCoRe's ablations (its Table 4): no progress bonus; multi-turn RL without Stage
+      # I; single-turn RL (the same objective, one attempt, no bonus).
+      "score_alpha0": ("method=rl;objective=score;rollout.num_turns=2;"
+                       "rollout.feedback=instruction;score.alpha=0.0;score.stages="
+                       + (f"I:{stage1},II:{steps - stage1}" if stage1 else f"II:{steps}")),
+      "stage2_only": ("method=rl;objective=score;rollout.num_turns=2;"
+                      f"rollout.feedback=instruction;score.stages=II:{steps}"),
+      "single_turn_pg": ("method=rl;objective=pg;rollout.num_turns=1;"
+                         f"rollout.feedback=instruction;pg.num_steps={steps};"
+                         "pg.beta=" + str(c.score.beta1)),
       "star": "method=star;objective=sft",
       "pair_sft": "method=pair_sft;objective=sft",
   })

@@ -7,6 +7,7 @@ compiling the embedded 135M model's paper-size steps for every study arm takes m
 on 2 cores; `jaxscore plan --model` plans the real models the same way.
 """
 
+import importlib.util
 import json
 import pathlib
 import sys
@@ -18,8 +19,18 @@ from jaxscore import plan
 
 assert jax.device_count() == 8, jax.devices()
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANTS = {"score.py": ("cpu", "gsm8k", "math", "code"), "study.py": ("cpu", "gsm8k"),
-            "self_explore.py": ("cpu", "gsm8k", "math")}
+FILES = ("score.py", "study.py", "self_explore.py")
+
+
+def variants(file: str) -> tuple[str, ...]:
+  """The variants a config file declares (its VARIANTS)."""
+  spec = importlib.util.spec_from_file_location(file[:-3], ROOT / "configs" / file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.VARIANTS
+
+
+VARIANTS = {file: variants(file) for file in FILES}
 
 tiny = pathlib.Path(tempfile.mkdtemp()) / "tiny"
 tiny.mkdir()

@@ -51,6 +51,37 @@ def test_edit_distance_ratio_by_hand():
   assert m["edit_distance_ratio"] == pytest.approx((3 / 13 + 0.0) / 2)
 
 
+def test_edit_distance_against_the_textbook_table():
+  def textbook(a, b):  # Wagner-Fischer, cell by cell.
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+      for j in range(1, len(b) + 1):
+        d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[-1][-1]
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    a, b = (rng.integers(0, 4, rng.integers(0, 15)).tolist() for _ in range(2))
+    assert evaluate.edit_distance(a, b) == textbook(a, b), (a, b)
+    assert evaluate.edit_distance("".join(map(str, a)), "".join(map(str, b))) == textbook(a, b)
+  assert evaluate.edit_distance("naïve café", "naive cafe") == 2
+
+
+def test_training_batch_self_correction_metrics_by_hand():
+  from jaxscore.loops import online
+
+  # Rows: i->c, c->c, c->i, i->i; attempts identical, disjoint, dropped, both empty.
+  rewards = np.array([[0, 1], [1, 1], [1, 0], [0, 0]])
+  ids = [[[1, 2, 3], [1, 2], [5], []], [[1, 2, 3], [3, 4], [], []]]
+  m = online.self_correction_metrics(rewards, ids)
+  assert m == {"self_correction/delta": 0.0, "self_correction/delta_i_to_c": 0.25,
+               "self_correction/delta_c_to_i": 0.25,
+               "self_correction/edit_distance_ratio": pytest.approx((0 + 2 / 4 + 1 + 0) / 4)}
+  # On at most 2 rows: the first and the last, both unchanged.
+  assert online.self_correction_metrics(rewards, ids, max_rows=2)[
+      "self_correction/edit_distance_ratio"] == 0.0
+
+
 def test_report_table_names_turns_from_their_number():
   assert evaluate.table_keys(1) == ["acc@t1"]
   assert evaluate.table_keys(3) == ["acc@t1", "acc@t2", "acc@t3", "delta(t1,t3)",

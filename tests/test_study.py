@@ -16,7 +16,8 @@ from configs import study as study_config  # noqa: E402
 from conftest import require_embedded  # noqa: E402
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gsm8k", "cpu,runlocal"])
+@pytest.mark.parametrize("variant", ["cpu", "gsm8k", "cpu,runlocal", "score_effect",
+                                     "score_effect,runlocal"])
 def test_every_arm_is_a_valid_override_of_the_config(variant):
   c = study_config.get_config(variant)
   rl_batch = c.rollout.prompts_per_step * c.rollout.group_size
@@ -58,16 +59,18 @@ def test_bad_arms_are_clear_errors():
 
 @pytest.mark.slow
 def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsys):
-  """One arm per method and evaluation protocol on the embedded model: the other RL arms
-  differ from multi_turn_decayed only in config overrides, which the test above checks
-  (each RL arm costs half a minute here, mostly saving 1.6 GB of parameters and Adam
-  state)."""
+  """Every method but RL and every evaluation protocol on the embedded model. RL arms run
+  end to end in the score_effect experiment's test below (score and pg), and multi-turn
+  GRPO with feedback through the same loop in test_feedback_rl.py; the other RL arms
+  differ from those only in config overrides, which the tests above check (each RL arm
+  costs half a minute here, mostly saving 1.6 GB of parameters and Adam state)."""
   require_embedded()
   c = study_config.get_config("cpu,runlocal")
   c.unlock()
-  c.study.arms = "base,self_refine,multi_turn_decayed,star,pair_sft"
+  c.study.arms = "base,self_refine,star,pair_sft"
   c.lock()
-  assert {study.arm_config(c, n)[0] for n in c.study.arms.split(",")} == set(study.METHODS)
+  assert {study.arm_config(c, n)[0] for n in c.study.arms.split(",")} == \
+      set(study.METHODS) - {"rl"}
   results = study.Study(c, tmp_path).run()
   names = c.study.arms.split(",")
   assert list(results) == names
@@ -103,6 +106,44 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
   capsys.readouterr()
   study.Study(c, tmp_path).run()
   assert capsys.readouterr().out.count("finished earlier") == len(names)
+
+
+def test_score_effect_arms_are_scores_ablations():
+  c = study_config.get_config("score_effect")
+  arms = {name: study.arm_config(c, name)[1] for name in c.study.arms.split(",")}
+  assert set(arms) == {"base", "score", "score_alpha0", "stage2_only", "single_turn_pg"}
+  score, alpha0, stage2, single = (arms[n] for n in ("score", "score_alpha0", "stage2_only",
+                                                     "single_turn_pg"))
+  assert score.score.stages == alpha0.score.stages == "I:12,II:24"
+  assert score.score.alpha == 10.0 and alpha0.score.alpha == 0.0
+  assert stage2.score.stages == "II:36"
+  assert (single.objective, single.rollout.num_turns, single.pg.num_steps) == ("pg", 1, 36)
+  assert single.pg.beta == score.score.beta1
+
+
+@pytest.mark.slow
+def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
+  """benchmarks/score_effect.py at smoke sizes: every arm trains and is evaluated, and the
+  report has each arm's row, the paired differences, a verdict and the curves."""
+  import subprocess
+
+  require_embedded()
+  out = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "score_effect.py"),
+       "--config=configs/study.py:score_effect,runlocal", f"--workdir={tmp_path / 'run'}",
+       f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  text = (tmp_path / "out" / "score_effect.md").read_text()
+  for name in ("base", "score", "score_alpha0", "stage2_only", "single_turn_pg"):
+    assert f"| {name} |" in text, name
+  assert "Each arm minus score" in text and "SCoRe's" in text
+  data = json.loads((tmp_path / "out" / "score_effect.json").read_text())
+  curves = data["curves"]
+  assert curves["base"] == [] and len(curves["score"]) == 2  # runlocal: I:1, II:1.
+  for record in curves["score"] + curves["stage2_only"]:
+    assert 0 <= record["self_correction/edit_distance_ratio"] <= 1 and "kl/t1" in record
+  assert "self_correction/delta" not in curves["single_turn_pg"][0]  # One attempt.
+  assert (tmp_path / "out" / "score_effect.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscore import evaluate
 from jaxscore import objectives as objectives_lib
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common
@@ -62,6 +63,23 @@ def seeded_problems(problems, start: int, count: int, seed: int):
     order = np.random.default_rng([seed, epoch]).permutation(n)
     out.append(problems[order[pos]])
   return out
+
+
+def self_correction_metrics(rewards_BxN: np.ndarray, ids: list[list[list[int]]],
+                            max_rows: int = 64) -> dict[str, float]:
+  """What SCoRe watches for collapse, on the training batch: Delta between the first and
+  the last attempt, its two flips, and the edit-distance ratio between the attempts'
+  tokens (near 0: the model repeats itself). The ratio is taken on at most `max_rows`
+  evenly spaced rows, which keeps it to a second at paper sizes."""
+  m = evaluate.metrics(rewards_BxN)
+  n = rewards_BxN.shape[1]
+  rows = np.unique(np.linspace(0, len(ids[0]) - 1, min(max_rows, len(ids[0]))).astype(int))
+  ratios = [evaluate.edit_distance(ids[0][r], ids[-1][r]) /
+            max(len(ids[0][r]) + len(ids[-1][r]), 1) for r in rows]
+  return {"self_correction/delta": m[f"delta(t1,t{n})"],
+          "self_correction/delta_i_to_c": m["delta_i->c"],
+          "self_correction/delta_c_to_i": m["delta_c->i"],
+          "self_correction/edit_distance_ratio": float(np.mean(ratios))}
 
 
 def batch_problems(problems, step: int, prompts_per_step: int, seed: int):
@@ -206,6 +224,8 @@ class OnlineLoop:
           if self.feedback.stops_when_correct else float(rewards[:, t].mean())
           for t in range(rewards.shape[1])}
     m |= {"turns/mean": float(taken.sum(1).mean())} if self.feedback.stops_when_correct else {}
+    if rewards.shape[1] >= 2 and not self.feedback.stops_when_correct:
+      m |= self_correction_metrics(rewards, ro.ids)
     # The sample budget: episodes and tokens sampled (all turns) this step.
     m |= {"budget/episodes": len(rows),
           "budget/tokens": sum(len(r) for turn_ids in ro.ids for r in turn_ids)}
