@@ -43,16 +43,20 @@ def run_study(config: str, workdir: pathlib.Path, overrides: list[str]) -> None:
 
 
 def load(workdir: pathlib.Path) -> dict:
-  """Each arm's result and its training curves (metrics.jsonl), in the study's order."""
+  """Each finished arm's result and its training curves (metrics.jsonl), in the study's
+  order, and the names of the arms not finished yet."""
   config = json.loads((workdir / "config.json").read_text())
-  out = {}
+  out, missing = {}, []
   for name in [n.strip() for n in config["study"]["arms"].split(",") if n.strip()]:
+    if not (workdir / "arms" / name / "result.json").exists():
+      missing.append(name)
+      continue
     arm = json.loads((workdir / "arms" / name / "result.json").read_text())
     log = workdir / "arms" / name / "train" / "metrics.jsonl"
     arm["curves"] = ([json.loads(line) for line in log.read_text().splitlines() if line]
                      if log.exists() else [])
     out[name] = arm
-  return {"config": config, "arms": out}
+  return {"config": config, "arms": out, "missing": missing}
 
 
 def paired(a, b, seed: int = 0) -> tuple[float, float, float]:
@@ -120,6 +124,9 @@ def report(data: dict) -> tuple[str, dict]:
                    f"{_cell(d['intrinsic/delta'], True)} |")
   if ref in summary:
     lines += ["", verdict(summary[ref]["intrinsic/delta"], n)]
+  if data["missing"]:
+    lines += ["", "Not finished yet (rerun the command to resume): "
+              + ", ".join(data["missing"]) + "."]
   lines += ["", "Training curves per step (score_effect.png): " + "; ".join(
       f"{name}: " + ", ".join(
           f"{label.split(',')[0]} {_first_last(a['curves'], key)}" for key, label in CURVES
@@ -160,9 +167,12 @@ def main():
   parser.add_argument("--config", default="configs/study.py:score_effect")
   parser.add_argument("--workdir", default=str(ROOT / "runs" / "score_effect"))
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--report_only", action="store_true",
+                      help="write the report from the arms finished so far; train nothing")
   args, overrides = parser.parse_known_args()
   workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
-  run_study(args.config, workdir, overrides)
+  if not args.report_only:
+    run_study(args.config, workdir, overrides)
   data = load(workdir)
   text, payload = report(data)
   out.mkdir(parents=True, exist_ok=True)
