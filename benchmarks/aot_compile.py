@@ -20,6 +20,7 @@ import pathlib
 import sys
 import time
 
+
 def memory_gib(compiled) -> dict:
   """Per-device memory of a compiled step, from XLA's memory analysis, in GiB."""
   mem = compiled.memory_analysis()
@@ -46,13 +47,15 @@ def append_row(out: pathlib.Path, result: dict, target: str, sizes, args) -> Non
   with open(md, "a") as f:
     f.write(f"| {target} | {args.model} | {result['params_b']:.2f} | "
             f"{tuple(sizes)} | {args.rules} | {args.batch} x {args.seq} | {args.remat} | "
-            f"{args.logits_chunk or 'none'} | {result['total_per_device_gib']:.2f} | {result['temp_gib']:.2f} | "
+            f"{args.logits_chunk or 'none'} | {result['total_per_device_gib']:.2f} | "
+            f"{result['temp_gib']:.2f} | "
             f"{result['compile_s']} |\n")
 
 
 def parse_args():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--topology", default="v5e:4x4", help="e.g. v5e:4x4 (v5e-16), v4:2x2x4 (v4-32)")
+  parser.add_argument("--topology", default="v5e:4x4",
+                      help="e.g. v5e:4x4 (v5e-16), v4:2x2x4 (v4-32)")
   parser.add_argument("--model", default="gemma3-4b",
                       help="a named shape of jaxscore.models.shapes (gemma3-1b, gemma3-4b, "
                       "gemma3-12b, qwen3-0.6b, qwen3-8b, llama3.1-8b)")

@@ -30,13 +30,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import MODELS, load_model, results_stem, write_results  # pylint: disable=g-import-not-at-top
+from train_memory import make_batch  # pylint: disable=g-import-not-at-top
 
 from jaxscore.loops import train as train_lib
 from jaxscore.models import lora
 from jaxscore.objectives import policy_gradient as pg
-
-from bench_util import MODELS, load_model, results_stem, write_results  # pylint: disable=g-import-not-at-top
-from train_memory import make_batch  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 2**30

@@ -42,7 +42,8 @@ def main():
   gsm = make_task("gsm8k", sources={"test": str(data / "gsm8k" / "test.jsonl")})
   gsm_p = gsm.problems("test")
   gsm_r = [f"Step by step...\nThe answer is {p.answer}." for p in gsm_p]
-  math_p = make_task("math", sources={"test": str(data / "math500" / "test.jsonl")}).problems("test")
+  math_p = make_task("math", sources={"test": str(data / "math500" / "test.jsonl")}
+                     ).problems("test")
   math_r = [f"Final Answer: The final answer is ${answers.last_boxed(p.solution)}$. "
             "I hope it is correct." for p in math_p]
   mbpp = make_task("mbpp", sources={"test": str(data / "mbpp" / "mbpp.jsonl")})
@@ -90,7 +91,8 @@ def main():
     lines.append(f"| {name} | {r['problems']} | {r['seconds']:.2f} | {r['per_s']:.1f} | "
                  f"{r['correct']:.0f} |")
   for w in (1, 2):
-    iso, old = rows[f"mbpp isolated, {w} worker(s)"], rows[f"mbpp one process (earlier), {w} worker(s)"]
+    iso = rows[f"mbpp isolated, {w} worker(s)"]
+    old = rows[f"mbpp one process (earlier), {w} worker(s)"]
     lines.append(f"\nMBPP, {w} worker(s): isolation costs {old['per_s'] / iso['per_s']:.2f}x the "
                  "earlier path's time per problem.")
   for w in (1, 2):

@@ -33,13 +33,11 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import MODELS, load_model, results_stem, timed, transformers_model, write_results  # pylint: disable=g-import-not-at-top
 
 from jaxscore.sampling import formats
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import prompts
-
-from bench_util import (MODELS, load_model, results_stem,  # pylint: disable=g-import-not-at-top
-                        timed, transformers_model, write_results)
 
 QUESTIONS = [f"What is {a} + {b}? Explain step by step." for a, b in
              [(12, 7), (345, 678), (9, 9), (1024, 2048), (57, 86), (3, 14), (250, 750), (88, 11)]]
@@ -212,7 +210,8 @@ def _same_until_eos(ours, theirs, eos):
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="embedded", choices=MODELS,
-                      help="the embedded model, or random weights of Qwen2.5-1.5B / Llama-3-8B shape")
+                      help="the embedded model, or random weights of Qwen2.5-1.5B / "
+                           "Llama-3-8B shape")
   parser.add_argument("--batches", default="1,16,64")
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))

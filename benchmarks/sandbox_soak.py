@@ -19,7 +19,6 @@ process caps allow; and afterwards no sandbox process or cgroup is left.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import subprocess
@@ -27,10 +26,10 @@ import sys
 import threading
 import time
 
+from bench_util import write_results  # pylint: disable=g-import-not-at-top
+
 from jaxscore.tasks import bounds, make_task, sandbox
 from jaxscore.tasks.base import Problem
-
-from bench_util import write_results  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

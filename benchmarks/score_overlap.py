@@ -22,6 +22,7 @@ import pathlib
 import time
 
 import jax
+from bench_util import TimedTask, write_results  # pylint: disable=g-import-not-at-top
 
 from jaxscore import tasks
 from jaxscore.loops import online
@@ -29,8 +30,6 @@ from jaxscore.models import pretrained
 from jaxscore.sampling import formats
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
-
-from bench_util import TimedTask, write_results  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -102,7 +101,8 @@ def main():
            f"Embedded SmolLM2-135M, float32, {meta['device']}, {meta['cpus']} CPUs, jax "
            f"{meta['jax']}. Batch {meta['batch']} episodes ({args.prompts} prompts x "
            f"{args.group}), up to {args.turns} turns of up to {args.new_tokens} tokens, unary "
-           "feedback after wrong attempts, greedy (identical tokens in every setting). The settings alternate within each "
+           "feedback after wrong attempts, greedy (identical tokens in every setting). "
+           "The settings alternate within each "
            f"of {args.rounds} timed rounds (after a compiling one), on the same problems and "
            "seeds. `splits` = `rollout.score_overlap_splits`: the batch cut in that many parts "
            "that take turns on the device, one part scored while the others sample.", "",

@@ -29,12 +29,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_util import MODELS, load_model, results_stem, sustained_matmul, write_results  # pylint: disable=g-import-not-at-top
 
 from jaxscore.loops import train as train_lib
 from jaxscore.objectives import policy_gradient as pg
-
-from bench_util import (MODELS, load_model, results_stem,  # pylint: disable=g-import-not-at-top
-                        sustained_matmul, write_results)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 def make_batch(cfg, b: int, t: int) -> pg.RLBatch:

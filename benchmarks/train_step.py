@@ -1,7 +1,8 @@
 """Train-step and full RL-iteration throughput, on any backend.
 
-  python benchmarks/train_step.py [--model embedded|gemma3-4b|qwen3-8b|...] [--prompts 4] [--group 4]
-                                  [--new_tokens 32] [--remat none|full|dots] [--logits_chunk N]
+  python benchmarks/train_step.py [--model embedded|gemma3-4b|qwen3-8b|...]
+      [--prompts 4] [--group 4] [--new_tokens 32] [--remat none|full|dots]
+      [--logits_chunk N]
 
 The embedded SmolLM2-135M by default, or random weights in the shape of Qwen2.5-1.5B or
 Llama-3-8B; float32 on CPU, bfloat16 weights and compute on a GPU or TPU, with the peak
@@ -34,15 +35,14 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_util import MODELS, TimedTask, load_model, results_stem, sustained_matmul, write_results  # pylint: disable=g-import-not-at-top
+
 from configs import score as score_config  # pylint: disable=g-import-not-at-top
 from jaxscore.loops import online
 from jaxscore.loops import train as train_lib
 from jaxscore.objectives import rl
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
-
-from bench_util import (MODELS, TimedTask, load_model,  # pylint: disable=g-import-not-at-top
-                        results_stem, sustained_matmul, write_results)
 
 
 def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
@@ -80,7 +80,8 @@ def feedback_rollouts(setup, params, problems, args, turns: int) -> dict:
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="embedded", choices=MODELS,
-                      help="the embedded model, or random weights of Qwen2.5-1.5B / Llama-3-8B shape")
+                      help="the embedded model, or random weights of Qwen2.5-1.5B / "
+                           "Llama-3-8B shape")
   parser.add_argument("--prompts", type=int, default=4)
   parser.add_argument("--group", type=int, default=4)
   parser.add_argument("--new_tokens", type=int, default=32)
@@ -195,7 +196,8 @@ def render(result, args) -> list[str]:
       f"pad_multiple={args.pad_multiple}, 0 being the longest possible episode). Mean of "
       f"{args.steps} iterations after a compiling one.", "",
       "| measure | value |", "|---|---|",
-      f"| {result['dtype']} matmul peak (2 s chain of 2048^3, median over the iterations) | {result['matmul_peak_gflops']:.1f} GFLOP/s |",
+      f"| {result['dtype']} matmul peak (2 s chain of 2048^3, median over the iterations) "
+      f"| {result['matmul_peak_gflops']:.1f} GFLOP/s |",
       f"| train step time | {result['update_s']:.2f} s |",
       f"| train step tokens/s | {result['update_tokens_per_s']:.0f} |",
       f"| train step achieved | {result['update_gflops']:.1f} GFLOP/s "

@@ -124,7 +124,7 @@ def check_rollout(c) -> None:
                 "sample_batches"):
     _require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
   _require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
-  splits, rows = ro.score_overlap_splits, rollout_rows(c)
+  splits = ro.score_overlap_splits
   if splits > 1:
     _require(feedback.stops_when_correct,
              f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "

@@ -1,5 +1,5 @@
 """Multi-turn evaluation: Acc@t per turn, Delta(t1, tN), Delta i->c, Delta c->i, and the
-edit-distance ratio between the first and last attempts (SPEC.md section 4; with two
+edit-distance ratio between the first and last attempts (SCoRe, arXiv 2409.12917; with two
 turns these are the paper's Delta(t1, t2) metrics). N counts turns."""
 
 from __future__ import annotations
@@ -85,13 +85,15 @@ def format_table(results: dict[str, dict], num_turns: int) -> str:
 
 def evaluate(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem], *,
              num_turns: int = 2, max_new_tokens: int = 256, batch_size: int = 32,
-             seed: int = 0, feedback: rollout_lib.Feedback = rollout_lib.Feedback()
+             seed: int = 0, feedback: rollout_lib.Feedback | None = None
              ) -> tuple[dict, list[dict]]:
   """Greedy multi-turn evaluation; returns (metrics, per-problem transcripts).
 
   With feedback that stops at the first correct answer (a T-turn dialogue), Acc@t is
-  the fraction of problems answered correctly by turn t.
+  the fraction of problems answered correctly by turn t. Default feedback: the task's
+  self-correction instruction after every attempt.
   """
+  feedback = rollout_lib.Feedback() if feedback is None else feedback
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
   smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), num_turns,
                                  max_new_tokens,

@@ -350,13 +350,12 @@ class Builder:
     """The sampler's prefill and widest decode compiled: (phases, KV cache bytes). Rows
     split over the batch axes as the online loop splits them, or (`shard_rows=False`,
     the offline stages' samplers) whole on every device."""
-    from jaxscore.infra import sharding
-
     import dataclasses as dc
 
     import jax
     import jax.numpy as jnp
 
+    from jaxscore.infra import sharding
     from jaxscore.sampling import sampler as sampler_lib
 
     rows_sharding, rules = self.rows, self.rules
@@ -400,7 +399,8 @@ def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
 
   from jaxscore import objectives
   from jaxscore.loops import online
-  from jaxscore.sampling import rollout, sampler as sampler_lib
+  from jaxscore.sampling import rollout
+  from jaxscore.sampling import sampler as sampler_lib
 
   ro = online.RolloutConfig(**c.rollout)
   sampling = sampler_lib.SamplingConfig(**c.sampler)
@@ -636,7 +636,8 @@ def run(args, overrides: Sequence[str]) -> int:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   c = load_config(args.config, overrides)
   plan = make_plan(c, args.config, topology=args.topology, devices=args.devices,
-                   slices=args.slices, hbm_gib=args.hbm_gib, model=args.model, prompt_len=args.prompt_len)
+                   slices=args.slices, hbm_gib=args.hbm_gib, model=args.model,
+                   prompt_len=args.prompt_len)
   print(plan.render(c))
   return 0 if plan.fits else 1
 

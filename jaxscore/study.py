@@ -18,7 +18,8 @@ Every arm trains on the same problems in the same seeded order (the RL loop's) a
 samples `study.episodes` training episodes (RL: steps x prompts x group; STaR and
 Pair-SFT: problems x samples), or, with `study.budget=tokens`, `study.tokens` sampled
 training tokens (all turns; the episodes become a cap, and an arm that reaches its cap
-first is flagged); the summary reports the episodes and the tokens each actually sampled. Evaluation protocols, on the same test problems for every arm (see
+first is flagged); the summary reports the episodes and the tokens each actually sampled.
+Evaluation protocols, on the same test problems for every arm (see
 `Study.evaluate`): single-turn pass@k, a T-turn dialogue with feedback that reveals
 correctness, and the intrinsic self-correction protocol (SCoRe's instruction after every
 attempt, correctness never revealed).
@@ -475,7 +476,7 @@ def write_summary(workdir, results: dict, c) -> None:
       mean = np.array([100 * m[k][0] for k in keys])
       lo, hi = (np.array([100 * m[k][j] for k in keys]) for j in (1, 2))
       ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=name)
-  for ax, (prefix, xlabel, ylabel) in zip(axes, panels):
+  for ax, (_, xlabel, ylabel) in zip(axes, panels):
     ax.set(xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
   axes[0].set_xscale("log")

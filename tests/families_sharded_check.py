@@ -11,9 +11,8 @@ import numpy as np
 from numerics import assert_close
 
 from jaxscore.infra import sharding
-from jaxscore.models import lora
+from jaxscore.models import lora, weights
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
 
 assert jax.device_count() == 8, jax.devices()
 

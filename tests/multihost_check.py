@@ -14,8 +14,10 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-from jaxscore.infra import distributed  # pylint: disable=g-import-not-at-top
-from jaxscore.infra import sharding
+from jaxscore.infra import (
+                            distributed,  # pylint: disable=g-import-not-at-top
+                            sharding,
+)
 from jaxscore.loops import online
 
 port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -13,9 +13,8 @@ import pytest
 from conftest import report_parity, require_torch
 from hf_tiny import FAMILIES, SLIDING, hf_logits, make_hf_model
 
-from jaxscore.models import families, hf_checkpoint, layers
+from jaxscore.models import families, hf_checkpoint, layers, weights
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
 from jaxscore.sampling import sampler as sampler_lib
 
 NEW = ["qwen3", "gemma2", "gemma3"]

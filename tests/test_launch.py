@@ -37,7 +37,8 @@ def test_tpu_vm_setup_and_run_go_to_every_worker():
   lines = out.strip().splitlines()
   assert all("--worker=all" in line for line in lines)
   assert "git\\ clone" in lines[0] and "pip\\ install\\ -e\\ \\'.\\[tpu\\]" in lines[1]
-  rc, out, _ = _dry("tpu_vm.sh", "run", "--", "--config.score.alpha=5", CONFIG="configs/score.py:math",
+  rc, out, _ = _dry("tpu_vm.sh", "run", "--", "--config.score.alpha=5",
+                    CONFIG="configs/score.py:math",
                     WORKDIR="gs://bucket/run1", **TPU)
   assert rc == 0
   assert "tpu-vm ssh score-v4 --zone=us-central2-b --project=my-proj --worker=all" in out
@@ -147,7 +148,8 @@ def test_sweep_expands_into_named_runs(tmp_path):
   assert len(set(workdirs)) == 4
   assert cmds[0][-2:] == ["--config.score.alpha=1.0", "--config.optim.learning_rate=1e-05"]
   tpu = sweep.commands(config, "gs://b/s", runs, "tpu")
-  assert tpu[0][-4:-2] == ["run", "--"] and "WORKDIR=gs://b/s/score.alpha=1.0,optim.learning_rate=1e-05" in tpu[0]
+  assert tpu[0][-4:-2] == ["run", "--"]
+  assert "WORKDIR=gs://b/s/score.alpha=1.0,optim.learning_rate=1e-05" in tpu[0]
 
 
 def test_sweep_summary_table(tmp_path):

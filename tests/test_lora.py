@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscore.models import lora
+from jaxscore.models import lora, weights
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
 
 BASE = weights.config_from_hf(dict(
     model_type="qwen3", vocab_size=97, hidden_size=32, intermediate_size=48,

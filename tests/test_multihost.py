@@ -30,7 +30,7 @@ def test_two_processes_train_checkpoint_resume_and_agree(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
   outs = [p.communicate(timeout=900) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
   results = [json.loads(next(l for l in out.splitlines() if l.startswith("RESULT"))[7:])
              for out, _ in outs]

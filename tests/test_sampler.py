@@ -9,8 +9,8 @@ import pytest
 from conftest import require_torch
 from hf_tiny import make_hf_model
 
-from jaxscore.models import model as model_lib
 from jaxscore.models import hf_checkpoint
+from jaxscore.models import model as model_lib
 from jaxscore.sampling import sampler as sampler_lib
 
 GREEDY = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=8)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import require_embedded, shared_data
+
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import dpo
 from jaxscore.self_explore import explore, steps
@@ -61,7 +61,8 @@ def test_dpo_loss_golden_and_prompt_tokens_get_no_gradient():
   loss, _ = dpo.dpo_loss(params, batch, None, None, cfg=CFG, beta=0.5)
   expected = []
   for e in PAIRS:
-    margin = ((_seq_logp(params, e["prompt"], e["chosen"]) - _seq_logp(ref, e["prompt"], e["chosen"]))
+    margin = ((_seq_logp(params, e["prompt"], e["chosen"])
+               - _seq_logp(ref, e["prompt"], e["chosen"]))
               - (_seq_logp(params, e["prompt"], e["rejected"])
                  - _seq_logp(ref, e["prompt"], e["rejected"])))
     expected.append(-math.log(1 / (1 + math.exp(-0.5 * margin))))

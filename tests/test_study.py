@@ -12,8 +12,9 @@ from jaxscore.loops import online
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from configs import study as study_config  # noqa: E402
 from conftest import require_embedded  # noqa: E402
+
+from configs import study as study_config  # noqa: E402
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gsm8k", "cpu,runlocal", "score_effect",
@@ -30,7 +31,7 @@ def test_every_arm_is_a_valid_override_of_the_config(variant):
           int(s.split(":")[1]) for s in config.stages.split(","))
       # Equal budgets: every RL arm samples the same number of episodes.
       assert steps * rl_batch == max(c.study.episodes // rl_batch, 1) * rl_batch, name
-      online.RolloutConfig(**ac.rollout).feedback_config  # Valid feedback.
+      assert online.RolloutConfig(**ac.rollout).feedback_config  # Valid feedback.
   _, single = study.arm_config(c, "single_turn_grpo")
   _, multi = study.arm_config(c, "multi_turn_decayed")
   assert single.rollout.num_turns == 1 and multi.rollout.num_turns == c.study.train_turns
@@ -274,7 +275,8 @@ def test_a_token_budget_stops_every_method_just_past_it(tmp_path):
     per_call = max(ac.evaluate.batch_size // st.c.study.samples_per_problem, 1)
     for r in budget["rounds"]:
       # Each round samples whole batches until its share is reached, and no more.
-      assert r["tokens"] >= share and r["sampled"] % (per_call * st.c.study.samples_per_problem) == 0
+      assert r["tokens"] >= share
+      assert r["sampled"] % (per_call * st.c.study.samples_per_problem) == 0
       assert r["sampled"] < st.c.study.episodes // rounds
     assert budget["tokens"] == sum(r["tokens"] for r in budget["rounds"]) >= 40
     assert not budget["capped"]

@@ -127,7 +127,8 @@ def test_humaneval_canonical_solutions_pass():
   problems = task.problems("test")
   assert len(problems) == 164
   scores = task.score(problems, [p.metadata["reference"] for p in problems])
-  assert all(s.reward == 1.0 for s in scores), [p.id for p, s in zip(problems, scores) if not s.reward]
+  assert all(s.reward == 1.0 for s in scores), [
+      p.id for p, s in zip(problems, scores) if not s.reward]
   wrong = task.score(problems[:10], ["    return None\n"] * 10)
   assert all(s.reward == 0.0 for s in wrong)
 
@@ -263,8 +264,7 @@ def tiny_tfds_gsm8k(tmp_path_factory):
       return {split: self._generate_examples(split) for split in _GSM8K_RECORDS}
 
     def _generate_examples(self, split):
-      for i, record in enumerate(_GSM8K_RECORDS[split]):
-        yield i, record
+      yield from enumerate(_GSM8K_RECORDS[split])
 
   JaxscoreTinyGsm8k(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
   return data_dir / "jaxscore_tiny_gsm8k" / "1.0.0"

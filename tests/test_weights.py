@@ -11,8 +11,8 @@ import pytest
 from conftest import report_parity, require_torch
 from hf_tiny import FAMILIES, SLIDING, hf_logits, make_hf_model, padded_batch
 
-from jaxscore.models import model as model_lib
 from jaxscore.models import gguf_checkpoint, hf_checkpoint, weights
+from jaxscore.models import model as model_lib
 
 
 def _jax_logits(cfg, params, tokens, mask):
@@ -94,7 +94,8 @@ def test_missing_tensor_is_named(tmp_path):
   tensors = load_file(path / "model.safetensors")
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, path / "model.safetensors")
-  with pytest.raises(weights.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+  with pytest.raises(weights.CheckpointError,
+                     match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
     hf_checkpoint.load_hf(path)
 
 
@@ -151,7 +152,8 @@ def test_truncated_safetensors_and_config_missing_a_field_are_named(tmp_path):
   path = _tiny_dir(tmp_path / "again")
   shard = path / "model.safetensors"
   shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
-  with pytest.raises(weights.CheckpointError, match=r"model\.safetensors: (not a readable|cannot read)"):
+  with pytest.raises(weights.CheckpointError,
+                     match=r"model\.safetensors: (not a readable|cannot read)"):
     hf_checkpoint.load_hf(path)
 
 
@@ -168,7 +170,8 @@ def test_duplicate_tensor_across_shards_is_named(tmp_path):
   index = {"weight_map": {"model.norm.weight": "model.safetensors"}}
   text = json.dumps(index)[:-2] + ', "model.norm.weight": "model-extra.safetensors"}}'
   (path / "model.safetensors.index.json").write_text(text)
-  with pytest.raises(weights.CheckpointError, match=r"index\.json: tensor 'model\.norm\.weight' is listed twice"):
+  with pytest.raises(weights.CheckpointError,
+                     match=r"index\.json: tensor 'model\.norm\.weight' is listed twice"):
     hf_checkpoint.load_hf(path)
 
 
@@ -240,7 +243,8 @@ def test_gguf_import_undoes_the_qk_permutation(tmp_path):
 def test_gguf_missing_tensor_is_named_by_its_gguf_name(tmp_path):
   params = jax.tree.map(np.asarray, model_lib.init(GGUF_CFG, jax.random.key(0)))
   _write_gguf(tmp_path / "m.gguf", GGUF_CFG, params, drop=("blk.1.ffn_up.weight",))
-  with pytest.raises(weights.CheckpointError, match=r"m\.gguf: missing tensor 'blk\.1\.ffn_up\.weight'"):
+  with pytest.raises(weights.CheckpointError,
+                     match=r"m\.gguf: missing tensor 'blk\.1\.ffn_up\.weight'"):
     gguf_checkpoint.load_gguf(tmp_path / "m.gguf")
 
 

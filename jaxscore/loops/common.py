@@ -23,9 +23,8 @@ from tqdm import tqdm
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.infra import files, metric_writers, sharding, wandb_log
 from jaxscore.loops import train as train_lib
-from jaxscore.models import lora
+from jaxscore.models import lora, weights
 from jaxscore.models import model as model_lib
-from jaxscore.models import weights
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,8 @@ def gguf_reader(path: str | os.PathLike):
   try:
     return gguf.GGUFReader(str(path))
   except Exception as e:  # The reader raises ValueError, struct.error, IndexError...
-    raise weights.CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    raise weights.CheckpointError(
+        f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
 def gguf_metadata(reader, key: str, default: Any = KeyError) -> Any:

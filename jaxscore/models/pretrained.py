@@ -9,9 +9,9 @@ import pathlib
 import re
 from typing import Any
 
+from jaxscore.models import gguf_checkpoint, hf_checkpoint
 from jaxscore.models import model as model_lib
 from jaxscore.models import tokenizer as tokenizer_lib
-from jaxscore.models import gguf_checkpoint, hf_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,8 @@ def from_hub(name: str, weights: bool = True) -> pathlib.Path:
   """The local snapshot of hub model `org/name[@revision]`, downloaded into the
   Hugging Face cache if it is not there yet (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN are
   honoured): config, tokenizer, generation config and, with `weights`, safetensors."""
-  from huggingface_hub import snapshot_download
   from huggingface_hub import errors as hub_errors
+  from huggingface_hub import snapshot_download
 
   repo, _, revision = name.partition("@")
   patterns = [p for p in HUB_FILES if weights or "safetensors" not in p]

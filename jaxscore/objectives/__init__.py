@@ -4,12 +4,20 @@
 
 Built in: `score` (SCoRe), `pg` (multi-turn policy gradient; single-turn with one turn),
 `grpo` (clipped-ratio GRPO with inner epochs, single- or multi-turn with feedback),
-`sft` (supervised fine-tuning), `dpo` (preference pairs). A new method is one module with a `@register(name)`
-class (see `base`); importing it makes it selectable by name.
+`sft` (supervised fine-tuning), `dpo` (preference pairs). A new method is one module with
+a `@register(name)` class (see `base`); importing it makes it selectable by name.
 """
 
-from jaxscore.objectives.base import (Context, OfflineObjective, OnlineObjective,
-                                      Trajectories, get, make, names, register)
+from jaxscore.objectives.base import (
+                                      Context,
+                                      OfflineObjective,
+                                      OnlineObjective,
+                                      Trajectories,
+                                      get,
+                                      make,
+                                      names,
+                                      register,
+)
 
 # Importing them registers the built-in objectives.
 from jaxscore.objectives import dpo, grpo, policy_gradient, score, sft  # isort: skip

@@ -1,4 +1,4 @@
-"""GRPO as arXiv 2510.21339 trains it (SPEC.md section 3), single- or multi-turn.
+"""GRPO as arXiv 2510.21339 trains it, single- or multi-turn.
 
 On each rollout batch of G episodes per prompt:
   returns     per turn, from the 0/1 rewards of the turns each episode took, by the

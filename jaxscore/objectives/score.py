@@ -1,4 +1,4 @@
-"""SCoRe (SPEC.md section 1): two-stage multi-turn RL for intrinsic self-correction.
+"""SCoRe (Kumar et al., arXiv 2409.12917): two-stage multi-turn RL for intrinsic self-correction.
 
 For T attempts (T = 2 in the paper), from 0/1 rewards r_t:
   Stage I:  rewards (0, ..., 0, r_T); KL coefficient beta1 + beta2 on attempt 1 and
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore.objectives import base
+from jaxscore.objectives import base, rl
 from jaxscore.objectives import policy_gradient as pg
-from jaxscore.objectives import rl
 
 STAGES = ("I", "II")
 

@@ -1,5 +1,5 @@
-"""Self-Explore's data (SPEC.md section 2): sampled rationales, the RFT set, outcome pairs,
-first-pit exploration and step-level pairs.
+"""Self-Explore's data (Hwang et al., arXiv 2404.10346): sampled rationales, the RFT set,
+outcome pairs, first-pit exploration and step-level pairs.
 
 The pieces that decide what is learned are plain functions of texts and scores, so they
 are tested with scripted samplers; `Replier` does the sampling with the jitted sampler.
@@ -239,9 +239,9 @@ def explore(pairs: Sequence[tuple[base.Problem, str, str]], continue_fn: Continu
   """Explores the rejected rationale of each (problem, chosen, rejected) pair.
 
   Step t (1-based) continues `steps[:t]` k times; the first t with no completion that
-  reaches the gold answer (scored on the completion alone) is the pit, and exploring that rationale stops. All active
-  rationales are explored together, one step index at a time. A rationale whose every
-  step has a successful continuation has no pit.
+  reaches the gold answer (scored on the completion alone) is the pit, and exploring that
+  rationale stops. All active rationales are explored together, one step index at a time.
+  A rationale whose every step has a successful continuation has no pit.
   """
   runs = [Exploration(p, c, r, steps_lib.split_steps(r, style, max_steps))
           for p, c, r in pairs]

@@ -1,4 +1,4 @@
-"""Self-Explore end to end (SPEC.md section 2), as named stages over the library's pieces.
+"""Self-Explore (arXiv 2404.10346) end to end, as named stages over the library's pieces.
 
   sft       -> SFT of the base model on the task's gold rationales
   sample    -> N rationales per training problem from the SFT model: the RFT set
@@ -30,8 +30,7 @@ from jaxscore import evaluate as evaluate_lib
 from jaxscore import objectives, tasks
 from jaxscore.infra import files
 from jaxscore.loops import common, offline
-from jaxscore.models import lora
-from jaxscore.models import pretrained
+from jaxscore.models import lora, pretrained
 from jaxscore.objectives import dpo, sft
 from jaxscore.sampling import formats, rollout
 from jaxscore.self_explore import explore as explore_lib

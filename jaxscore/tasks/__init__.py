@@ -3,7 +3,9 @@
 import pathlib
 
 from jaxscore.tasks.arithmetic import ArithmeticTask
-from jaxscore.tasks.base import Problem, Score, Task
+from jaxscore.tasks.base import Problem as Problem
+from jaxscore.tasks.base import Score as Score
+from jaxscore.tasks.base import Task
 from jaxscore.tasks.code_tasks import HumanEvalTask, MBPPTask
 from jaxscore.tasks.math_tasks import GSM8KTask, MathTask
 from jaxscore.tasks.records import DataError

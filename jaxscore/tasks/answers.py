@@ -7,10 +7,12 @@ import threading
 from decimal import Decimal, InvalidOperation
 
 # SCoRe's MATH format: `Final Answer: The final answer is $X$. I hope it is correct.`
-_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*\$?(.+?)\$?\s*\.?\s*I hope it is correct",
+_FINAL_ANSWER = re.compile(r"Final Answer:\s*The final answer is\s*\$?(.+?)\$?\s*\.?\s*"
+                           r"I hope it is correct",
                            re.IGNORECASE | re.DOTALL)
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?(?:\.\s|\.?$|\n)", re.IGNORECASE | re.MULTILINE)
+_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?(?:\.\s|\.?$|\n)",
+                        re.IGNORECASE | re.MULTILINE)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 

@@ -2,10 +2,10 @@
 
 Levels: `add1` / `add2` (1- and 2-digit addition), `mul1` / `mul2` (multiplication),
 `chain` (a + b - c, two steps), `mixed` (one-digit a + b or a + b - c, half each:
-rationales of one or two steps, the way GSM8K's vary in length), `word` (two-step word problems with a
-stated numeric answer). Every problem carries a gold solution: one line of arithmetic per step, then
-"The answer is N." A problem belongs to the
-test split when a hash of its text falls in the test fraction, so the splits never share
+rationales of one or two steps, the way GSM8K's vary in length), `word` (two-step word
+problems with a stated numeric answer). Every problem carries a gold solution: one line
+of arithmetic per step, then "The answer is N." A problem belongs to the test split
+when a hash of its text falls in the test fraction, so the splits never share
 a problem, whatever the seeds. Small levels have few distinct problems (`add1` has 100
 in all, about `test_fraction` of them in test); asking for more returns all there are.
 """
@@ -60,7 +60,8 @@ def solution(level: str, answer: int, operands: dict) -> str:
   level = operands.get("level", level)  # A `mixed` problem's own level.
   if level == "chain":
     total = operands["a"] + operands["b"]
-    steps = [f"{operands['a']} + {operands['b']} = {total}", f"{total} - {operands['c']} = {answer}"]
+    steps = [f"{operands['a']} + {operands['b']} = {total}",
+             f"{total} - {operands['c']} = {answer}"]
   elif level == "word":
     total = operands["boxes"] * operands["per_box"]
     steps = [f"{operands['boxes']} × {operands['per_box']} = {total}",
@@ -113,7 +114,8 @@ class ArithmeticTask:
       out.append(base.Problem(
           id=f"{self.level}-{split}-{len(out)}", question=question,
           prompt=self.prompt_template.format(question=question), answer=str(answer),
-          solution=solution(self.level, answer, operands), metadata={"level": self.level, **operands}))
+          solution=solution(self.level, answer, operands),
+          metadata={"level": self.level, **operands}))
     if not out:
       raise ValueError(f"arithmetic level {self.level!r} has no {split} problems")
     return out

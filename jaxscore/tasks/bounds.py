@@ -27,8 +27,8 @@ import os
 import pathlib
 import platform
 import shutil
-import struct
 import signal
+import struct
 import threading
 import time
 

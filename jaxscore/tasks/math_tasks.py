@@ -134,7 +134,7 @@ def score_in_processes(args, workers: int, timeout_s: float) -> list[base.Score]
   pool = _pool(workers)
   pending = [pool.submit(_score_one, *a) for a in args]
   out = []
-  for (gold, response, *_), fut in zip(args, pending):
+  for (_, response, *_), fut in zip(args, pending):
     try:
       out.append(fut.result(timeout=timeout_s))
     except futures.TimeoutError:

@@ -1,4 +1,4 @@
-"""Default prompts of the SCoRe paper (SPEC.md section 1); configs may override them."""
+"""Default prompts of the SCoRe paper (arXiv 2409.12917); configs may override them."""
 
 MATH_FIRST_TURN = (
     "You are a math expert. When you respond, respond only with the Solution of the "

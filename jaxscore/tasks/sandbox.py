@@ -275,10 +275,11 @@ def run_tests(candidate: str, tests: str, setup: str = "", entry_point: str | No
   The tests see the candidate's functions through proxies that pass plain data only
   (see sandbox_worker.py). With `entry_point`, the tests define `check(candidate)` and it
   is called with that function (HumanEval). A function named like a builtin reaches the
-  tests only if `builtin_names` (the reference solution's own names) lists it. The verdict comes from the tests' process:
-  `ok` when every test passed, `failed` on an assertion, `timeout` when the candidate or
-  the tests ran out of time, `error` otherwise (the candidate does not load, raises,
-  returns something that is not plain data, exits, crashes or floods its output).
+  tests only if `builtin_names` (the reference solution's own names) lists it. The verdict
+  comes from the tests' process: `ok` when every test passed, `failed` on an assertion,
+  `timeout` when the candidate or the tests ran out of time, `error` otherwise (the
+  candidate does not load, raises, returns something that is not plain data, exits,
+  crashes or floods its output).
   """
   start = time.monotonic()
   deadline = start + limits.timeout_s

@@ -9,9 +9,16 @@ Built in: `llama` (Llama 2/3/3.1/3.2, SmolLM2), `mistral`, `qwen2`, `qwen3`, `ge
 with a `base.Family` subclass passed to `register`; importing it makes it loadable.
 """
 
-from jaxscore.models.families.base import (CheckpointError, Family, Tensor,
-                                           for_model_type, get, model_types, names,
-                                           register)
+from jaxscore.models.families.base import (
+                                           CheckpointError,
+                                           Family,
+                                           Tensor,
+                                           for_model_type,
+                                           get,
+                                           model_types,
+                                           names,
+                                           register,
+)
 
 # Importing them registers the built-in families.
 from jaxscore.models.families import gemma2, gemma3, llama, qwen3  # isort: skip
