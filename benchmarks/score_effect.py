@@ -127,18 +127,30 @@ def report(data: dict) -> tuple[str, dict]:
   if data["missing"]:
     lines += ["", "Not finished yet (rerun the command to resume): "
               + ", ".join(data["missing"]) + "."]
-  lines += ["", "Training curves per step (score_effect.png): " + "; ".join(
-      f"{name}: " + ", ".join(
-          f"{label.split(',')[0]} {_first_last(a['curves'], key)}" for key, label in CURVES
-          if any(key in r for r in a["curves"]))
-      for name, a in arms.items() if a["curves"])]
+  lines += ["", "Training curves (score_effect.png), mean per stage and over the last "
+            "6 steps:", "", "| arm | " + " | ".join(SHORT.values()) + " |",
+            "|---|" + "---|" * len(SHORT)]
+  for name, a in arms.items():
+    if a["curves"]:
+      lines.append(f"| {name} | " + " | ".join(_phases(a["curves"], key) for key in SHORT)
+                   + " |")
   return "\n".join(lines) + "\n", {"summary": summary, "differences_to_" + ref: diffs,
                                    "curves": {name: a["curves"] for name, a in arms.items()}}
 
 
-def _first_last(records: list[dict], key: str) -> str:
-  values = [r[key] for r in records if key in r]
-  return f"{values[0]:.3f} -> {values[-1]:.3f}" if values else "-"
+SHORT = {"self_correction/edit_distance_ratio": "edit ratio", "self_correction/delta":
+         "train Delta", "kl/t1": "KL attempt 1"}
+
+
+def _phases(records: list[dict], key: str) -> str:
+  """Mean of `key` per stage (in order) and over the last 6 steps."""
+  rows = [r for r in records if key in r]
+  if not rows:
+    return "-"
+  stages = list(dict.fromkeys(r.get("phase", "all") for r in rows))
+  parts = [f"{stage}: {np.mean([r[key] for r in rows if r.get('phase', 'all') == stage]):.3f}"
+           for stage in stages]
+  return ", ".join(parts + [f"last 6: {np.mean([r[key] for r in rows[-6:]]):.3f}"])
 
 
 def plot(arms: dict, path: pathlib.Path) -> None:
