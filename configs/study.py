@@ -6,15 +6,18 @@ with the same two protocols.
   python -m jaxscore.study --config=configs/study.py:gsm8k --workdir=... \
       --config.study.arms=base,single_turn_grpo,multi_turn_outcome
 
-Every field of configs/score.py is here too (the arms override them). Each arm is one
-line of `key=value` overrides separated by `;`, plus `method` (none | rl | star |
-pair_sft); `--config.arms.<name>="..."` changes one, `--config.study.arms` picks them.
+Every group of configs/score.py is here too (the arms override them), and the `study`
+group (jaxscore.study.StudyConfig). Each arm is one line of `key=value` overrides
+separated by `;`, plus `method` (none | rl | star | pair_sft); `--config.arms.<name>="..."`
+changes one, `--config.study.arms` picks them.
 """
 
 import importlib.util
 import pathlib
 
 import ml_collections
+
+from jaxscore import config, study
 
 VARIANTS = ("cpu", "gsm8k", "score_effect")
 # The configs/score.py variant each study variant starts from.
@@ -24,82 +27,71 @@ SELF_REFINE_PROMPT = ("Review your previous answer step by step and point out an
                       "mistakes. Then give a corrected solution, ending with the final "
                       "answer.")
 
-
-def _score_config(variant: str) -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("score_config", _SCORE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-  variant, *options = arg.split(",") if arg else ["cpu"]
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
-  c = _score_config(",".join([_SCORE_VARIANT.get(variant, variant), *options]))
-  c.unlock()
-
-  c.study = ml_collections.ConfigDict()
-  c.study.arms = ("base,self_refine,single_turn_grpo,multi_turn_per_turn,"
-                  "multi_turn_outcome,multi_turn_decayed,score,star,pair_sft")
-  # What every arm gets the same amount of: `episodes` (sampled training episodes) or
-  # `tokens` (sampled training tokens, all turns: multi-turn episodes are longer). With
-  # `tokens`, `study.episodes` becomes each arm's cap (RL steps, STaR/Pair-SFT problems),
-  # and the summary flags an arm that reached its cap before the token budget.
-  c.study.budget = "episodes"
-  c.study.episodes = 3072  # Sampled training episodes per arm (the equal budget).
-  c.study.tokens = 0  # budget=tokens: sampled training tokens per arm.
-  c.study.train_turns = 3  # Turns of the multi-turn arms' training episodes.
-  c.study.eval_turns = 8  # T of the T-turn dialogue with feedback.
-  c.study.eval_feedback = "unary"  # Between evaluation turns (none | unary | template).
-  # The intrinsic protocol: this many greedy attempts with SCoRe's instruction after
-  # each, correctness never revealed (SCoRe's evaluation: 2).
-  c.study.intrinsic_turns = 2
-  # The arm every other one is compared with, by paired intervals over problems.
-  c.study.reference_arm = "single_turn_grpo"
-  c.study.pass_k_samples = 8  # n samples per problem for pass@k, k = 1, 2, 4, ... n.
-  c.study.pass_k_temperature = 1.0
-  c.study.samples_per_problem = 4  # STaR and Pair-SFT: episodes sampled per problem.
-  c.study.star_iterations = 2  # STaR rounds: sample -> filter -> fine-tune the base model.
-  c.study.sample_temperature = 1.0  # STaR and Pair-SFT sampling.
-
-  if variant == "cpu":
+VARIANT_CHANGES = {
     # The embedded model on held-out 1-digit additions: every arm samples 96 training
     # episodes (6 RL steps of 4 prompts x 4 samples).
-    c.study.episodes = 96
-    c.study.train_turns = 2
-    c.study.eval_turns = 4
-    c.grpo.epochs, c.grpo.minibatches = 2, 2
-    c.evaluate.batch_size = 20
-    c.offline.batch_size = 8
-    c.offline.num_epochs = 2
-  elif variant == "score_effect":
+    "cpu": {
+        "study.episodes": 96,
+        "study.train_turns": 2,
+        "study.eval_turns": 4,
+        "offline.num_epochs": 2,
+    },
     # Whether SCoRe turns a second attempt that does not help into one that fixes the
     # first, against its ablations (SCoRe's Table 4), on configs/score.py:cpu_correct:
     # every arm samples the same episodes; the intrinsic protocol is the one that counts.
-    c.study.arms = "base,score,score_alpha0,stage2_only,single_turn_pg"
-    c.study.reference_arm = "score"
-    c.study.episodes = 16 * 36
-    c.study.train_turns = 2
-    c.study.eval_turns = 2
-    c.study.pass_k_samples = 2
-  elif variant == "gsm8k":
+    "score_effect": {
+        "study.arms": "base,score,score_alpha0,stage2_only,single_turn_pg",
+        "study.reference_arm": "score",
+        "study.episodes": 16 * 36,
+        "study.train_turns": 2,
+        "study.eval_turns": 2,
+        "study.pass_k_samples": 2,
+    },
     # GSM8K (the paper): 8-turn evaluation and pass@8, GRPO with 8 samples per prompt.
-    c.rollout.group_size = 8
-    c.rollout.prompts_per_step = 64
-    c.study.episodes = 512 * 300
-    c.study.samples_per_problem = 8
+    "gsm8k": {
+        "rollout.group_size": 8,
+        "rollout.prompts_per_step": 64,
+        "study.episodes": 512 * 300,
+        "study.samples_per_problem": 8,
+    },
+}
+
+RUNLOCAL = {
+    "study.episodes": 8,
+    "study.train_turns": 2,
+    "study.eval_turns": 2,
+    "study.pass_k_samples": 2,
+    "study.samples_per_problem": 2,
+    "evaluate.batch_size": 4,
+    "grpo.epochs": 1,
+    "grpo.minibatches": 2,
+    "offline.batch_size": 1,  # STaR and Pair-SFT train on whatever few examples exist.
+    "offline.num_epochs": 1,
+}
+
+
+def _score_module():
+  spec = importlib.util.spec_from_file_location("score_config", _SCORE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def changes(arg: str = "cpu") -> dict:
+  """Every field `arg` sets beyond the groups' defaults (the arms group aside): the
+  configs/score.py variant's, then the study's."""
+  variant, *options = arg.split(",") if arg else ["cpu"]
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
+  out = _score_module().changes(",".join([_SCORE_VARIANT.get(variant, variant), *options]))
+  out |= VARIANT_CHANGES[variant]
   if "runlocal" in options:
-    c.study.episodes = 8
-    c.study.train_turns = 2
-    c.study.eval_turns = 2
-    c.study.pass_k_samples = 2
-    c.study.samples_per_problem = 2
-    c.evaluate.batch_size = 4
-    c.grpo.epochs = 1
-    c.grpo.minibatches = 2
-    c.offline.batch_size = 1  # STaR and Pair-SFT train on whatever few examples exist.
-    c.offline.num_epochs = 1
+    out |= RUNLOCAL
+  return out
+
+
+def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
+  c = config.override(config.experiment(study=study.StudyConfig), changes(arg))
 
   rl_batch = c.rollout.prompts_per_step * c.rollout.group_size
   steps = max(c.study.episodes // rl_batch, 1)

@@ -235,6 +235,9 @@ def check_self_explore(c) -> None:
   from jaxscore.self_explore import steps
 
   _check_task(c.task, c.format)
+  _require(not c.task.get("eval_name"),
+           f"task.eval_name={c.task.get('eval_name')!r}: Self-Explore evaluates on the "
+           "training task's eval split (task.eval_split); set task.eval_name=\"\"")
   check_lora(c.model)
   _multiple("sample.batch_size", c.sample.batch_size, "sample.num_samples",
             c.sample.num_samples, "a problem's N samples share one prefill in one call")

@@ -4,6 +4,7 @@ turns these are the paper's Delta(t1, t2) metrics). N counts turns."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -15,6 +16,23 @@ from jaxscore.infra import files
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import base
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Greedy multi-turn evaluation on the task's eval split, before and after training:
+  an experiment config's `evaluate` group."""
+
+  before: bool = True  # Evaluate the initial model too (the before/after table).
+  checkpoint: str = "latest"  # Which trained checkpoint: latest | best (training reward).
+  num_problems: int = 0  # 0 = the whole split.
+  batch_size: int = 32  # Rows per sampler call.
+  num_turns: int = 0  # Turns of the greedy dialogue; 0 = rollout.num_turns.
+  # Between turns ("" = rollout.feedback); with none | unary | template, Acc@t is the
+  # fraction answered correctly by turn t (a T-turn dialogue with feedback).
+  feedback: str = ""
+  pass_k_samples: int = 0  # n > 0: also sampled single-turn pass@k, k = 1, 2, .. n.
+  pass_k_temperature: float = 1.0
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:

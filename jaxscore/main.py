@@ -67,13 +67,13 @@ def run_eval(c, setup, params, workdir, name: str) -> dict:
 
 def train(c, setup, params, workdir):
   """Trains `c.objective` with the loop of its kind; returns (state, info)."""
-  from jaxscore import objectives
+  from jaxscore import objectives, tasks
   from jaxscore.loops import offline, online
 
   if objectives.get(c.objective).kind == "online":
     return online.train(c, setup, params, params, workdir)
   objective = offline.make_objective(c, setup.cfg)
-  examples = objective.examples(setup, setup.task.problems(c.task.train_split))
+  examples = objective.examples(setup, tasks.train_problems(setup.task, c.task))
   return offline.train(c, setup.cfg, objective, params, params, examples, workdir)
 
 

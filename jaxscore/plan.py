@@ -173,7 +173,7 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
 
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())  # A missing file: exit 2.
   try:
-    problems = task.problems(c.task.train_split)
+    problems = tasks.train_problems(task, c.task)
   except Exception as e:  # Hub data offline.
     return Prompts(default, default // 4, f"--prompt_len={default}, messages "
                    f"{default // 4} (data not read here: {type(e).__name__})")

@@ -31,6 +31,7 @@ the test problems, and each arm's paired difference to `study.reference_arm`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -40,9 +41,39 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
+from jaxscore import tasks
 from jaxscore.infra import entry
 
 METHODS = ("none", "rl", "star", "pair_sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """The study's own fields (configs/study.py's `study` group); each arm is a line of
+  overrides in the `arms` group."""
+
+  arms: str = ("base,self_refine,single_turn_grpo,multi_turn_per_turn,multi_turn_outcome,"
+               "multi_turn_decayed,score,star,pair_sft")  # The arms run, in this order.
+  # What every arm gets the same amount of: `episodes` (sampled training episodes) or
+  # `tokens` (sampled training tokens, all turns: multi-turn episodes are longer). With
+  # `tokens`, `episodes` becomes each arm's cap (RL steps, STaR/Pair-SFT problems), and
+  # the summary flags an arm that reached its cap before the token budget.
+  budget: str = "episodes"
+  episodes: int = 3072  # Sampled training episodes per arm (the equal budget).
+  tokens: int = 0  # budget=tokens: sampled training tokens per arm.
+  train_turns: int = 3  # Turns of the multi-turn arms' training episodes.
+  eval_turns: int = 8  # T of the T-turn dialogue with feedback.
+  eval_feedback: str = "unary"  # Between evaluation turns (none | unary | template).
+  # The intrinsic protocol: this many greedy attempts with SCoRe's instruction after
+  # each, correctness never revealed (SCoRe's evaluation: 2).
+  intrinsic_turns: int = 2
+  # The arm every other one is compared with, by paired intervals over problems.
+  reference_arm: str = "single_turn_grpo"
+  pass_k_samples: int = 8  # n samples per problem for pass@k, k = 1, 2, 4, ... n.
+  pass_k_temperature: float = 1.0
+  samples_per_problem: int = 4  # STaR and Pair-SFT: episodes sampled per problem.
+  star_iterations: int = 2  # STaR rounds: sample -> filter -> fine-tune the base model.
+  sample_temperature: float = 1.0  # STaR and Pair-SFT sampling.
 
 
 def parse_arm(spec: str, name: str) -> dict[str, str]:
@@ -121,7 +152,7 @@ class Study:
     config_checks.check_study(c)  # Every arm, before the model loads.
     self.c, self.workdir = c, files.path(workdir)
     self.setup, self.eval_setup, self.base_params = rollout_lib.from_config(c)
-    self.train_problems = self.setup.task.problems(c.task.train_split)
+    self.train_problems = tasks.train_problems(self.setup.task, c.task)
     problems = self.eval_setup.task.problems(c.task.eval_split)
     self.test_problems = problems[:c.evaluate.num_problems] if c.evaluate.num_problems \
         else problems

@@ -2,6 +2,7 @@
 real size, and a config whose fields contradict each other fails when it is loaded,
 naming the fields and the fix."""
 
+import dataclasses
 import importlib.util
 import pathlib
 
@@ -117,3 +118,89 @@ def test_every_study_arm_is_checked_as_the_study_builds_it():
                                                         "grpo.minibatches=3"},
          "arms.multi_turn_outcome", "grpo.minibatches=3")
   _fails("study", "cpu", {"study.arms": "base,nope"}, "no arm 'nope'")
+
+
+# ---------------------------------------------------------------------------
+# One definition per default: every group is the dataclass it feeds.
+
+
+def _groups(name: str) -> dict[str, type]:
+  from jaxscore import config, study
+  from jaxscore.self_explore import pipeline
+
+  if name == "self_explore":
+    return pipeline.GROUPS | config.objective_groups(("sft", "dpo"))
+  out = config.GROUPS | config.objective_groups()
+  return out | {"study": study.StudyConfig} if name == "study" else out
+
+
+@pytest.mark.parametrize("name, arg", [
+    (name, variant + option) for name in CHECKS for variant in _module(name).VARIANTS
+    for option in ("", ",runlocal")])
+def test_every_group_is_its_dataclass_but_for_the_fields_the_file_states(name, arg):
+  from jaxscore import config
+
+  module = _module(name)
+  c, stated = module.get_config(arg), module.changes(arg)
+  groups = _groups(name)
+  scalars = {"seed", "format"} | ({"objective"} if name != "self_explore" else set())
+  assert set(c) == set(groups) | scalars | ({"arms"} if name == "study" else set())
+  for group, cls in groups.items():
+    values, defaults = config.flatten(c[group].to_dict()), config.flatten(config.defaults(cls))
+    assert set(values) == set(defaults), (group, cls)  # The group has the fields, no more.
+    for key, default in defaults.items():
+      if f"{group}.{key}" not in stated:
+        assert values[key] == default, f"{group}.{key} differs from {cls.__name__}'s " \
+            "default, but the config file does not state it"
+  for key, value in stated.items():
+    group, field = key.split(".", 1)
+    assert config.flatten(c[group].to_dict())[field] == value, key
+
+
+def test_an_objective_registered_anywhere_gets_its_group_in_every_config():
+  from jaxscore import config, objectives
+  from jaxscore.objectives import base
+
+  @dataclasses.dataclass(frozen=True)
+  class ClipConfig:
+    num_steps: int = 7
+    clip: float = 0.3  # A comment that lives here only.
+
+  @objectives.register("test_clip")
+  class Clip(objectives.OnlineObjective):
+    Config = ClipConfig
+
+  try:
+    c = _config("score", "cpu")
+    assert c.test_clip.to_dict() == {"num_steps": 7, "clip": 0.3}
+    config.override(c, {"test_clip.clip": 0.1, "objective": "test_clip"})
+    assert base.make_config(Clip, c.test_clip, "test_clip") == ClipConfig(7, 0.1)
+    assert "test_clip" in _config("study", "cpu")
+  finally:
+    del base._REGISTRY["test_clip"]
+
+
+def test_override_names_the_key_it_cannot_set():
+  from jaxscore import config
+
+  c = _config("score", "cpu")
+  with pytest.raises(KeyError, match=r"config.optim.lerning_rate is not a field .*learning_rate"):
+    config.override(c, {"optim.lerning_rate": 1.0})
+  with pytest.raises(KeyError, match=r"config.optimizer is not a config group"):
+    config.override(c, {"optimizer.learning_rate": 1.0})
+  with pytest.raises(ValueError, match="unknown variant 'nope'"):
+    _module("score").changes("nope")
+  with pytest.raises(ValueError, match="unknown option 'fast'"):
+    _module("self_explore").changes("cpu,fast")
+
+
+def test_a_zero_schedule_length_is_the_runs_optimizer_updates():
+  from jaxscore.loops import train
+
+  oc = train.OptimConfig(schedule="linear", grad_accum_steps=2)
+  # 10 GRPO rollout batches x (2 epochs x 2 minibatches) updates, every 2 accumulated.
+  assert train.with_run_length(oc, 10, 4).total_steps == 20
+  assert train.with_run_length(dataclasses.replace(oc, total_steps=7), 10, 4).total_steps == 7
+  lr = train.learning_rate_schedule(train.with_run_length(oc, 10, 4))
+  assert float(lr(0)) == pytest.approx(oc.learning_rate) and float(lr(20)) == 0.0
+  assert float(lr(10)) == pytest.approx(oc.learning_rate / 2)

@@ -8,11 +8,10 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from jaxscore import objectives
+from jaxscore import config, objectives
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.loops import common, offline, online
 from jaxscore.loops import train as train_lib
@@ -59,8 +58,8 @@ def _config(objective: str, **group):
   c = score_config.get_config("cpu,runlocal")
   c.unlock()
   c.objective = objective
-  if group:
-    c[objective] = ml_collections.ConfigDict(group)
+  # Registering the objective gave every config its group: no config file names it.
+  config.override(c, {f"{objective}.{k}": v for k, v in group.items()})
   c.rollout.prompts_per_step, c.rollout.group_size = 2, 2
   c.sampler.max_new_tokens = 4
   c.checkpoint.every_steps = 1

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """`initialize`'s arguments: an experiment config's `distributed` group."""
+
+  coordinator_address: str = ""  # host:port of process 0; "" = environment/auto.
+  num_processes: int = 0  # 0 = from the environment.
+  process_id: int = -1  # -1 = from the environment.
+  auto: bool = False  # True on Cloud TPU VM slices: JAX finds everything itself.
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

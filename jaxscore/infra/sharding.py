@@ -19,6 +19,7 @@ Outside `activate`, the model's constraints are no-ops and everything runs on on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -56,6 +57,17 @@ RULES: dict[str, Rules] = {
 
 class ShardingError(ValueError):
   """A mesh that does not fit the devices, or an axis that does not divide a dimension."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh and its layout: an experiment config's `mesh` group."""
+
+  dcn: int = 1  # Slices (data-parallel across them over DCN); the axes below are per slice.
+  data: int = -1  # Devices along each mesh axis within a slice; -1 takes the rest.
+  fsdp: int = 1
+  tensor: int = 1
+  rules: str = "data_parallel"  # A name in RULES: data_parallel | fsdp | fsdp_tp
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn: int = 1,

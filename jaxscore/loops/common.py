@@ -64,8 +64,8 @@ class Preemption:
 
 
 def mesh_from_config(c):
-  return (sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn),
-          sharding.RULES[c.mesh.rules])
+  m = sharding.MeshConfig(**c.mesh)
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.dcn), sharding.RULES[m.rules]
 
 
 class Run:
@@ -82,7 +82,7 @@ class Run:
   """
 
   def __init__(self, c, model_cfg: model_lib.ModelConfig, objective, workdir, mesh, rules,
-               best_metric: str = "reward", best_mode: str = "max",
+               num_steps: int, best_metric: str = "reward", best_mode: str = "max",
                metric_before_update: bool = False):
     self.c, self.objective, self.mesh, self.rules = c, objective, mesh, rules
     self.metric_before_update = metric_before_update
@@ -90,7 +90,10 @@ class Run:
     self.spent = 0.0  # The budget metric summed over the steps taken (see `drive`).
     self.workdir = files.path(workdir)
     self.model_cfg = model_cfg
-    self.optimizer = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
+    epochs, minibatches = objective.updates_per_batch
+    self.optim_cfg = train_lib.with_run_length(train_lib.OptimConfig(**c.optim), num_steps,
+                                               epochs * minibatches)
+    self.optimizer = train_lib.make_optimizer(self.optim_cfg)
     # With LoRA (model_cfg.lora) the state holds the adapters alone: the frozen base is
     # the reference the loops pass to every step, one copy serving both.
     self.lora = model_cfg.lora_scale is not None

@@ -85,6 +85,7 @@ def train(c, model_cfg: model_lib.ModelConfig, objective, params, ref_params,
   mesh, rules = common.mesh_from_config(c)
   with sharding.activate(mesh, rules):
     run = common.Run(c, model_cfg, objective, files.path(workdir), mesh, rules,
+                     num_steps=per_epoch * oc.num_epochs,
                      best_metric="eval/loss" if eval_examples else "", best_mode="min")
     state, ref_params = run.initial_state(params, ref_params)
     examples = objective.prepare(list(examples), ref_params, width)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscore import evaluate
+from jaxscore import evaluate, tasks
 from jaxscore import objectives as objectives_lib
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common
@@ -170,7 +170,8 @@ class OnlineLoop:
     self.rollout_cfg = ro = RolloutConfig(**c.rollout)
     self.sampling = sampler_lib.SamplingConfig(**c.sampler)
     self.run = common.Run(c, setup.cfg, objective, workdir, mesh, rules,
-                          best_metric="reward", best_mode="max", metric_before_update=True)
+                          num_steps=objective.num_steps, best_metric="reward", best_mode="max",
+                          metric_before_update=True)
 
     def token_logprobs(params, tokens_BxT, mask_BxT):
       return rl.sliced_token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg,
@@ -180,7 +181,7 @@ class OnlineLoop:
     # recomputes behaviour log-probs): one compiled function.
     self.logp_fn = jax.jit(token_logprobs)
     self.feedback = ro.feedback_config
-    self.problems = setup.task.problems(c.task.train_split)
+    self.problems = tasks.train_problems(setup.task, c.task)
     lens = rollout_lib.prompt_lens(setup, self.problems)
     message_len = rollout_lib.instruction_len(setup, self.feedback)
     self.max_episode_len = rollout_lib.episode_len_bound(

@@ -47,7 +47,9 @@ class OptimConfig:
   learning_rate: float = 1e-5
   warmup_steps: int = 0  # Linear warmup from 0.
   schedule: str = "constant"  # constant | cosine | linear (to 0 at total_steps)
-  total_steps: int = 1000  # For the cosine and linear schedules.
+  # Optimizer updates the cosine and linear schedules span; 0: the run's (every loop
+  # fills it in: steps x updates per step / grad_accum_steps).
+  total_steps: int = 0
   b1: float = 0.9
   b2: float = 0.999  # Adam's second-moment decay; RMSprop's decay (PyTorch's alpha).
   weight_decay: float = 0.0
@@ -57,6 +59,16 @@ class OptimConfig:
   # whose gradients are accumulated before its one update: the same update, with the
   # activations of one slice at a time.
   micro_batches: int = 1
+
+
+def with_run_length(c: OptimConfig, train_steps: int, updates_per_step: int = 1
+                    ) -> OptimConfig:
+  """`c` with total_steps=0 replaced by the optimizer updates of a run of `train_steps`
+  train steps making `updates_per_step` updates each (GRPO's epochs x minibatches)."""
+  if c.total_steps:
+    return c
+  updates = train_steps * updates_per_step // c.grad_accum_steps
+  return dataclasses.replace(c, total_steps=max(updates, 1))
 
 
 def learning_rate_schedule(c: OptimConfig) -> optax.Schedule:

@@ -135,9 +135,27 @@ def load(name_or_path: str | os.PathLike = DEFAULT_MODEL, *,
                     tokenizer=tokenizer_lib.load_tokenizer(path, gguf_reader=reader))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+  """What `from_config` loads: an experiment config's `model` group."""
+
+  name: str = DEFAULT_MODEL  # Embedded name, GGUF file or Hugging Face directory/hub id.
+  param_dtype: str = "float32"  # float32 | bfloat16
+  dtype: str = "float32"  # Compute dtype; softmax, norms and log-probs stay float32.
+  # Training memory (ModelConfig): what the backward pass keeps of each layer, none |
+  # full | dots (weight matmul outputs); and per-token log-probs from logits this many
+  # positions at a time (0: all at once).
+  remat: str = "none"
+  logits_chunk: int = 0
+  # LoRA (jaxscore.models.lora): rank-r adapters trained beside frozen weights, the base
+  # with adapters off serving as the reference (no second copy); rank 0 trains every
+  # weight. QLoRA: `quantize` stores the frozen base quantized.
+  lora: model_lib.LoraConfig = dataclasses.field(default_factory=model_lib.LoraConfig)
+
+
 def from_config(model) -> Pretrained:
-  """`load` from an experiment config's `model` group (name, dtypes, memory options,
-  LoRA; a config without the memory options or LoRA gets the defaults)."""
+  """`load` from an experiment config's `model` group (LoadConfig; a saved config
+  without the memory options or LoRA gets the defaults)."""
   m = load(model.name, param_dtype=model.param_dtype, dtype=model.dtype,
            remat=model.get("remat", "none"), logits_chunk=model.get("logits_chunk", 0))
   adapters = lora_config(model)

@@ -18,6 +18,7 @@ latest and best): nothing resumes it, and Adam's moments would triple its disk u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -28,14 +29,92 @@ import numpy as np
 
 from jaxscore import evaluate as evaluate_lib
 from jaxscore import objectives, tasks
-from jaxscore.infra import files
-from jaxscore.loops import common, offline
+from jaxscore.infra import files, sharding
+from jaxscore.loops import common, offline, train
 from jaxscore.models import lora, pretrained
 from jaxscore.objectives import dpo, sft
 from jaxscore.sampling import formats, rollout
 from jaxscore.self_explore import explore as explore_lib
 
 MODELS = ("base", "SFT", "RFT", "outcome DPO", "Self-Explore")
+
+
+# The config groups the stages read (configs/self_explore.py), with the paper's settings
+# (arXiv 2404.10346) and its reference code's where the paper is silent.
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  """Stage `sample`: N rationales per training problem from the SFT model."""
+
+  num_samples: int = 100  # N (the paper: 100).
+  temperature: float = 0.7
+  max_new_tokens: int = 512  # The reference code: 512 (GSM8K), 1024 (MATH).
+  # Rows per sampler call: a multiple of num_samples, since a problem's N samples share
+  # one prefill in one call (100 rows of 7B decode fit a v5e-8 slice).
+  batch_size: int = 100
+  max_rft_per_problem: int = 8  # Distinct correct rationales kept per problem.
+  # The reference code's data rules (explore.rationale_data): gsm8k (every equation must
+  # hold; distinct by equations; pair with the farthest wrong one) | math (distinct by
+  # edit distance; pair with the shortest wrong one above a normalised edit distance of
+  # 0.5, then 0.4, then 0.3).
+  rules: str = "gsm8k"
+
+
+@dataclasses.dataclass(frozen=True)
+class RFTConfig:
+  """Stage `rft`'s data."""
+
+  include_gold: bool = False  # Also train on the gold rationales (RFT as in Yuan et al.).
+
+
+@dataclasses.dataclass(frozen=True)
+class ExploreConfig:
+  """Stage `explore`: first pits of the outcome pairs' wrong rationales."""
+
+  k: int = 4  # Completions per step prefix (the paper: 4).
+  temperature: float = 0.7
+  max_new_tokens: int = 512  # Per completion.
+  style: str = "lines"  # Steps are lines (GSM8K) | sentences (MATH, capped at max_steps)
+  max_steps: int = 9
+  max_rationales: int = 0  # Rationales explored; 0 = every outcome pair's.
+  batch_size: int = 64  # Rows per sampler call: a multiple of k.
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+  """One training stage (`train_sft`, `train_rft`, `train_dpo`): the offline loop and its
+  optimizer."""
+
+  offline: offline.OfflineConfig = dataclasses.field(default_factory=offline.OfflineConfig)
+  optim: train.OptimConfig = dataclasses.field(default_factory=train.OptimConfig)
+  warmup_fraction: float = 0.0  # > 0: linear warmup over this share of the stage's steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Stage `evaluate`: greedy single-turn accuracy on the test split."""
+
+  num_problems: int = 0  # 0 = the whole test split.
+  batch_size: int = 64  # Rows per sampler call.
+  max_new_tokens: int = 512
+
+
+# configs/self_explore.py's groups and the dataclass each one is (jaxscore.config).
+GROUPS = {
+    "model": pretrained.LoadConfig,
+    "task": tasks.TaskConfig,
+    "sample": SampleConfig,
+    "rft": RFTConfig,
+    "explore": ExploreConfig,
+    "train_sft": StageConfig,
+    "train_rft": StageConfig,
+    "train_dpo": StageConfig,
+    "evaluate": EvalConfig,
+    "mesh": sharding.MeshConfig,
+    "checkpoint": common.CheckpointConfig,
+    "log": common.LogConfig,
+}
 
 
 def read_jsonl(path) -> list[dict]:
@@ -61,9 +140,7 @@ class Pipeline:
                                formats.make_format(model.tokenizer, c.format), task,
                                model.stop_ids)
     self.base_params = jax.device_put(model.params)
-    self.train_problems = task.problems(c.task.train_split)
-    if c.task.num_train:
-      self.train_problems = self.train_problems[:c.task.num_train]
+    self.train_problems = tasks.train_problems(task, c.task)
     self.by_id = {p.id: p for p in self.train_problems}
 
   # -- Stage bookkeeping. -------------------------------------------------------
@@ -92,8 +169,6 @@ class Pipeline:
     c.optim = ml_collections.ConfigDict(g.optim.to_dict())
     per_epoch = offline.steps_per_epoch(num_examples, g.offline.batch_size)
     total = per_epoch * g.offline.num_epochs
-    if not g.optim.total_steps:
-      c.optim.total_steps = total
     if g.warmup_fraction:
       c.optim.warmup_steps = int(round(g.warmup_fraction * total))
     return c

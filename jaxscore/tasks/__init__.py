@@ -1,6 +1,8 @@
 """Tasks: problems, prompts, and rewards from answer checkers or sandboxed tests."""
 
+import dataclasses
 import pathlib
+from typing import Any
 
 from jaxscore.tasks.arithmetic import ArithmeticTask
 from jaxscore.tasks.base import Problem as Problem
@@ -9,6 +11,22 @@ from jaxscore.tasks.base import Task
 from jaxscore.tasks.code_tasks import HumanEvalTask, MBPPTask
 from jaxscore.tasks.math_tasks import GSM8KTask, MathTask
 from jaxscore.tasks.records import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Which problems a run trains and evaluates on: an experiment config's `task` group."""
+
+  name: str = "arithmetic"  # arithmetic | gsm8k | math | mbpp | humaneval
+  # The task's fields (sources, level, prompt_template, ...): `make_task(name, **kwargs)`.
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  train_split: str = "train"
+  eval_split: str = "test"
+  # Evaluate on another task (e.g. humaneval after mbpp); "" = the same task.
+  eval_name: str = ""
+  eval_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  num_train: int = 0  # Training problems used (the split's first); 0 = all of them.
+
 
 TASKS = {
     "arithmetic": ArithmeticTask,
@@ -34,3 +52,10 @@ def make_task(name: str, **kwargs) -> Task:
       if not source.startswith(("hub:", "tfds:")) and not pathlib.Path(source).exists():
         raise DataError(f"{source}: no such file")
   return TASKS[name](**kwargs)
+
+
+def train_problems(task: Task, c) -> list[Problem]:
+  """The training problems that the `task` group `c` selects."""
+  problems = task.problems(c.train_split)
+  n = c.get("num_train", 0)  # Configs saved before the field existed use every problem.
+  return problems[:n] if n else problems
