@@ -35,6 +35,7 @@ from train_memory import make_batch  # pylint: disable=g-import-not-at-top
 
 from jaxscore.loops import train as train_lib
 from jaxscore.models import lora
+from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def build(cfg0, params, adapters_cfg, opt):
   else:
     cfg = cfg0.replace(lora=adapters_cfg)
     frozen = jax.jit(functools.partial(lora.quantize_base, cfg=cfg))(params)
-    trainable = lora.init(cfg, jax.random.key(1))
+    trainable = model_lib.init_lora(cfg, jax.random.key(1))
     loss_fn = lambda a, batch, rng, base: _loss(lora.combine(base, a), batch, rng, base,
                                                 cfg=cfg, loss_cfg=loss_cfg)
   state = train_lib.TrainState.create(trainable, opt)

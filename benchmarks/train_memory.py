@@ -32,6 +32,7 @@ import numpy as np
 from bench_util import MODELS, load_model, results_stem, sustained_matmul, write_results  # pylint: disable=g-import-not-at-top
 
 from jaxscore.loops import train as train_lib
+from jaxscore.models import logprobs
 from jaxscore.objectives import policy_gradient as pg
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,13 +55,12 @@ def make_batch(cfg, b: int, t: int) -> pg.RLBatch:
 def loss_head_temp_gib(cfg, params, batch: pg.RLBatch) -> float:
   """Temporaries of the loss alone: from final hidden states to the policy-gradient
   loss (final norm, vocabulary projection, log-softmax, KL), forward and backward."""
-  from jaxscore.objectives import rl  # pylint: disable=g-import-not-at-top
 
   b, t = batch.tokens_BxT.shape
   x = jax.ShapeDtypeStruct((b, t, cfg.embed_dim), jnp.dtype(cfg.dtype))
 
   def loss(params, x_BxTxD):
-    logp, entropy, _ = rl.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg)
+    logp, entropy, _ = logprobs.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg)
     return pg.token_objective(logp, batch, pg.PolicyLossConfig(), entropy_BxT=entropy)[0]
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()

@@ -40,7 +40,7 @@ from bench_util import MODELS, TimedTask, load_model, results_stem, sustained_ma
 from configs import score as score_config  # pylint: disable=g-import-not-at-top
 from jaxscore.loops import online
 from jaxscore.loops import train as train_lib
-from jaxscore.objectives import rl
+from jaxscore.models import logprobs
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
@@ -114,7 +114,7 @@ def rl_iterations(c, setup, params, args):
   objective = online.make_objective(c, setup)
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
   step_fn = jax.jit(train_lib.make_train_step(objective.loss_fn, opt), donate_argnums=(0,))
-  ref_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
+  ref_fn = jax.jit(lambda p, t, m: logprobs.token_logprobs(p, t, m, cfg)[0])
   state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)
   problems = setup.task.problems("train")
   lens = rollout_lib.prompt_lens(setup, problems)

@@ -118,6 +118,13 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       "score_alpha0": ("method=rl;objective=score;rollout.num_turns=2;"
                        "rollout.feedback=instruction;score.alpha=0.0;score.stages="
                        + (f"I:{stage1},II:{steps - stage1}" if stage1 else f"II:{steps}")),
+      # SCoRe tuned once within its recipe: two thirds of the steps in Stage I, whose
+      # curves show attempt 2 gaining on an attempt 1 held near the base, and a third
+      # in Stage II, which lifts attempt 1 until a second look has nothing to fix.
+      "score_long_stage1": ("method=rl;objective=score;rollout.num_turns=2;"
+                            "rollout.feedback=instruction;score.stages="
+                            + (f"I:{2 * steps // 3},II:{steps - 2 * steps // 3}"
+                               if steps > 2 else f"II:{steps}")),
       "stage2_only": ("method=rl;objective=score;rollout.num_turns=2;"
                       f"rollout.feedback=instruction;score.stages=II:{steps}"),
       "single_turn_pg": ("method=rl;objective=pg;rollout.num_turns=1;"

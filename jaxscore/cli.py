@@ -65,8 +65,7 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
-  from jaxscore import evaluate, export
-  from jaxscore import main as main_lib
+  from jaxscore import evaluate, experiment, export
   from jaxscore.infra import files
   from jaxscore.loops import common
   from jaxscore.sampling import rollout
@@ -83,8 +82,8 @@ def _evaluate(args) -> int:
     raise export.ExportError(f"{workdir} has no checkpoint yet: train first, or evaluate "
                              f"the base model with `python -m jaxscore.main --mode=evaluate`")
   label = f"step {step} ({args.step})"
-  result = main_lib.run_eval(c, eval_setup, params, workdir, f"step{step}")
-  print("\n" + evaluate.format_table({label: result}, main_lib.eval_turns(c)))
+  result = experiment.evaluate(c, eval_setup, params, workdir, f"step{step}")
+  print("\n" + evaluate.format_table({label: result}, experiment.eval_turns(c)))
   print(f"\nreport: {workdir / 'eval'}")
   return 0
 

@@ -4,7 +4,7 @@ work fails in one line that names the fields involved and a fix, not hours later
 
   check_experiment(c)    configs/score.py (python -m jaxscore.main, jaxscore evaluate)
   check_self_explore(c)  configs/self_explore.py
-  check_study(c)         configs/study.py (the study's fields and every arm)
+  study.check(c)         configs/study.py (the study's fields and every arm)
 
 What needs the devices or the data (a mesh that does not fit the devices, a batch that
 does not split over the processes, a prompt longer than the model's context) is checked
@@ -13,19 +13,25 @@ where those are known, with errors of the same kind.
 
 from __future__ import annotations
 
-from jaxscore.infra import entry
+from jaxscore import errors, objectives, tasks
+from jaxscore.infra import sharding
+from jaxscore.loops import online, train
+from jaxscore.models import model as model_lib
+from jaxscore.models import pretrained
+from jaxscore.sampling import rollout, sampler
+from jaxscore.self_explore import explore, steps
 
 
-class ConfigError(entry.UsageError):
+class ConfigError(errors.UsageError):
   """A config whose fields contradict each other (reported in one line)."""
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
 
 
-def _built(what: str, build):
+def built(what: str, build):
   """`build()`, with a ValueError from a field's own check reported as a ConfigError."""
   try:
     return build()
@@ -35,8 +41,6 @@ def _built(what: str, build):
 
 def _stub_model():
   """A model config for building objectives: they read the model only when they run."""
-  from jaxscore.models import model as model_lib
-
   return model_lib.ModelConfig(vocab_size=8, num_layers=1, embed_dim=8, num_heads=1,
                                num_kv_heads=1, mlp_dim=8)
 
@@ -46,60 +50,54 @@ def _stub_model():
 
 
 def check_optim(g, where: str = "optim") -> None:
-  from jaxscore.loops import train
-
-  oc = _built(where, lambda: train.OptimConfig(**g))
-  _built(where, lambda: train.make_optimizer(oc))
-  _require(oc.learning_rate > 0, f"{where}.learning_rate={oc.learning_rate}: must be > 0")
-  _require(oc.grad_accum_steps >= 1,
+  oc = built(where, lambda: train.OptimConfig(**g))
+  built(where, lambda: train.make_optimizer(oc))
+  require(oc.learning_rate > 0, f"{where}.learning_rate={oc.learning_rate}: must be > 0")
+  require(oc.grad_accum_steps >= 1,
            f"{where}.grad_accum_steps={oc.grad_accum_steps}: must be >= 1")
-  _require(oc.warmup_steps >= 0, f"{where}.warmup_steps={oc.warmup_steps}: must be >= 0")
-  _require(oc.micro_batches >= 1, f"{where}.micro_batches={oc.micro_batches}: must be >= 1")
+  require(oc.warmup_steps >= 0, f"{where}.warmup_steps={oc.warmup_steps}: must be >= 0")
+  require(oc.micro_batches >= 1, f"{where}.micro_batches={oc.micro_batches}: must be >= 1")
 
 
 def _check_micro_batches(micro: int, rows: int, rows_field: str, where: str = "optim") -> None:
-  _require(rows % micro == 0,
+  require(rows % micro == 0,
            f"{rows_field} = {rows} rows do not split into {where}.micro_batches={micro} "
            f"equal slices: make {rows_field} a multiple of {micro}")
 
 
 def check_mesh(m, rows: int | None = None, rows_field: str = "") -> None:
-  from jaxscore.infra import sharding
-
-  _require(m.rules in sharding.RULES,
+  require(m.rules in sharding.RULES,
            f"mesh.rules={m.rules!r}: expected one of {', '.join(sharding.RULES)}")
-  _require(m.dcn >= 1, f"mesh.dcn={m.dcn}: expected the number of slices, >= 1")
+  require(m.dcn >= 1, f"mesh.dcn={m.dcn}: expected the number of slices, >= 1")
   sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
   for axis, n in sizes.items():
-    _require(n == -1 or n >= 1, f"mesh.{axis}={n}: expected -1 (the rest) or >= 1")
-  _require(list(sizes.values()).count(-1) <= 1,
+    require(n == -1 or n >= 1, f"mesh.{axis}={n}: expected -1 (the rest) or >= 1")
+  require(list(sizes.values()).count(-1) <= 1,
            "mesh.data, mesh.fsdp, mesh.tensor: at most one may be -1 (the rest)")
   batch_ways = m.dcn * m.data * m.fsdp
   if rows is not None and m.data != -1 and m.fsdp != -1:
-    _require(rows % batch_ways == 0,
+    require(rows % batch_ways == 0,
              f"{rows_field} = {rows} rows do not split over mesh.dcn x mesh.data x "
              f"mesh.fsdp = {batch_ways} batch shards: make the rows a multiple of "
              f"{batch_ways}")
 
 
 def check_checkpoint(ck) -> None:
-  _require(ck.every_steps >= 1, f"checkpoint.every_steps={ck.every_steps}: must be >= 1")
-  _require(ck.keep >= 1, f"checkpoint.keep={ck.keep}: must be >= 1")
+  require(ck.every_steps >= 1, f"checkpoint.every_steps={ck.every_steps}: must be >= 1")
+  require(ck.keep >= 1, f"checkpoint.keep={ck.keep}: must be >= 1")
 
 
 def _check_task(t, format_kind: str) -> None:
-  from jaxscore import tasks
-
   for name_field in ("name", "eval_name"):
     name = t.get(name_field, "")
     if name_field == "name" or name:
-      _require(name in tasks.TASKS, f"task.{name_field}={name!r}: expected one of "
+      require(name in tasks.TASKS, f"task.{name_field}={name!r}: expected one of "
                f"{', '.join(tasks.TASKS)}")
-  _require(format_kind in ("chat", "plain"), f"format={format_kind!r}: expected chat or plain")
+  require(format_kind in ("chat", "plain"), f"format={format_kind!r}: expected chat or plain")
 
 
 def _check_checkpoint_name(value: str, where: str) -> None:
-  _require(value in ("latest", "best") or value.isdigit(),
+  require(value in ("latest", "best") or value.isdigit(),
            f"{where}={value!r}: expected latest, best or a step number")
 
 
@@ -112,26 +110,23 @@ def rollout_rows(c) -> int:
 
 
 def check_rollout(c) -> None:
-  from jaxscore.loops import online
-  from jaxscore.sampling import sampler
-
-  ro = _built("rollout", lambda: online.RolloutConfig(**c.rollout))
-  feedback = _built("rollout.feedback", lambda: ro.feedback_config)
-  sampling = _built("sampler", lambda: sampler.SamplingConfig(**c.sampler))
-  _require(sampling.max_new_tokens >= 1,
+  ro = built("rollout", lambda: online.RolloutConfig(**c.rollout))
+  feedback = built("rollout.feedback", lambda: ro.feedback_config)
+  sampling = built("sampler", lambda: sampler.SamplingConfig(**c.sampler))
+  require(sampling.max_new_tokens >= 1,
            f"sampler.max_new_tokens={sampling.max_new_tokens}: must be >= 1")
   for field in ("num_turns", "group_size", "prompts_per_step", "score_overlap_splits",
                 "sample_batches"):
-    _require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
-  _require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
+    require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
+  require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
   splits = ro.score_overlap_splits
   if splits > 1:
-    _require(feedback.stops_when_correct,
+    require(feedback.stops_when_correct,
              f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "
              f"stop rows, not rollout.feedback={ro.feedback!r} (whose turns are scored "
              "while the next one samples anyway): set it to 1")
   batches = ro.sample_batches
-  _require(ro.prompts_per_step % (batches * splits) == 0,
+  require(ro.prompts_per_step % (batches * splits) == 0,
            f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
            f"rollout.sample_batches={batches} x rollout.score_overlap_splits={splits} "
            f"parts of whole groups: make it a multiple of {batches * splits}")
@@ -139,13 +134,9 @@ def check_rollout(c) -> None:
 
 def make_objective(c):
   """The config's objective, built as the loops build it, from config fields alone."""
-  from jaxscore import objectives
-  from jaxscore.loops import online
-  from jaxscore.sampling import sampler
-
-  _require(c.objective in objectives.names(),
+  require(c.objective in objectives.names(),
            f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}")
-  _require(c.objective in c, f"objective={c.objective!r} has no config group "
+  require(c.objective in c, f"objective={c.objective!r} has no config group "
            f"c.{c.objective} (its Config's fields)")
   kind = objectives.get(c.objective).kind
   ctx = objectives.Context(_stub_model())
@@ -154,49 +145,45 @@ def make_objective(c):
     ctx = objectives.Context(_stub_model(), num_turns=ro.num_turns, group_size=ro.group_size,
                              sampling=sampler.SamplingConfig(**c.sampler),
                              stops_rows=ro.feedback_config.stops_when_correct)
-  return _built(c.objective, lambda: objectives.make(c.objective, c[c.objective], ctx))
+  return built(c.objective, lambda: objectives.make(c.objective, c[c.objective], ctx))
 
 
 def check_objective(c) -> None:
   obj = make_objective(c)
   if obj.kind == "offline":
-    _require(c.offline.batch_size >= 1,
+    require(c.offline.batch_size >= 1,
              f"offline.batch_size={c.offline.batch_size}: must be >= 1")
     _check_micro_batches(c.optim.get("micro_batches", 1), c.offline.batch_size,
                          "offline.batch_size")
     return
   group, rows = c.rollout.group_size, rollout_rows(c)
   if getattr(obj.config, "advantage", None) == "rloo":
-    _require(group >= 2, f"{c.objective}.advantage='rloo' needs rollout.group_size >= 2 "
+    require(group >= 2, f"{c.objective}.advantage='rloo' needs rollout.group_size >= 2 "
              f"(a leave-one-out baseline), got {group}: raise it or use advantage=grpo")
   epochs, minibatches = obj.updates_per_batch
-  _require(rows % minibatches == 0,
+  require(rows % minibatches == 0,
            f"rollout.prompts_per_step x rollout.group_size = {rows} rows do not split into "
            f"{c.objective}.minibatches={minibatches} equal minibatches: make the rows a "
            f"multiple of {minibatches}")
-  _require(obj.num_steps >= 1, f"{c.objective}: {obj.num_steps} training steps")
+  require(obj.num_steps >= 1, f"{c.objective}: {obj.num_steps} training steps")
   _check_micro_batches(c.optim.get("micro_batches", 1), rows // minibatches,
                        "rollout.prompts_per_step x rollout.group_size"
                        + (f" / {c.objective}.minibatches" if minibatches > 1 else ""))
 
 
 def check_evaluate(c) -> None:
-  from jaxscore.sampling import rollout
-
   e = c.evaluate
   _check_checkpoint_name(e.checkpoint, "evaluate.checkpoint")
   for field in ("num_problems", "num_turns", "pass_k_samples"):
-    _require(e[field] >= 0, f"evaluate.{field}={e[field]}: must be >= 0")
-  _require(e.batch_size >= 1, f"evaluate.batch_size={e.batch_size}: must be >= 1")
+    require(e[field] >= 0, f"evaluate.{field}={e[field]}: must be >= 0")
+  require(e.batch_size >= 1, f"evaluate.batch_size={e.batch_size}: must be >= 1")
   if e.feedback:
-    _built("evaluate.feedback",
+    built("evaluate.feedback",
            lambda: rollout.Feedback(e.feedback, c.rollout.feedback_template))
 
 
 def check_lora(model) -> None:
-  from jaxscore.models import pretrained
-
-  _built("model.lora", lambda: pretrained.lora_config(model))
+  built("model.lora", lambda: pretrained.lora_config(model))
 
 
 def check_experiment(c) -> None:
@@ -208,7 +195,6 @@ def check_experiment(c) -> None:
   check_evaluate(c)
   check_optim(c.optim)
   check_checkpoint(c.checkpoint)
-  from jaxscore import objectives
 
   if objectives.get(c.objective).kind == "online":
     check_mesh(c.mesh, rollout_rows(c), "rollout.prompts_per_step x rollout.group_size")
@@ -224,18 +210,15 @@ def check_experiment(c) -> None:
 
 
 def _multiple(batch_field: str, batch: int, group_field: str, group: int, why: str) -> None:
-  _require(group >= 1, f"{group_field}={group}: must be >= 1")
-  _require(batch >= group and batch % group == 0,
+  require(group >= 1, f"{group_field}={group}: must be >= 1")
+  require(batch >= group and batch % group == 0,
            f"{batch_field}={batch} is not a multiple of {group_field}={group} ({why}): "
            f"set {batch_field} to a multiple of {group}, e.g. {max(group, batch // group * group)}")
 
 
 def check_self_explore(c) -> None:
-  from jaxscore import objectives
-  from jaxscore.self_explore import steps
-
   _check_task(c.task, c.format)
-  _require(not c.task.get("eval_name"),
+  require(not c.task.get("eval_name"),
            f"task.eval_name={c.task.get('eval_name')!r}: Self-Explore evaluates on the "
            "training task's eval split (task.eval_split); set task.eval_name=\"\"")
   check_lora(c.model)
@@ -243,69 +226,32 @@ def check_self_explore(c) -> None:
             c.sample.num_samples, "a problem's N samples share one prefill in one call")
   _multiple("explore.batch_size", c.explore.batch_size, "explore.k", c.explore.k,
             "a prefix's k continuations share one prefill in one call")
-  from jaxscore.self_explore import explore
 
-  _require(c.sample.rules in explore.RULES,
+  require(c.sample.rules in explore.RULES,
            f"sample.rules={c.sample.rules!r}: expected one of {', '.join(explore.RULES)}")
-  _require(c.sample.max_rft_per_problem >= 1,
+  require(c.sample.max_rft_per_problem >= 1,
            f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
-  _built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))
-  _require(c.explore.max_steps >= 1, f"explore.max_steps={c.explore.max_steps}: must be >= 1")
+  built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))
+  require(c.explore.max_steps >= 1, f"explore.max_steps={c.explore.max_steps}: must be >= 1")
   for field in ("sample.temperature", "explore.temperature"):
     group, name = field.split(".")
-    _require(c[group][name] > 0, f"{field}={c[group][name]}: exploration samples (> 0)")
+    require(c[group][name] > 0, f"{field}={c[group][name]}: exploration samples (> 0)")
   ctx = objectives.Context(_stub_model())
-  _built("sft", lambda: objectives.make("sft", c.sft, ctx))
-  dpo = _built("dpo", lambda: objectives.make("dpo", c.dpo, ctx))
-  _require(dpo.config.beta > 0, f"dpo.beta={dpo.config.beta}: must be > 0")
+  built("sft", lambda: objectives.make("sft", c.sft, ctx))
+  dpo = built("dpo", lambda: objectives.make("dpo", c.dpo, ctx))
+  require(dpo.config.beta > 0, f"dpo.beta={dpo.config.beta}: must be > 0")
   for stage in ("train_sft", "train_rft", "train_dpo"):
     g = c[stage]
-    _require(g.offline.batch_size >= 1,
+    require(g.offline.batch_size >= 1,
              f"{stage}.offline.batch_size={g.offline.batch_size}: must be >= 1")
-    _require(g.offline.num_epochs >= 1,
+    require(g.offline.num_epochs >= 1,
              f"{stage}.offline.num_epochs={g.offline.num_epochs}: must be >= 1")
-    _require(0.0 <= g.warmup_fraction < 1.0,
+    require(0.0 <= g.warmup_fraction < 1.0,
              f"{stage}.warmup_fraction={g.warmup_fraction}: must be in [0, 1)")
     check_optim(g.optim, f"{stage}.optim")
     _check_micro_batches(g.optim.get("micro_batches", 1), g.offline.batch_size,
                          f"{stage}.offline.batch_size", f"{stage}.optim")
     check_mesh(c.mesh, g.offline.batch_size, f"{stage}.offline.batch_size")
-  _require(c.evaluate.batch_size >= 1,
+  require(c.evaluate.batch_size >= 1,
            f"evaluate.batch_size={c.evaluate.batch_size}: must be >= 1")
   check_checkpoint(c.checkpoint)
-
-
-# ---------------------------------------------------------------------------
-# configs/study.py: the study's own fields, then every arm as the study builds it.
-
-
-def check_study(c) -> None:
-  from jaxscore import study
-  from jaxscore.sampling import rollout
-
-  s = c.study
-  for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
-                "samples_per_problem", "star_iterations", "intrinsic_turns"):
-    _require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
-  _require(s.budget in ("episodes", "tokens"),
-           f"study.budget={s.budget!r}: expected episodes or tokens")
-  _require(s.budget != "tokens" or s.tokens >= 1,
-           f"study.budget=tokens needs study.tokens >= 1 (sampled training tokens per "
-           f"arm), got study.tokens={s.tokens}")
-  _built("study.eval_feedback", lambda: rollout.Feedback(
-      s.eval_feedback, c.rollout.feedback_template))
-  names = [n.strip() for n in s.arms.split(",") if n.strip()]
-  _require(bool(names), "study.arms is empty: name at least one arm")
-  _require(s.reference_arm in c.arms, f"study.reference_arm={s.reference_arm!r} is not "
-           f"an arm (arms: {', '.join(c.arms)})")
-  for name in names:
-    try:
-      method, ac = study.arm_config(c, name)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    del method  # Every method trains (or not) with the same config groups.
-    try:
-      check_experiment(ac)
-    except ConfigError as e:
-      raise ConfigError(f"arms.{name}: {e}") from None
-

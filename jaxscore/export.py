@@ -26,19 +26,20 @@ import os
 import pathlib
 
 import jax
+import ml_collections
 import numpy as np
+from safetensors.numpy import save_file
 
+from jaxscore import errors
+from jaxscore.infra import files
+from jaxscore.loops import common
+from jaxscore.models import hf_checkpoint, lora, pretrained, weights
 
-class ExportError(ValueError):
-  """A user error: a missing run, config or checkpoint."""
+ExportError = errors.ExportError
 
 
 def run_config(workdir: str | os.PathLike):
   """The ml_collections config a run was started with (`<workdir>/config.json`)."""
-  import ml_collections
-
-  from jaxscore.infra import files
-
   path = files.path(workdir) / "config.json"
   if not path.exists():
     raise ExportError(f"{path} does not exist: --workdir must be a directory that "
@@ -50,9 +51,6 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, step: str = "late
            dtype: str = "float32") -> dict:
   """Writes the `step` (latest | best | a number) checkpoint of `workdir` to `out`;
   returns what was written."""
-  from jaxscore.infra import files
-  from jaxscore.loops import common
-  from jaxscore.models import hf_checkpoint, lora, pretrained
 
   c = run_config(workdir)
   model = pretrained.from_config(c.model)
@@ -85,10 +83,6 @@ def save_peft_adapter(directory: str | os.PathLike, cfg, adapters: dict,
   in jaxscore's row-major order, so A (in..., r) becomes lora_A (r, in) and B
   (r, out...) lora_B (out, r); PEFT scales B A by lora_alpha / r, as jaxscore does.
   """
-  from safetensors.numpy import save_file
-
-  from jaxscore.models import lora, weights
-
   specs = weights.tensor_specs(cfg)["layers"]
   r = cfg.lora.rank
   tensors, modules = {}, set()

@@ -306,7 +306,7 @@ class Builder:
     import jax.numpy as jnp
 
     from jaxscore.loops import train as train_lib
-    from jaxscore.objectives import rl
+    from jaxscore.models import logprobs
 
     opt = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
     loss_fn, trainable, trainable_sh, base = objective.loss_fn, self.params, self.param_sh, None
@@ -336,7 +336,7 @@ class Builder:
     if uses_reference:
       cfg = self.cfg
       slices = c.optim.get("micro_batches", 1)
-      logp = jax.jit(lambda p, t, m: rl.sliced_token_logprobs(p, t, m, cfg, slices))
+      logp = jax.jit(lambda p, t, m: logprobs.sliced_token_logprobs(p, t, m, cfg, slices))
       tokens = batch.tokens_BxT
       mask = jax.ShapeDtypeStruct(tokens.shape, jnp.bool_, sharding=tokens.sharding)
       total, temp = _memory(_lower(self, logp, ref, tokens, mask))
@@ -587,10 +587,10 @@ def pretrained_lora(c):
 
 def check(c) -> None:
   """Every constraint between fields of whichever config file `c` is."""
-  from jaxscore import config_checks
+  from jaxscore import config_checks, study
 
   if "arms" in c:
-    config_checks.check_study(c)
+    study.check(c)
   elif "train_sft" in c:
     config_checks.check_self_explore(c)
   else:

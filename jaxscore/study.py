@@ -36,13 +36,17 @@ import json
 import time
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from jaxscore import tasks
-from jaxscore.infra import entry
+from jaxscore import config_checks, evaluate, objectives, tasks
+from jaxscore.infra import entry, files
+from jaxscore.loops import common, offline, online
+from jaxscore.objectives import sft
+from jaxscore.sampling import rollout, sampler
 
 METHODS = ("none", "rl", "star", "pair_sft")
 
@@ -51,7 +55,6 @@ METHODS = ("none", "rl", "star", "pair_sft")
 class StudyConfig:
   """The study's own fields (configs/study.py's `study` group); each arm is a line of
   overrides in the `arms` group."""
-
   arms: str = ("base,self_refine,single_turn_grpo,multi_turn_per_turn,multi_turn_outcome,"
                "multi_turn_decayed,score,star,pair_sft")  # The arms run, in this order.
   # What every arm gets the same amount of: `episodes` (sampled training episodes) or
@@ -134,10 +137,37 @@ def apply_overrides(c, overrides, where: str = "--config") -> ml_collections.Con
   return out
 
 
+def check(c) -> None:
+  """configs/study.py's consistency (jaxscore.config_checks): the study's own fields,
+  then every arm as the study builds it, before a model loads."""
+  require, s = config_checks.require, c.study
+  for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
+                "samples_per_problem", "star_iterations", "intrinsic_turns"):
+    require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
+  require(s.budget in ("episodes", "tokens"),
+          f"study.budget={s.budget!r}: expected episodes or tokens")
+  require(s.budget != "tokens" or s.tokens >= 1,
+          f"study.budget=tokens needs study.tokens >= 1 (sampled training tokens per arm), "
+          f"got study.tokens={s.tokens}")
+  config_checks.built("study.eval_feedback", lambda: rollout.Feedback(
+      s.eval_feedback, c.rollout.feedback_template))
+  names = [n.strip() for n in s.arms.split(",") if n.strip()]
+  require(bool(names), "study.arms is empty: name at least one arm")
+  require(s.reference_arm in c.arms, f"study.reference_arm={s.reference_arm!r} is not an "
+          f"arm (arms: {', '.join(c.arms)})")
+  for name in names:
+    try:
+      _, ac = arm_config(c, name)  # Every method trains (or not) with the same groups.
+    except ValueError as e:
+      raise config_checks.ConfigError(str(e)) from None
+    try:
+      config_checks.check_experiment(ac)
+    except config_checks.ConfigError as e:
+      raise config_checks.ConfigError(f"arms.{name}: {e}") from None
+
+
 def bootstrap_mean(x_N: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
   """(mean, low, high): a 95% percentile bootstrap interval over problems."""
-  from jaxscore import evaluate
-
   return evaluate.paired_bootstrap(np.asarray(x_N, float), np.zeros(len(x_N)), seed=seed)
 
 
@@ -145,13 +175,9 @@ class Study:
   """The base model, task and problems every arm shares."""
 
   def __init__(self, c, workdir):
-    from jaxscore import config_checks
-    from jaxscore.infra import files
-    from jaxscore.sampling import rollout as rollout_lib
-
-    config_checks.check_study(c)  # Every arm, before the model loads.
+    check(c)  # Every arm, before the model loads.
     self.c, self.workdir = c, files.path(workdir)
-    self.setup, self.eval_setup, self.base_params = rollout_lib.from_config(c)
+    self.setup, self.eval_setup, self.base_params = rollout.from_config(c)
     self.train_problems = tasks.train_problems(self.setup.task, c.task)
     problems = self.eval_setup.task.problems(c.task.eval_split)
     self.test_problems = problems[:c.evaluate.num_problems] if c.evaluate.num_problems \
@@ -169,8 +195,6 @@ class Study:
     return self._supervised(method, ac, directory)
 
   def _rl(self, ac, directory):
-    from jaxscore.loops import online
-
     state, info = online.train(ac, self.setup, self.base_params, self.base_params,
                                directory / "train", token_budget=self._token_budget())
     if info["preempted"]:
@@ -194,8 +218,6 @@ class Study:
     """`count` training problems from position `offset` of the seeded order in which the
     RL arms draw their prompts, so every arm trains on the same problems in the same
     order (SFT-style arms take the first ones, as the first RL steps do)."""
-    from jaxscore.loops import online
-
     return online.seeded_problems(self.train_problems, offset, count, self.c.seed)
 
   def _sample(self, params, ac, problems, num_turns: int, seed_offset: int,
@@ -204,10 +226,6 @@ class Study:
     SCoRe's instruction between them (correctness never revealed), sampled at
     `study.sample_temperature`: (rollouts per batch, problems used, tokens sampled).
     With `token_budget`, sampling stops after the batch that reaches it."""
-    import jax
-
-    from jaxscore.sampling import rollout, sampler
-
     s = self.c.study
     n = s.samples_per_problem
     feedback = rollout.Feedback("instruction")
@@ -239,8 +257,6 @@ class Study:
     """Multi-turn STaR: traces whose second attempt is right after a wrong first one
     (and, D+, right after a right one); the model learns the second attempt in the
     context of the first and of SCoRe's instruction."""
-    from jaxscore.objectives import sft
-
     fmt, tok, task = self.setup.fmt, self.setup.tokenizer, self.setup.task
     out = []
     for ro, real in batches:
@@ -255,8 +271,6 @@ class Study:
   def _pair_sft_examples(self, batches, rng: np.random.Generator) -> list[dict]:
     """Pair-SFT: every wrong attempt paired with a random correct response to the same
     problem, under SCoRe's instruction: (x, wrong, p) -> correct."""
-    from jaxscore.objectives import sft
-
     fmt, tok, task = self.setup.fmt, self.setup.tokenizer, self.setup.task
     by_problem: dict[str, tuple[Any, list[str], list[str]]] = {}
     for ro, real in batches:
@@ -273,9 +287,6 @@ class Study:
     return out
 
   def _supervised(self, method, ac, directory):
-    from jaxscore import objectives
-    from jaxscore.loops import offline
-
     s = self.c.study
     n = s.samples_per_problem
     objective = objectives.make("sft", ac.sft, objectives.Context(self.setup.cfg))
@@ -326,9 +337,6 @@ class Study:
                  episode takes every turn and correctness is never revealed: acc@t is
                  turn t's answer, delta = acc@tT - acc@t1, with delta_i->c and c->i.
     Per-problem values for each metric, for intervals and paired differences."""
-    from jaxscore import evaluate
-    from jaxscore.sampling import rollout
-
     s = self.c.study
     run = lambda feedback, turns: evaluate.evaluate(
         params, self.eval_setup, self.test_problems, num_turns=turns,
@@ -394,8 +402,6 @@ class Study:
   def _keep_params_only(self, ac, directory) -> None:
     """A finished arm is never resumed: its training runs keep their parameters (to
     export or evaluate again) and drop the optimizer state."""
-    from jaxscore.loops import common
-
     for run in sorted(p.parent for p in directory.glob("*/checkpoints")):
       common.keep_params_only(ac, run, self.setup.cfg, self.base_params)
 
@@ -430,8 +436,6 @@ def summary_keys(first: dict, c) -> list[str]:
 def differences(results: dict, reference: str, keys, seed: int = 0) -> dict:
   """Each arm minus `reference`, per metric: (mean, low, high), a paired bootstrap
   over the same test problems."""
-  from jaxscore import evaluate
-
   base = results[reference]["per_problem"]
   return {name: {k: evaluate.paired_bootstrap(np.asarray(r["per_problem"][k]),
                                               np.asarray(base[k]), seed=seed)
@@ -523,7 +527,6 @@ def write_summary(workdir, results: dict, c) -> None:
 
 def main(argv):
   del argv
-  from jaxscore.infra import files
 
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)

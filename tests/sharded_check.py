@@ -15,6 +15,7 @@ from numerics import assert_close, assert_trees_close
 from jaxscore import objectives
 from jaxscore.infra import sharding
 from jaxscore.loops import train as train_lib
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
@@ -35,7 +36,7 @@ def make_batch(params):
                           objectives.Context(CFG, num_turns=2, group_size=4))
   returns, coef = score.returns(rewards, 0)
   adv = score.advantages(returns)
-  ref_logp = rl.token_logprobs(params, tokens, mask, CFG)[0] - 0.1
+  ref_logp = logprobs.token_logprobs(params, tokens, mask, CFG)[0] - 0.1
   return pg.RLBatch(
       tokens_BxT=tokens, mask_BxT=mask, turn_BxT=turn,
       advantages_BxT=rl.turn_values(turn, adv), kl_coef_BxT=rl.turn_weights(turn, coef),

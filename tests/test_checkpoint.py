@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import require_embedded
 
+from jaxscore import evaluate
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.loops import train as train_lib
 
@@ -551,7 +552,8 @@ def test_weights_and_biases_logs_one_run_per_workdir_offline(tmp_path, monkeypat
   assert len(runs) == 2 and all(r.name.endswith("-" + run_id) for r in runs), runs
   wandb_log.log_evaluation(c, tmp_path, {"before": {"acc@t1": 0.25, "acc@t2": 0.5,
                                                     "delta(t1,t2)": 0.25, "delta_i->c": 0.25,
-                                                    "delta_c->i": 0.0}}, num_turns=2)
+                                                    "delta_c->i": 0.0}},
+                          evaluate.table_keys(2))
   first, second, third = sorted((tmp_path / "wandb").glob("offline-run-*"))
   for run in (first, second):
     data = next(run.glob("run-*.wandb")).read_bytes()

@@ -8,12 +8,12 @@ import pathlib
 
 import pytest
 
-from jaxscore import config_checks
+from jaxscore import config_checks, study
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKS = {"score": config_checks.check_experiment,
           "self_explore": config_checks.check_self_explore,
-          "study": config_checks.check_study}
+          "study": study.check}
 
 
 def _module(name: str):

@@ -16,6 +16,7 @@ import pytest
 
 from jaxscore import evaluate, objectives
 from jaxscore.loops import train as train_lib
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
@@ -98,7 +99,7 @@ def _grpo_batch(params, rows=8, seed=0):
   turn = jnp.tile(jnp.array([0, 0, 1, 1, 1, 0]), (rows, 1))
   mask = jnp.ones((rows, 6), bool)
   adv_BxN = jnp.asarray(np.random.default_rng(seed).choice([-1.0, 1.0], (rows, 1)))
-  old = rl.token_logprobs(params, tokens, mask, CFG)[0]  # Recomputed, as the loop does.
+  old = logprobs.token_logprobs(params, tokens, mask, CFG)[0]  # Recomputed, as the loop does.
   return pg.RLBatch(tokens_BxT=tokens, mask_BxT=mask, turn_BxT=turn,
                     advantages_BxT=rl.turn_values(turn, adv_BxN),
                     kl_coef_BxT=jnp.zeros((rows, 6)), ref_logp_BxT=old, old_logp_BxT=old)

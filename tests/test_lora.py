@@ -18,7 +18,7 @@ CFG = BASE.replace(lora=lora.LoraConfig(rank=4, alpha=8.0))
 
 def _params(seed=0):
   base = model_lib.init(BASE, jax.random.key(seed), stddev=0.3)
-  adapters = lora.init(CFG, jax.random.key(seed + 1))
+  adapters = model_lib.init_lora(CFG, jax.random.key(seed + 1))
   return base, adapters
 
 
@@ -368,7 +368,8 @@ def test_the_backward_pass_keeps_no_dequantized_copy_of_the_base():
     qcfg = cfg.replace(lora=lora.LoraConfig(rank=4, quantize=quantize))
     base = lora.quantize_base(params, qcfg)
     loss = lambda a, b: jnp.mean(model_lib.apply(lora.combine(b, a), tokens, qcfg)[0])
-    compiled = jax.jit(jax.grad(loss)).lower(lora.init(qcfg, jax.random.key(1)), base).compile()
+    adapters = model_lib.init_lora(qcfg, jax.random.key(1))
+    compiled = jax.jit(jax.grad(loss)).lower(adapters, base).compile()
     temps[quantize] = compiled.memory_analysis().temp_size_in_bytes
   projections = 4 * sum(params["layers"][t].size for t in lora.TARGETS)  # float32 bytes.
   # One layer's dequantized weights at a time, not all four layers'.

@@ -15,6 +15,7 @@ from jaxscore import config, objectives
 from jaxscore.infra import checkpoint as checkpoint_lib
 from jaxscore.loops import common, offline, online
 from jaxscore.loops import train as train_lib
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import rl, sft
 from jaxscore.sampling import sampler as sampler_lib
@@ -48,7 +49,7 @@ class ConstantBaselineReinforce(objectives.OnlineObjective):
     return batch, {"baseline": self.config.baseline}
 
   def loss_fn(self, params, batch, rng, ref_params):
-    logp, _ = rl.token_logprobs(params, batch["tokens"], batch["mask"], self.ctx.model_cfg)
+    logp, _ = logprobs.token_logprobs(params, batch["tokens"], batch["mask"], self.ctx.model_cfg)
     sampled = batch["weights"] != 0
     loss = -jnp.sum(batch["weights"] * logp) / jnp.maximum(jnp.sum(sampled), 1)
     return loss, {"reinforce/weighted_tokens": jnp.sum(sampled)}

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from jaxscore import objectives
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
-from jaxscore.objectives import rl
+from jaxscore.objectives import dpo, rl
 from jaxscore.sampling import sampler as sampler_lib
 
 CFG = model_lib.ModelConfig(vocab_size=31, num_layers=1, embed_dim=16, num_heads=2,
@@ -37,8 +38,8 @@ def test_exact_kl_golden():
   p, q = np.array([0.7, 0.3]), np.array([0.4, 0.6])
   logits = jnp.log(jnp.array([[p, p]]))
   ref_logits = jnp.log(jnp.array([[q, q]]))
-  kl = rl.kl_exact(None, None, rl.shifted_log_softmax(logits),
-                   rl.shifted_log_softmax(ref_logits))
+  kl = rl.kl_exact(None, None, logprobs.shifted_log_softmax(logits),
+                   logprobs.shifted_log_softmax(ref_logits))
   expected = 0.7 * math.log(0.7 / 0.4) + 0.3 * math.log(0.3 / 0.6)
   np.testing.assert_allclose(kl, [[0.0, expected]], rtol=1e-6)
 
@@ -49,8 +50,8 @@ def test_every_kl_is_zero_when_policy_equals_reference():
   params = model_lib.init(cfg, jax.random.key(0), stddev=0.3)
   tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 31)
   mask = jnp.ones((2, 7), bool)
-  logp, _ = rl.token_logprobs(params, tokens, mask, cfg)
-  full = rl.shifted_log_softmax(model_lib.apply(params, tokens, cfg)[0])
+  logp, _ = logprobs.token_logprobs(params, tokens, mask, cfg)
+  full = logprobs.shifted_log_softmax(model_lib.apply(params, tokens, cfg)[0])
   for name, fn in rl.KL_ESTIMATORS.items():
     np.testing.assert_allclose(fn(logp, logp, full, full), 0.0, atol=1e-6, err_msg=name)
 
@@ -169,7 +170,7 @@ def test_stopping_feedback_masks_untaken_turns_in_pg_and_is_refused_by_score():
 def test_shifted_logprobs_match_log_softmax_by_hand():
   logits = jnp.array([[[0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
   tokens = jnp.array([[0, 2, 1]])
-  out = rl.shifted_logprobs(logits, tokens)
+  out = logprobs.shifted_logprobs(logits, tokens)
   z0 = math.log(1 + math.e + math.e**2)
   z1 = math.log(math.e + 2)
   np.testing.assert_allclose(out, [[0.0, 2.0 - z0, 0.0 - z1]], rtol=1e-6)
@@ -270,7 +271,8 @@ def test_aggregations():
 
 def test_dpo_loss_is_log2_when_policy_equals_reference():
   z = jnp.array([-3.0, -1.0])
-  np.testing.assert_allclose(rl.dpo_loss(z, z + 1, z, z + 1, beta=0.1), math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(dpo.preference_loss(z, z + 1, z, z + 1, beta=0.1), math.log(2),
+                             rtol=1e-6)
 
 
 def test_clipped_ratio_loss():
@@ -287,7 +289,7 @@ def _stats_loss(params, ref_params, tokens, cfg):
   """A scalar mixing every statistic, so gradients check all three."""
   x, _ = model_lib.apply(params, tokens, cfg, return_hidden=True)
   ref_x, _ = model_lib.apply(ref_params, tokens, cfg, return_hidden=True)
-  logp, entropy, kl = rl.token_stats(params, x, tokens, cfg, ref_params, ref_x)
+  logp, entropy, kl = logprobs.token_stats(params, x, tokens, cfg, ref_params, ref_x)
   return jnp.sum(logp * 0.7 + entropy * 0.2 + kl * 1.3), (logp, entropy, kl)
 
 
@@ -297,9 +299,9 @@ def test_token_stats_in_chunks_equal_the_whole_logits(chunk):
   ref_params = model_lib.init(CFG, jax.random.key(1), stddev=0.3)
   tokens = jax.random.randint(jax.random.key(2), (3, 8), 0, CFG.vocab_size)
   # Reference: the full B x T x V log-softmaxes, written out.
-  full = lambda p: rl.shifted_log_softmax(model_lib.apply(p, tokens, CFG)[0])
+  full = lambda p: logprobs.shifted_log_softmax(model_lib.apply(p, tokens, CFG)[0])
   logp_V, ref_V = full(params), full(ref_params)
-  want_logp = rl.taken_logprobs(logp_V, tokens)
+  want_logp = logprobs.taken_logprobs(logp_V, tokens)
   want_entropy = jnp.pad(-jnp.sum(jnp.exp(logp_V) * logp_V, -1), ((0, 0), (1, 0)))
   want_kl = rl.kl_exact(None, None, logp_V, ref_V)
   whole_grad, whole = jax.grad(_stats_loss, has_aux=True)(params, ref_params, tokens, CFG)
@@ -323,7 +325,7 @@ def test_chunked_logits_never_hold_every_position_at_once():
   logits_bytes = 4 * 64 * cfg.vocab_size * 4
 
   def temp_bytes(c):
-    loss = lambda p: jnp.sum(rl.token_logprobs(p, tokens, jnp.ones_like(tokens, bool), c)[0])
+    loss = lambda p: jnp.sum(logprobs.token_logprobs(p, tokens, jnp.ones_like(tokens, bool), c)[0])
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
   whole, chunked = temp_bytes(cfg), temp_bytes(cfg.replace(logits_chunk=8))

@@ -120,6 +120,10 @@ def test_score_effect_arms_are_scores_ablations():
   assert stage2.score.stages == "II:36"
   assert (single.objective, single.rollout.num_turns, single.pg.num_steps) == ("pg", 1, 36)
   assert single.pg.beta == score.score.beta1
+  # The one tuning within SCoRe's recipe, run on request: only the stage split moves.
+  tuned = study.arm_config(c, "score_long_stage1")[1]
+  assert tuned.score.stages == "I:24,II:12"
+  assert tuned.score.to_dict() | {"stages": ""} == score.score.to_dict() | {"stages": ""}
 
 
 @pytest.mark.slow
@@ -313,7 +317,7 @@ def test_a_token_budget_needs_its_size():
   c.unlock()
   c.study.budget = "tokens"
   with pytest.raises(config_checks.ConfigError, match="study.budget=tokens needs study.tokens"):
-    config_checks.check_study(c)
+    study.check(c)
   c.study.budget = "flops"
   with pytest.raises(config_checks.ConfigError, match="study.budget='flops': expected"):
-    config_checks.check_study(c)
+    study.check(c)

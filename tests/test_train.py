@@ -14,6 +14,7 @@ import pytest
 
 from jaxscore import objectives
 from jaxscore.loops import train as train_lib
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
@@ -143,8 +144,8 @@ def test_sliced_reference_logprobs_equal_the_whole_batch():
   params = model_lib.init(CFG, jax.random.key(0), stddev=0.3)
   tokens = jax.random.randint(jax.random.key(1), (4, 8), 0, CFG.vocab_size)
   mask = jnp.concatenate([MASK, MASK[::-1]])
-  whole = rl.token_logprobs(params, tokens, mask, CFG)[0]
-  np.testing.assert_allclose(rl.sliced_token_logprobs(params, tokens, mask, CFG, 2), whole,
+  whole = logprobs.token_logprobs(params, tokens, mask, CFG)[0]
+  np.testing.assert_allclose(logprobs.sliced_token_logprobs(params, tokens, mask, CFG, 2), whole,
                              rtol=1e-6, atol=1e-6)
 
 
@@ -158,7 +159,7 @@ def test_score_raises_reward_on_a_toy_task():
   loss_cfg = pg.PolicyLossConfig(kl_estimator="k3")
   step = jax.jit(train_lib.make_train_step(
       lambda *a: pg.policy_gradient_loss(*a, cfg=cfg, loss_cfg=loss_cfg), opt))
-  ref_logp_fn = jax.jit(lambda p, t, m: rl.token_logprobs(p, t, m, cfg)[0])
+  ref_logp_fn = jax.jit(lambda p, t, m: logprobs.token_logprobs(p, t, m, cfg)[0])
   smp = sampler_lib.Sampler(cfg, max_len=16, stop_ids=[11])
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=2)
   score = objectives.make("score", {"stages": "II:40", "alpha": 1.0, "beta1": 0.001},

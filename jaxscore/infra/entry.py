@@ -18,11 +18,12 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from jaxscore import errors
+
 _HINT = "(--help lists the flags)"
 
 
-class UsageError(ValueError):
-  """A command line that cannot work as given (reported in one line)."""
+UsageError = errors.UsageError
 
 
 def config_help(example: str) -> str:
@@ -32,13 +33,7 @@ def config_help(example: str) -> str:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-  from jaxscore.export import ExportError
-  from jaxscore.infra.sharding import ShardingError
-  from jaxscore.models.weights import CheckpointError
-  from jaxscore.tasks.records import DataError
-
-  return (UsageError, FileNotFoundError, ModuleNotFoundError, DataError, ExportError,
-          CheckpointError, ShardingError)
+  return (errors.UserError, FileNotFoundError, ModuleNotFoundError)
 
 
 def describe(e: BaseException) -> str:

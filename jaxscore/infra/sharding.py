@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxscore import errors
 from jaxscore.models import lora
 from jaxscore.models import model as model_lib
 
@@ -55,8 +56,7 @@ RULES: dict[str, Rules] = {
 }
 
 
-class ShardingError(ValueError):
-  """A mesh that does not fit the devices, or an axis that does not divide a dimension."""
+ShardingError = errors.ShardingError
 
 
 @dataclasses.dataclass(frozen=True)

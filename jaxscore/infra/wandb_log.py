@@ -58,14 +58,12 @@ def log_table(workdir, project: str, entity: str, key: str, columns: list[str],
   run.finish()
 
 
-def log_evaluation(c, workdir, results: dict[str, dict], num_turns: int) -> None:
-  """The evaluation table, as the run prints it (in %), to the workdir's W&B run when
-  the experiment config sets `log.wandb_project`."""
-  from jaxscore import evaluate
-
+def log_evaluation(c, workdir, results: dict[str, dict], columns: list[str]) -> None:
+  """The evaluation table's `columns` (evaluate.table_keys), as the run prints them (in
+  %), to the workdir's W&B run when the experiment config sets `log.wandb_project`."""
   project = c.log.get("wandb_project", "")
   if not project:
     return
-  keys = [k for k in evaluate.table_keys(num_turns) if all(k in r for r in results.values())]
+  keys = [k for k in columns if all(k in r for r in results.values())]
   log_table(workdir, project, c.log.get("wandb_entity", ""), "evaluation", ["model", *keys],
             [[name, *(100 * r[k] for k in keys)] for name, r in results.items()])

@@ -135,7 +135,7 @@ class Run:
     reference), and the state holds fresh adapters."""
     if self.lora:
       ref_params = frozen_base(lora.split(params)[0], self.model_cfg, self.mesh, self.rules)
-      params = lora.init(self.model_cfg, jax.random.key(self.c.seed))
+      params = model_lib.init_lora(self.model_cfg, jax.random.key(self.c.seed))
     else:
       ref_params = jax.device_put(ref_params, self.param_shardings)
     create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)

@@ -21,7 +21,7 @@ from jaxscore import evaluate, tasks
 from jaxscore import objectives as objectives_lib
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common
-from jaxscore.objectives import rl
+from jaxscore.models import logprobs
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
@@ -174,7 +174,7 @@ class OnlineLoop:
                           metric_before_update=True)
 
     def token_logprobs(params, tokens_BxT, mask_BxT):
-      return rl.sliced_token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg,
+      return logprobs.sliced_token_logprobs(params, tokens_BxT, mask_BxT, setup.cfg,
                                       c.optim.get("micro_batches", 1))
 
     # Teacher-forced log-probs of the reference (and of the policy, where the objective

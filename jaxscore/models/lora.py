@@ -12,7 +12,7 @@ model is pure functions over a params dict, so LoRA is written here as leaves of
 dict and the branch in `layers`.
 
   cfg = cfg.replace(lora=lora.LoraConfig(rank=8, alpha=16))
-  adapters = lora.init(cfg, rng)                       # only these are trained
+  adapters = model.init_lora(cfg, rng)                 # only these are trained
   params = lora.combine(base_params, adapters)         # what model.apply runs
   merged = lora.merge(params, cfg)                     # plain weights, for export
 
@@ -38,7 +38,7 @@ from jaxscore.models.config import LORA_TARGETS as TARGETS
 from jaxscore.models.config import LoraConfig
 
 __all__ = ["LoraConfig", "TARGETS", "adapter_axes", "combine", "delta", "dequantize",
-           "init", "is_adapter", "is_quantized", "merge", "num_params", "quantize_base",
+           "init_adapters", "is_adapter", "is_quantized", "merge", "num_params", "quantize_base",
            "quantized_shardings", "split"]
 
 # Each target's einsum layout: how many leading (after `layers`) axes are its input.
@@ -74,11 +74,11 @@ def combine(base: dict, adapters: dict) -> dict:
   return {**base, "layers": {**base["layers"], **adapters["layers"]}}
 
 
-def init(cfg, rng: jax.Array) -> dict:
-  """Fresh adapters: A ~ N(0, 1/fan_in) (PEFT draws it Kaiming-uniform), B = 0."""
-  from jaxscore.models import model as model_lib
-
-  shapes = model_lib.param_shapes(cfg)["layers"]
+def init_adapters(layer_shapes: dict, cfg, rng: jax.Array) -> dict:
+  """Fresh adapters of the layer weights shaped `layer_shapes` (model.param_shapes'
+  "layers"; `model.init_lora` passes them): A ~ N(0, 1/fan_in) (PEFT draws it
+  Kaiming-uniform), B = 0."""
+  shapes = layer_shapes
   dtype = jnp.dtype(cfg.param_dtype)
   out = {}
   for i, name in enumerate(cfg.lora.target_names):

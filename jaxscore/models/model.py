@@ -109,6 +109,11 @@ def init(cfg: ModelConfig, rng: jax.Array, stddev: float = 0.02) -> Params:
   return lora.quantize_base(params, cfg)  # QLoRA: the base's projections quantized.
 
 
+def init_lora(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh LoRA adapters for `cfg.lora`: they leave the model's output unchanged."""
+  return lora.init_adapters(param_shapes(cfg)["layers"], cfg, rng)
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
   shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   return Cache(

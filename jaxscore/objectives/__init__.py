@@ -1,4 +1,4 @@
-"""Objectives: RL building blocks (`rl`) and the registry of training methods.
+"""Objectives: RL estimators (`rl`) and the registry of training methods.
 
   objective = objectives.make(c.objective, c[c.objective], ctx)
 

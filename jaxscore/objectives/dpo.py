@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
-from jaxscore.objectives import base, rl, sft
+from jaxscore.objectives import base, sft
 
 
 @flax.struct.dataclass
@@ -34,20 +35,27 @@ class DPOBatch:
 
 def sequence_logprobs(params, tokens_BxT, mask_BxT, target_BxT, cfg: model_lib.ModelConfig):
   """sum over completion tokens of log pi(token | prefix): B, in float32."""
-  logp_BxT, _ = rl.token_logprobs(params, tokens_BxT, mask_BxT, cfg)
+  logp_BxT, _ = logprobs.token_logprobs(params, tokens_BxT, mask_BxT, cfg)
   target = target_BxT.astype(bool) & mask_BxT.astype(bool)
   return jnp.sum(jnp.where(target, logp_BxT, 0.0), axis=1)
 
 
+def preference_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta):
+  """-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) on sequence log-probs."""
+  margin = (policy_chosen_B - ref_chosen_B) - (policy_rejected_B - ref_rejected_B)
+  return -jax.nn.log_sigmoid(beta * margin)
+
+
 def dpo_loss(params, batch: DPOBatch, rng, ref_params, *, cfg: model_lib.ModelConfig,
              beta: float):
+  """The DPO objective's loss on a batch, with the reference's sums taken from it."""
   del rng, ref_params
   logp_2B = sequence_logprobs(params, batch.tokens_2BxT, batch.mask_2BxT, batch.target_2BxT,
                               cfg)
   b = logp_2B.shape[0] // 2
   chosen, rejected = logp_2B[:b], logp_2B[b:]
   ref_chosen, ref_rejected = batch.ref_logp_2B[:b], batch.ref_logp_2B[b:]
-  loss_B = rl.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
+  loss_B = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta)
   reward_chosen = beta * (chosen - ref_chosen)
   reward_rejected = beta * (rejected - ref_rejected)
   return jnp.mean(loss_B), {

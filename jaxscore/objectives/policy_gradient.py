@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import base, rl
 
@@ -59,7 +60,7 @@ def policy_gradient_loss(params, batch: RLBatch, rng, ref_params, *,
       raise ValueError("the exact KL needs ref_params")
     ref_x_BxTxD, _ = model_lib.apply(jax.lax.stop_gradient(ref_params), batch.tokens_BxT,
                                      cfg, mask_BxT=batch.mask_BxT, return_hidden=True)
-  logp, entropy, exact_kl = rl.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg,
+  logp, entropy, exact_kl = logprobs.token_stats(params, x_BxTxD, batch.tokens_BxT, cfg,
                                            ref_params, ref_x_BxTxD)
   return token_objective(logp, batch, loss_cfg, exact_kl_BxT=exact_kl, entropy_BxT=entropy)
 
@@ -73,14 +74,14 @@ def batch_weight(batch: RLBatch, loss_cfg: PolicyLossConfig) -> jax.Array:
 def token_objective(logp_BxT, batch: RLBatch, loss_cfg: PolicyLossConfig,
                     exact_kl_BxT=None, entropy_BxT=None):
   """The loss as a function of the policy's per-token log-probs (and, for the exact
-  KL, its per-token value from `rl.token_stats`). Only sampled tokens of real turns
+  KL, its per-token value from `logprobs.token_stats`). Only sampled tokens of real turns
   enter it."""
   response = (batch.turn_BxT > 0) & batch.mask_BxT.astype(bool)
   pg = rl.pick(rl.POLICY_LOSSES, loss_cfg.policy_loss, "policy_loss")(
       logp_BxT, batch.advantages_BxT, batch.old_logp_BxT, loss_cfg.clip_eps)
   if loss_cfg.kl_estimator == "exact":
     if exact_kl_BxT is None:
-      raise ValueError("kl_estimator='exact' needs the per-token exact KL (rl.token_stats)")
+      raise ValueError("kl_estimator='exact' needs the per-token exact KL (logprobs.token_stats)")
     kl = exact_kl_BxT
   else:
     kl = rl.pick(rl.KL_ESTIMATORS, loss_cfg.kl_estimator, "kl_estimator")(

@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import base, rl
 
@@ -28,7 +29,7 @@ class SFTBatch:
 def sft_loss(params, batch: SFTBatch, rng, ref_params, *, cfg: model_lib.ModelConfig,
              aggregation: str = "token_mean"):
   del rng, ref_params
-  logp_BxT, _ = rl.token_logprobs(params, batch.tokens_BxT, batch.mask_BxT, cfg)
+  logp_BxT, _ = logprobs.token_logprobs(params, batch.tokens_BxT, batch.mask_BxT, cfg)
   target = batch.target_BxT.astype(bool) & batch.mask_BxT.astype(bool)
   loss = rl.aggregate(-logp_BxT, target, aggregation)
   return loss, {"tokens/target": jnp.sum(target),

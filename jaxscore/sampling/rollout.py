@@ -27,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscore import tasks
 from jaxscore.infra import sharding
 from jaxscore.models import model as model_lib
+from jaxscore.models import pretrained
+from jaxscore.sampling import formats
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import base
 
@@ -135,10 +138,6 @@ class Rollouts:
 def from_config(c) -> tuple[Setup, Setup, Any]:
   """(training setup, evaluation setup, params) of an experiment config (`model`,
   `format`, `task`)."""
-  from jaxscore import tasks
-  from jaxscore.models import pretrained
-  from jaxscore.sampling import formats
-
   # Tasks first: a wrong data path is reported before the model loads.
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
   eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())

@@ -27,8 +27,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxscore import config_checks, objectives, tasks
 from jaxscore import evaluate as evaluate_lib
-from jaxscore import objectives, tasks
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common, offline, train
 from jaxscore.models import lora, pretrained
@@ -129,8 +129,6 @@ class Pipeline:
   """The stages of one Self-Explore run; `run()` does them all."""
 
   def __init__(self, c, workdir):
-    from jaxscore import config_checks
-
     config_checks.check_self_explore(c)  # Before the model loads.
     self.c, self.workdir = c, files.path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)

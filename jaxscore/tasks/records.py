@@ -16,11 +16,12 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from jaxscore import errors
+
 T = TypeVar("T")
 
 
-class DataError(ValueError):
-  """A dataset file is unreadable, malformed, or lacks a required field."""
+DataError = errors.DataError
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

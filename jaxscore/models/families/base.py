@@ -14,13 +14,13 @@ from typing import Any
 
 import jax
 
+from jaxscore import errors
 from jaxscore.models.config import ModelConfig, RopeScaling
 
 _CONFIG = "config.json"
 
 
-class CheckpointError(ValueError):
-  """A checkpoint is missing a tensor, has a wrong shape, or cannot be read."""
+CheckpointError = errors.CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
