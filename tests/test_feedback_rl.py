@@ -217,6 +217,7 @@ def test_feedback_rollout_stops_rows_at_their_first_correct_answer():
   setup, params = _scripted_setup()
   problems = setup.task.problems("train")
   feedback = rollout_lib.Feedback("unary")
+  sampler_lib.forget_shared()  # Another test may have compiled this very sampler.
   smp = _sampler(setup, problems, feedback)
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=4)
   compiles = collections.Counter()

@@ -129,6 +129,31 @@ def test_each_row_of_a_ragged_batch_equals_running_it_alone(tiny):
     assert run([PROMPTS[row]], [messages[row]])[0] == together[row]
 
 
+def test_callers_with_one_configuration_share_one_sampler(tiny):
+  from jaxscore.infra import sharding
+
+  cfg, params = tiny
+  smp = sampler_lib.Sampler.shared(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)
+  assert sampler_lib.Sampler.shared(cfg, max_len=64, stop_ids=(EOS,), end_of_turn_id=EOT) \
+      is smp
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)),
+                       sampler_lib.SamplingConfig(max_new_tokens=4))
+  again = sampler_lib.Sampler.shared(cfg, end_of_turn_id=EOT, stop_ids=[EOS], max_len=64)
+  compiled = again._decode._cache_size()
+  again.generate(params, again.start(PROMPTS, jax.random.key(1)),
+                 sampler_lib.SamplingConfig(max_new_tokens=4))
+  assert compiled >= 1 and again._decode._cache_size() == compiled  # Nothing traced again.
+  assert state.tokens_BxT.shape[1] == 64
+  # Another buffer, another model or other active logical rules: another sampler.
+  assert sampler_lib.Sampler.shared(cfg, max_len=128, stop_ids=[EOS], end_of_turn_id=EOT) \
+      is not smp
+  assert sampler_lib.Sampler.shared(dataclasses.replace(cfg, num_layers=1), max_len=64,
+                                    stop_ids=[EOS], end_of_turn_id=EOT) is not smp
+  with sharding.activate(sharding.make_mesh(1, 1, 1), sharding.RULES["fsdp"]):
+    assert sampler_lib.Sampler.shared(cfg, max_len=64, stop_ids=[EOS],
+                                      end_of_turn_id=EOT) is not smp
+
+
 def test_same_bucket_batches_never_retrace(tiny):
   cfg, params = tiny
   smp = sampler_lib.Sampler(cfg, max_len=64, stop_ids=[EOS], end_of_turn_id=EOT)

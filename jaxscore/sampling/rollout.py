@@ -178,7 +178,7 @@ def make_sampler(setup: Setup, prompt_lens: Sequence[int], num_turns: int,
   if message_len is None:
     message_len = instruction_len(setup)
   bound = episode_len_bound(prompt_lens, num_turns, max_new_tokens, message_len)
-  return sampler_lib.Sampler(
+  return sampler_lib.Sampler.shared(
       setup.cfg, max_len=sampler_lib.bucket(bound, minimum=64), stop_ids=setup.stop_ids,
       end_of_turn_id=setup.fmt.end_of_turn_id, pad_id=setup.tokenizer.pad_token_id or 0,
       batch_sharding=batch_sharding, rules=rules, max_prompt_len=max(prompt_lens))

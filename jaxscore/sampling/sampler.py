@@ -31,9 +31,11 @@ row's index), so which rows share a compacted batch never changes what a row sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -197,6 +199,16 @@ class Sampler:
       self.state_shardings, logits_sharding = _state_shardings(
           cfg, max_len, batch_sharding, rules)
     self._jit_pieces(logits_sharding)
+
+  @classmethod
+  def shared(cls, cfg: model_lib.ModelConfig, **kwargs) -> Sampler:
+    """The one Sampler of this configuration in this process: callers that sample with
+    the same model config and buffer (a study's arms, the evaluations before and after
+    training, every test of a model) reuse its traced and compiled pieces instead of
+    tracing them again. The logical axis rules active now are part of the key, since
+    the pieces trace under them."""
+    kwargs["stop_ids"] = tuple(int(i) for i in kwargs["stop_ids"])
+    return _shared(cls, cfg, tuple(nn.get_logical_axis_rules()), tuple(sorted(kwargs.items())))
 
   def _jit_pieces(self, logits_sharding):
     """Compiles the pieces, with every output pinned to its input's sharding on a mesh."""
@@ -488,3 +500,15 @@ class Sampler:
 
     state = state.replace(done_B=state.done_B | (state.length_B >= self.max_len))
     return jax.lax.while_loop(cond, body, (state, logits_BxV, step))
+
+
+@functools.lru_cache(maxsize=32)
+def _shared(cls, cfg, active_rules, kwargs) -> Sampler:
+  del active_rules  # A key only: the pieces read the rules when they trace.
+  return cls(cfg, **dict(kwargs))
+
+
+def forget_shared() -> None:
+  """Drops the shared samplers (`Sampler.shared`): the next caller traces and compiles
+  afresh, e.g. to count what a run compiles."""
+  _shared.cache_clear()
