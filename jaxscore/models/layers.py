@@ -1,7 +1,7 @@
 """Building blocks every family's layer is made of: RMSNorm, RoPE, grouped-query
 attention (optionally soft-capped), gated MLPs, query/key/value projections.
 
-Shapes follow the package legend (`jaxscore/__init__.py`); here N counts query heads.
+Shapes follow the package legend (`jaxscore/__init__.py`).
 """
 
 from __future__ import annotations
@@ -68,32 +68,33 @@ def local_inv_freq(cfg: ModelConfig) -> jax.Array:
   return rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, None)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array,
+def apply_rope(x_BxTxAxH: jax.Array, positions_BxT: jax.Array,
                inv_freq_H2: jax.Array) -> jax.Array:
-  """Rotary embedding in the half-split layout of Hugging Face checkpoints."""
+  """Rotary embedding in the half-split layout of Hugging Face checkpoints; A heads of
+  either kind (query or kv)."""
   angles_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
   sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
   cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_BxTxAxH.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxH.dtype)
+  return out.astype(x_BxTxAxH.dtype)
 
 
 def attention_scale(cfg: ModelConfig) -> float:
   return (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
 
-def attention(q_BxTxNxH: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Array],
+def attention(q_BxTxQxH: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Array],
               visible_BxTxR: jax.Array, scale: float,
               softcap: float | None = None) -> jax.Array:
   """Grouped-query attention over keys given in blocks along the sequence (`ks`, `vs`:
   B x K x S_i x H each, e.g. the cache and the new chunk), without concatenating them:
   one softmax, in float32, over all blocks; `visible_BxTxR` covers R = sum S_i."""
-  b, t, n, h = q_BxTxNxH.shape
+  b, t, n, h = q_BxTxQxH.shape
   k = ks[0].shape[1]
   g = n // k
   # Queries of a kv group side by side: one (T*G x S) matmul per (row, kv head).
-  q_BxKxQxH = (q_BxTxNxH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4)
+  q_BxKxQxH = (q_BxTxQxH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4)
                .reshape(b, k, t * g, h))
   logits = jnp.concatenate(
       [jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, kb, preferred_element_type=jnp.float32)
@@ -161,8 +162,8 @@ def qkv(x_BxTxD, lp, cfg: ModelConfig, positions_BxT, inv_freq_H2):
           apply_rope(k, positions_BxT, inv_freq_H2), v)
 
 
-def out_proj(attn_BxTxNxH, lp, cfg: ModelConfig):
-  return dense("btnh,nhd->btd", attn_BxTxNxH, lp, "o", cfg)
+def out_proj(attn_BxTxQxH, lp, cfg: ModelConfig):
+  return dense("btnh,nhd->btd", attn_BxTxQxH, lp, "o", cfg)
 
 
 def attention_axes(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:

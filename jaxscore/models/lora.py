@@ -1,7 +1,7 @@
 """LoRA as a transform of the params tree: low-rank adapters beside the frozen weights.
 
-A targeted weight W (say q: D x N x H) gets `<name>_lora_a` (D x r) and `<name>_lora_b`
-(r x N x H) in the same layer slice of `params["layers"]`; the layer computes
+A targeted weight W (say q: D x Q x H) gets `<name>_lora_a` (D x r) and `<name>_lora_b`
+(r x Q x H) in the same layer slice of `params["layers"]`; the layer computes
 x W + (alpha / r) (x A) B, never the merged matrix, so the base weights stay frozen and
 unchanged in memory. B starts at zero, so a model with fresh adapters is exactly its base
 model, and the base params alone (no adapter leaves) are the reference policy: no second

@@ -1,6 +1,6 @@
 """The decoder stack of every model family (jaxscore.models.families) as pure functions.
 
-Shapes follow the package legend (`jaxscore/__init__.py`); here N counts query heads.
+Shapes follow the package legend (`jaxscore/__init__.py`).
 
   params = init(cfg, rng)
   logits_BxTxV, _ = apply(params, tokens_BxT, cfg)                 # full forward

@@ -34,7 +34,7 @@ class Tensor:
   to_hf: Callable = lambda w: w
 
 
-# `attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH) -> (out_BxTxNxH, extra)`: attention with the
+# `attend(q_BxTxQxH, k_BxTxKxH, v_BxTxKxH) -> (out_BxTxQxH, extra)`: attention with the
 # caller's mask and cache; `extra` is what the stack collects from each layer.
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 

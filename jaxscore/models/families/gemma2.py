@@ -21,8 +21,8 @@ def sandwich_block(x_BxTxD, lp, cfg: ModelConfig, positions_BxT, inv_freq_H2, at
   """x + post_norm(attn(norm(x))), then x + post_norm(mlp(norm(x)))."""
   norm = lambda x, w: layers.rms_norm(x, w, cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = layers.qkv(norm(x_BxTxD, lp["attn_norm"]), lp, cfg, positions_BxT, inv_freq_H2)
-  attn_BxTxNxH, extra = attend(q, k, v)
-  x_BxTxD = x_BxTxD + norm(layers.out_proj(attn_BxTxNxH, lp, cfg), lp["post_attn_norm"])
+  attn_BxTxQxH, extra = attend(q, k, v)
+  x_BxTxD = x_BxTxD + norm(layers.out_proj(attn_BxTxQxH, lp, cfg), lp["post_attn_norm"])
   h = layers.gated_mlp(norm(x_BxTxD, lp["mlp_norm"]), lp, cfg)
   x_BxTxD = x_BxTxD + norm(h, lp["post_mlp_norm"])
   return nn.with_logical_constraint(x_BxTxD, layers.ACT_EMBED), extra

@@ -17,8 +17,8 @@ def pre_norm_block(x_BxTxD, lp, cfg: ModelConfig, positions_BxT, inv_freq_H2, at
   """x + attn(norm(x)), then x + mlp(norm(x))."""
   h = layers.rms_norm(x_BxTxD, lp["attn_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   q, k, v = layers.qkv(h, lp, cfg, positions_BxT, inv_freq_H2)
-  attn_BxTxNxH, extra = attend(q, k, v)
-  x_BxTxD = x_BxTxD + layers.out_proj(attn_BxTxNxH, lp, cfg)
+  attn_BxTxQxH, extra = attend(q, k, v)
+  x_BxTxD = x_BxTxD + layers.out_proj(attn_BxTxQxH, lp, cfg)
   h = layers.rms_norm(x_BxTxD, lp["mlp_norm"], cfg.rms_norm_eps, cfg.norm_offset)
   x_BxTxD = x_BxTxD + layers.gated_mlp(h, lp, cfg)
   return nn.with_logical_constraint(x_BxTxD, layers.ACT_EMBED), extra
