@@ -1,7 +1,7 @@
 """Shared-prompt prefill: G samples of one prompt prefill it once, side by side with
 prefilling every row.
 
-  python benchmarks/group_prefill.py [--rows 16,64] [--group 4] [--out benchmarks/results]
+  python benchmarks/group_prefill.py [--rows 16,64] [--group_size 4] [--out benchmarks/results]
 
 Embedded SmolLM2-135M, float32, the chat-formatted prompts of benchmarks/sampler.py.
 `every row`: the sampler starts all rows and prefills each; `grouped`: it starts one
@@ -34,13 +34,13 @@ from jaxscore.sampling import sampler as sampler_lib
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--rows", default="16,64")
-  parser.add_argument("--group", type=int, default=4)
+  parser.add_argument("--group_size", type=int, default=4)
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
   args = parser.parse_args()
   model = pretrained.load(pretrained.DEFAULT_MODEL)
   fmt = formats.ChatFormat(model.tokenizer)
   params = jax.device_put(model.params)
-  g = args.group
+  g = args.group_size
   static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
   rows = []
   for b in map(int, args.rows.split(",")):
@@ -59,14 +59,14 @@ def main():
     def prefill_grouped():
       state, logits = smp._prefill(params, smp.start(unique, jax.random.key(0)), chunk=chunk,
                                    sampling=static)
-      out["grouped"] = jax.block_until_ready(smp._expand(state, logits, group=g))
+      out["grouped"] = jax.block_until_ready(smp._expand(state, logits, group_size=g))
 
     t_every, t_grouped = timed(prefill_every), timed(prefill_grouped)
     (s1, l1), (s2, l2) = out["every"], out["grouped"]
     same = (np.array_equal(s1.tokens_BxT, s2.tokens_BxT)
             and np.allclose(l1, l2, atol=1e-4)
             and np.allclose(s1.cache.k_LxBxKxSxH, s2.cache.k_LxBxKxSxH, atol=1e-4))
-    row = dict(rows=b, group=g, prompts=len(unique), prompt_tokens=max(map(len, unique)),
+    row = dict(rows=b, group_size=g, prompts=len(unique), prompt_tokens=max(map(len, unique)),
                every_row_s=t_every, grouped_s=t_grouped, speedup=t_every / t_grouped,
                same_state=bool(same))
     rows.append(row)

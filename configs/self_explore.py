@@ -24,12 +24,12 @@ def _sources(*splits: str) -> dict[str, str]:
 
 
 # The paper's settings and its reference code's where the paper is silent, on top of the
-# groups' defaults (pipeline.SampleConfig, ExploreConfig and EvalConfig hold N = 100,
-# k = 4, temperature 0.7 and 512 new tokens; DPOConfig beta 0.1): SFT and RFT with Adam
-# at lr 1e-5 for 5 epochs, linear decay, batch 64; DPO with RMSprop at lr 1e-6 for 3
-# epochs, batch 32, linear decay with 10% warmup, 384 tokens. The reference code trains
-# DPO with transformers' optim="rmsprop": PyTorch's RMSprop and its default decay
-# alpha = 0.99 (the paper names the optimizer, not its decay).
+# groups' defaults (pipeline.SampleConfig, ExploreConfig and EvalConfig hold N = 100 and
+# k = 4 as their group_size, temperature 0.7 and 512 new tokens; DPOConfig beta 0.1):
+# SFT and RFT with Adam at lr 1e-5 for 5 epochs, linear decay, batch 64; DPO with RMSprop
+# at lr 1e-6 for 3 epochs, batch 32, linear decay with 10% warmup, 384 tokens. The
+# reference code trains DPO with transformers' optim="rmsprop": PyTorch's RMSprop and its
+# default decay alpha = 0.99 (the paper names the optimizer, not its decay).
 PAPER = {
     **{f"{stage}.{k}": v for stage in ("train_sft", "train_rft") for k, v in {
         "offline.batch_size": 64, "offline.num_epochs": 5, "optim.schedule": "linear"}.items()},
@@ -59,7 +59,7 @@ VARIANT_CHANGES = {
                                "example.\n\nExample: What is 4 + 3 - 2?\n4 + 3 = 7\n"
                                "7 - 2 = 5\nThe answer is 5.\n\nNow: {question}"},
         "task.num_train": 128,
-        "sample.num_samples": 4,
+        "sample.group_size": 4,
         "sample.max_new_tokens": 48,
         "sample.batch_size": 32,
         "explore.max_new_tokens": 40,
@@ -94,10 +94,10 @@ VARIANT_CHANGES = {
 RUNLOCAL = {
     "task.num_train": 8,
     "rft.include_gold": True,  # A smoke-sized SFT model rarely samples a correct answer.
-    "sample.num_samples": 2,
+    "sample.group_size": 2,
     "sample.max_new_tokens": 12,
     "sample.batch_size": 8,
-    "explore.k": 2,
+    "explore.group_size": 2,
     "explore.max_new_tokens": 8,
     "explore.max_rationales": 4,
     "explore.batch_size": 8,

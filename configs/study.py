@@ -52,7 +52,7 @@ VARIANT_CHANGES = {
         "rollout.group_size": 8,
         "rollout.prompts_per_step": 64,
         "study.episodes": 512 * 300,
-        "study.samples_per_problem": 8,
+        "study.group_size": 8,
     },
 }
 
@@ -61,7 +61,7 @@ RUNLOCAL = {
     "study.train_turns": 2,
     "study.eval_turns": 2,
     "study.pass_k_samples": 2,
-    "study.samples_per_problem": 2,
+    "study.group_size": 2,
     "evaluate.batch_size": 4,
     "grpo.epochs": 1,
     "grpo.minibatches": 2,

@@ -54,32 +54,32 @@ def check_optim(g, where: str = "optim") -> None:
   built(where, lambda: train.make_optimizer(oc))
   require(oc.learning_rate > 0, f"{where}.learning_rate={oc.learning_rate}: must be > 0")
   require(oc.grad_accum_steps >= 1,
-           f"{where}.grad_accum_steps={oc.grad_accum_steps}: must be >= 1")
+          f"{where}.grad_accum_steps={oc.grad_accum_steps}: must be >= 1")
   require(oc.warmup_steps >= 0, f"{where}.warmup_steps={oc.warmup_steps}: must be >= 0")
   require(oc.micro_batches >= 1, f"{where}.micro_batches={oc.micro_batches}: must be >= 1")
 
 
 def _check_micro_batches(micro: int, rows: int, rows_field: str, where: str = "optim") -> None:
   require(rows % micro == 0,
-           f"{rows_field} = {rows} rows do not split into {where}.micro_batches={micro} "
-           f"equal slices: make {rows_field} a multiple of {micro}")
+          f"{rows_field} = {rows} rows do not split into {where}.micro_batches={micro} "
+          f"equal slices: make {rows_field} a multiple of {micro}")
 
 
 def check_mesh(m, rows: int | None = None, rows_field: str = "") -> None:
   require(m.rules in sharding.RULES,
-           f"mesh.rules={m.rules!r}: expected one of {', '.join(sharding.RULES)}")
+          f"mesh.rules={m.rules!r}: expected one of {', '.join(sharding.RULES)}")
   require(m.dcn >= 1, f"mesh.dcn={m.dcn}: expected the number of slices, >= 1")
   sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
   for axis, n in sizes.items():
     require(n == -1 or n >= 1, f"mesh.{axis}={n}: expected -1 (the rest) or >= 1")
   require(list(sizes.values()).count(-1) <= 1,
-           "mesh.data, mesh.fsdp, mesh.tensor: at most one may be -1 (the rest)")
+          "mesh.data, mesh.fsdp, mesh.tensor: at most one may be -1 (the rest)")
   batch_ways = m.dcn * m.data * m.fsdp
   if rows is not None and m.data != -1 and m.fsdp != -1:
     require(rows % batch_ways == 0,
-             f"{rows_field} = {rows} rows do not split over mesh.dcn x mesh.data x "
-             f"mesh.fsdp = {batch_ways} batch shards: make the rows a multiple of "
-             f"{batch_ways}")
+            f"{rows_field} = {rows} rows do not split over mesh.dcn x mesh.data x "
+            f"mesh.fsdp = {batch_ways} batch shards: make the rows a multiple of "
+            f"{batch_ways}")
 
 
 def check_checkpoint(ck) -> None:
@@ -92,13 +92,13 @@ def _check_task(t, format_kind: str) -> None:
     name = t.get(name_field, "")
     if name_field == "name" or name:
       require(name in tasks.TASKS, f"task.{name_field}={name!r}: expected one of "
-               f"{', '.join(tasks.TASKS)}")
+              f"{', '.join(tasks.TASKS)}")
   require(format_kind in ("chat", "plain"), f"format={format_kind!r}: expected chat or plain")
 
 
 def _check_checkpoint_name(value: str, where: str) -> None:
   require(value in ("latest", "best") or value.isdigit(),
-           f"{where}={value!r}: expected latest, best or a step number")
+          f"{where}={value!r}: expected latest, best or a step number")
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def check_rollout(c) -> None:
   feedback = built("rollout.feedback", lambda: ro.feedback_config)
   sampling = built("sampler", lambda: sampler.SamplingConfig(**c.sampler))
   require(sampling.max_new_tokens >= 1,
-           f"sampler.max_new_tokens={sampling.max_new_tokens}: must be >= 1")
+          f"sampler.max_new_tokens={sampling.max_new_tokens}: must be >= 1")
   for field in ("num_turns", "group_size", "prompts_per_step", "score_overlap_splits",
                 "sample_batches"):
     require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
@@ -122,22 +122,22 @@ def check_rollout(c) -> None:
   splits = ro.score_overlap_splits
   if splits > 1:
     require(feedback.stops_when_correct,
-             f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "
-             f"stop rows, not rollout.feedback={ro.feedback!r} (whose turns are scored "
-             "while the next one samples anyway): set it to 1")
+            f"rollout.score_overlap_splits={splits} splits only feedback rollouts that "
+            f"stop rows, not rollout.feedback={ro.feedback!r} (whose turns are scored "
+            "while the next one samples anyway): set it to 1")
   batches = ro.sample_batches
   require(ro.prompts_per_step % (batches * splits) == 0,
-           f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
-           f"rollout.sample_batches={batches} x rollout.score_overlap_splits={splits} "
-           f"parts of whole groups: make it a multiple of {batches * splits}")
+          f"rollout.prompts_per_step={ro.prompts_per_step} does not split into "
+          f"rollout.sample_batches={batches} x rollout.score_overlap_splits={splits} "
+          f"parts of whole groups: make it a multiple of {batches * splits}")
 
 
 def make_objective(c):
   """The config's objective, built as the loops build it, from config fields alone."""
   require(c.objective in objectives.names(),
-           f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}")
+          f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}")
   require(c.objective in c, f"objective={c.objective!r} has no config group "
-           f"c.{c.objective} (its Config's fields)")
+          f"c.{c.objective} (its Config's fields)")
   kind = objectives.get(c.objective).kind
   ctx = objectives.Context(_stub_model())
   if kind == "online":
@@ -152,19 +152,19 @@ def check_objective(c) -> None:
   obj = make_objective(c)
   if obj.kind == "offline":
     require(c.offline.batch_size >= 1,
-             f"offline.batch_size={c.offline.batch_size}: must be >= 1")
+            f"offline.batch_size={c.offline.batch_size}: must be >= 1")
     _check_micro_batches(c.optim.get("micro_batches", 1), c.offline.batch_size,
                          "offline.batch_size")
     return
   group, rows = c.rollout.group_size, rollout_rows(c)
   if getattr(obj.config, "advantage", None) == "rloo":
     require(group >= 2, f"{c.objective}.advantage='rloo' needs rollout.group_size >= 2 "
-             f"(a leave-one-out baseline), got {group}: raise it or use advantage=grpo")
+            f"(a leave-one-out baseline), got {group}: raise it or use advantage=grpo")
   epochs, minibatches = obj.updates_per_batch
   require(rows % minibatches == 0,
-           f"rollout.prompts_per_step x rollout.group_size = {rows} rows do not split into "
-           f"{c.objective}.minibatches={minibatches} equal minibatches: make the rows a "
-           f"multiple of {minibatches}")
+          f"rollout.prompts_per_step x rollout.group_size = {rows} rows do not split into "
+          f"{c.objective}.minibatches={minibatches} equal minibatches: make the rows a "
+          f"multiple of {minibatches}")
   require(obj.num_steps >= 1, f"{c.objective}: {obj.num_steps} training steps")
   _check_micro_batches(c.optim.get("micro_batches", 1), rows // minibatches,
                        "rollout.prompts_per_step x rollout.group_size"
@@ -179,7 +179,7 @@ def check_evaluate(c) -> None:
   require(e.batch_size >= 1, f"evaluate.batch_size={e.batch_size}: must be >= 1")
   if e.feedback:
     built("evaluate.feedback",
-           lambda: rollout.Feedback(e.feedback, c.rollout.feedback_template))
+          lambda: rollout.Feedback(e.feedback, c.rollout.feedback_template))
 
 
 def check_lora(model) -> None:
@@ -212,25 +212,26 @@ def check_experiment(c) -> None:
 def _multiple(batch_field: str, batch: int, group_field: str, group: int, why: str) -> None:
   require(group >= 1, f"{group_field}={group}: must be >= 1")
   require(batch >= group and batch % group == 0,
-           f"{batch_field}={batch} is not a multiple of {group_field}={group} ({why}): "
-           f"set {batch_field} to a multiple of {group}, e.g. {max(group, batch // group * group)}")
+          f"{batch_field}={batch} is not a multiple of {group_field}={group} ({why}): "
+          f"set {batch_field} to a multiple of {group}, e.g. {max(group, batch // group * group)}")
 
 
 def check_self_explore(c) -> None:
   _check_task(c.task, c.format)
   require(not c.task.get("eval_name"),
-           f"task.eval_name={c.task.get('eval_name')!r}: Self-Explore evaluates on the "
-           "training task's eval split (task.eval_split); set task.eval_name=\"\"")
+          f"task.eval_name={c.task.get('eval_name')!r}: Self-Explore evaluates on the "
+          "training task's eval split (task.eval_split); set task.eval_name=\"\"")
   check_lora(c.model)
-  _multiple("sample.batch_size", c.sample.batch_size, "sample.num_samples",
-            c.sample.num_samples, "a problem's N samples share one prefill in one call")
-  _multiple("explore.batch_size", c.explore.batch_size, "explore.k", c.explore.k,
+  _multiple("sample.batch_size", c.sample.batch_size, "sample.group_size",
+            c.sample.group_size, "a problem's N samples share one prefill in one call")
+  _multiple("explore.batch_size", c.explore.batch_size, "explore.group_size",
+            c.explore.group_size,
             "a prefix's k continuations share one prefill in one call")
 
   require(c.sample.rules in explore.RULES,
-           f"sample.rules={c.sample.rules!r}: expected one of {', '.join(explore.RULES)}")
+          f"sample.rules={c.sample.rules!r}: expected one of {', '.join(explore.RULES)}")
   require(c.sample.max_rft_per_problem >= 1,
-           f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
+          f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
   built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))
   require(c.explore.max_steps >= 1, f"explore.max_steps={c.explore.max_steps}: must be >= 1")
   for field in ("sample.temperature", "explore.temperature"):
@@ -243,15 +244,15 @@ def check_self_explore(c) -> None:
   for stage in ("train_sft", "train_rft", "train_dpo"):
     g = c[stage]
     require(g.offline.batch_size >= 1,
-             f"{stage}.offline.batch_size={g.offline.batch_size}: must be >= 1")
+            f"{stage}.offline.batch_size={g.offline.batch_size}: must be >= 1")
     require(g.offline.num_epochs >= 1,
-             f"{stage}.offline.num_epochs={g.offline.num_epochs}: must be >= 1")
+            f"{stage}.offline.num_epochs={g.offline.num_epochs}: must be >= 1")
     require(0.0 <= g.warmup_fraction < 1.0,
-             f"{stage}.warmup_fraction={g.warmup_fraction}: must be in [0, 1)")
+            f"{stage}.warmup_fraction={g.warmup_fraction}: must be in [0, 1)")
     check_optim(g.optim, f"{stage}.optim")
     _check_micro_batches(g.optim.get("micro_batches", 1), g.offline.batch_size,
                          f"{stage}.offline.batch_size", f"{stage}.optim")
     check_mesh(c.mesh, g.offline.batch_size, f"{stage}.offline.batch_size")
   require(c.evaluate.batch_size >= 1,
-           f"evaluate.batch_size={c.evaluate.batch_size}: must be >= 1")
+          f"evaluate.batch_size={c.evaluate.batch_size}: must be >= 1")
   check_checkpoint(c.checkpoint)

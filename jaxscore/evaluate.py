@@ -176,7 +176,7 @@ def evaluate_pass_at_k(params, setup: rollout_lib.Setup, problems: Sequence[base
     padded = chunk + [chunk[-1]] * (prompts_per_call - len(chunk))
     rng = jax.random.fold_in(jax.random.key(seed), start)
     state = smp.start([fmt.prompt_ids(p.prompt) for p in padded], rng)
-    state = smp.generate_grouped(params, state, sampling, group=num_samples)
+    state = smp.generate_grouped(params, state, sampling, group_size=num_samples)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip()
              for r in smp.episode(state).response_ids(1)]
     rows = [p for p in chunk for _ in range(num_samples)]

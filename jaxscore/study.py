@@ -74,7 +74,7 @@ class StudyConfig:
   reference_arm: str = "single_turn_grpo"
   pass_k_samples: int = 8  # n samples per problem for pass@k, k = 1, 2, 4, ... n.
   pass_k_temperature: float = 1.0
-  samples_per_problem: int = 4  # STaR and Pair-SFT: episodes sampled per problem.
+  group_size: int = 4  # STaR and Pair-SFT: episodes sampled per problem.
   star_iterations: int = 2  # STaR rounds: sample -> filter -> fine-tune the base model.
   sample_temperature: float = 1.0  # STaR and Pair-SFT sampling.
 
@@ -142,7 +142,7 @@ def check(c) -> None:
   then every arm as the study builds it, before a model loads."""
   require, s = config_checks.require, c.study
   for field in ("episodes", "train_turns", "eval_turns", "pass_k_samples",
-                "samples_per_problem", "star_iterations", "intrinsic_turns"):
+                "group_size", "star_iterations", "intrinsic_turns"):
     require(s[field] >= 1, f"study.{field}={s[field]}: must be >= 1")
   require(s.budget in ("episodes", "tokens"),
           f"study.budget={s.budget!r}: expected episodes or tokens")
@@ -222,12 +222,12 @@ class Study:
 
   def _sample(self, params, ac, problems, num_turns: int, seed_offset: int,
               token_budget: float | None = None):
-    """`study.samples_per_problem` episodes per problem of `num_turns` attempts with
+    """`study.group_size` episodes per problem of `num_turns` attempts with
     SCoRe's instruction between them (correctness never revealed), sampled at
     `study.sample_temperature`: (rollouts per batch, problems used, tokens sampled).
     With `token_budget`, sampling stops after the batch that reaches it."""
     s = self.c.study
-    n = s.samples_per_problem
+    n = s.group_size
     feedback = rollout.Feedback("instruction")
     key = (num_turns, ac.sampler.max_new_tokens)
     if key not in self._samplers:
@@ -247,7 +247,7 @@ class Study:
       real = min(per_call, len(problems) - start) * n
       rng = jax.random.fold_in(jax.random.key(self.c.seed), seed_offset * 100_003 + i)
       ro = rollout.rollout(params, smp, self.setup, [p for p in chunk for _ in range(n)],
-                           num_turns, sampling, rng, feedback=feedback, group=n)
+                           num_turns, sampling, rng, feedback=feedback, group_size=n)
       tokens += sum(len(ro.ids[t][r]) for t in range(num_turns) for r in range(real))
       used += real // n
       out.append((ro, real))
@@ -288,7 +288,7 @@ class Study:
 
   def _supervised(self, method, ac, directory):
     s = self.c.study
-    n = s.samples_per_problem
+    n = s.group_size
     objective = objectives.make("sft", ac.sft, objectives.Context(self.setup.cfg))
     rounds = s.star_iterations if method == "star" else 1
     # Problems per round: the cap with a token budget, which each round gets 1/rounds of.

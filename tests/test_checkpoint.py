@@ -522,7 +522,7 @@ def test_the_best_checkpoint_holds_the_parameters_that_earned_its_reward(tmp_pat
     ro = rollout_lib.rollout(restored["params"], loop.sampler, setup, rows,
                              c.rollout.num_turns, loop.sampling,
                              jax.random.fold_in(jax.random.key(c.seed), step),
-                             group=c.rollout.group_size)
+                             group_size=c.rollout.group_size)
     assert float(ro.rewards_BxN.sum(1).mean()) == label, step
   ckpt.close()
   loop.run.ckpt.close()

@@ -66,10 +66,10 @@ def _fails(name: str, arg: str, overrides: dict, *named: str) -> str:
 def test_self_explore_batches_must_hold_whole_groups():
   # The paper-size variants once shipped with 64-row batches and N = 100.
   message = _fails("self_explore", "gsm8k", {"sample.batch_size": 64},
-                   "sample.batch_size=64", "sample.num_samples=100")
+                   "sample.batch_size=64", "sample.group_size=100")
   assert "multiple of 100" in message
   _fails("self_explore", "cpu", {"explore.batch_size": 30}, "explore.batch_size=30",
-         "explore.k=4")
+         "explore.group_size=4")
   _fails("self_explore", "math", {"train_dpo.warmup_fraction": 1.5},
          "train_dpo.warmup_fraction")
   _fails("self_explore", "cpu", {"explore.style": "paragraphs"}, "explore.style")

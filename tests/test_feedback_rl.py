@@ -345,8 +345,9 @@ def test_rollout_of_groups_prefills_each_prompt_once_with_the_same_samples(kind)
   feedback = rollout_lib.Feedback(kind)
   smp = _sampler(setup, problems, feedback)
   sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=4)
-  run = lambda group: rollout_lib.rollout(params, smp, setup, problems, 3, sampling,
-                                          jax.random.key(7), feedback=feedback, group=group)
+  run = lambda group_size: rollout_lib.rollout(
+      params, smp, setup, problems, 3, sampling, jax.random.key(7), feedback=feedback,
+      group_size=group_size)
   setup.task.calls.clear()
   each = run(1)
   setup.task.calls.clear()
@@ -363,7 +364,7 @@ def test_rollout_of_groups_prefills_each_prompt_once_with_the_same_samples(kind)
   assert any(each.ids[0][i] != each.ids[0][i + 1] for i in range(0, 8, 2))
   with pytest.raises(ValueError, match="do not share one prompt"):
     rollout_lib.rollout(params, smp, setup, problems[1:] + problems[:1], 3, sampling,
-                        jax.random.key(7), feedback=feedback, group=2)
+                        jax.random.key(7), feedback=feedback, group_size=2)
 
 
 def test_instruction_feedback_keeps_every_turn_and_templates_are_checked():

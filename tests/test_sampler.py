@@ -248,12 +248,12 @@ def test_grouped_prefill_equals_prefilling_every_row(tiny, temperature):
   starting G copies of each prompt, for a ragged batch, greedy and sampled, and on a
   second turn on the carried cache."""
   cfg, params = tiny
-  group = 3
+  group_size = 3
   sampling = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=6)
   smp = sampler_lib.Sampler(cfg, max_len=48, stop_ids=[EOS], end_of_turn_id=EOT)
   rng = jax.random.key(7)
-  grouped = smp.generate_grouped(params, smp.start(PROMPTS, rng), sampling, group)
-  copies = [p for p in PROMPTS for _ in range(group)]
+  grouped = smp.generate_grouped(params, smp.start(PROMPTS, rng), sampling, group_size)
+  copies = [p for p in PROMPTS for _ in range(group_size)]
   every = smp.generate(params, smp.start(copies, rng), sampling)
   a, b = smp.episode(grouped), smp.episode(every)
   np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
@@ -286,7 +286,7 @@ def test_compacting_finished_rows_changes_no_row(tiny, temperature):
     state = smp.generate(params, smp.start(prompts, jax.random.key(5)), first)
     state = smp.generate(params, smp.add_message(state, messages), second)
     grouped = smp.generate_grouped(params, smp.start(prompts[::4], jax.random.key(6)),
-                                   second, group=4)
+                                   second, group_size=4)
     return set(rows), decode._cache_size(), smp.episode(state), smp.episode(grouped)
 
   rows, compiles, ep, grouped = run(2)

@@ -276,11 +276,11 @@ def test_a_token_budget_stops_every_method_just_past_it(tmp_path):
     _, ac = study.arm_config(st.c, method)
     _, budget = st._supervised(method, ac, tmp_path / method)
     share = 40 / rounds
-    per_call = max(ac.evaluate.batch_size // st.c.study.samples_per_problem, 1)
+    per_call = max(ac.evaluate.batch_size // st.c.study.group_size, 1)
     for r in budget["rounds"]:
       # Each round samples whole batches until its share is reached, and no more.
       assert r["tokens"] >= share
-      assert r["sampled"] % (per_call * st.c.study.samples_per_problem) == 0
+      assert r["sampled"] % (per_call * st.c.study.group_size) == 0
       assert r["sampled"] < st.c.study.episodes // rounds
     assert budget["tokens"] == sum(r["tokens"] for r in budget["rounds"]) >= 40
     assert not budget["capped"]

@@ -204,7 +204,7 @@ class OnlineLoop:
                              self.sampling, rng, score_pool=pool, feedback=self.feedback,
                              score_overlap_splits=ro_cfg.score_overlap_splits,
                              sample_batches=ro_cfg.sample_batches,
-                             group=ro_cfg.group_size)
+                             group_size=ro_cfg.group_size)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
     objective = self.objective

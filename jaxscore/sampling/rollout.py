@@ -185,31 +185,31 @@ def make_sampler(setup: Setup, prompt_lens: Sequence[int], num_turns: int,
 
 
 def start_groups(smp: sampler_lib.Sampler, prompts: Sequence[Sequence[int]], rng,
-                 group: int) -> tuple[sampler_lib.SamplerState, int]:
-  """(state, group): a sampler state for rows that come in runs of `group` identical
+                 group_size: int) -> tuple[sampler_lib.SamplerState, int]:
+  """(state, group_size): a sampler state for rows that come in runs of `group_size` identical
   prompts (an RL group's samples), holding each prompt once, so that turn 1
   (`first_turn`) prefills each prompt once and copies its cache to the group. When the
   prompts alone do not split over the devices that hold rows, every row is started
   (group 1)."""
-  if group > 1:
-    if len(prompts) % group:
-      raise ValueError(f"{len(prompts)} rows are not whole groups of {group} "
+  if group_size > 1:
+    if len(prompts) % group_size:
+      raise ValueError(f"{len(prompts)} rows are not whole groups of {group_size} "
                        "(rollout.group_size)")
-    for i in range(0, len(prompts), group):
-      if any(list(p) != list(prompts[i]) for p in prompts[i + 1:i + group]):
-        raise ValueError(f"rows {i}..{i + group - 1} do not share one prompt: groups of "
-                         f"{group} must be consecutive copies of a problem")
-    if (len(prompts) // group * jax.process_count()) % smp.row_shards:
-      group = 1
+    for i in range(0, len(prompts), group_size):
+      if any(list(p) != list(prompts[i]) for p in prompts[i + 1:i + group_size]):
+        raise ValueError(f"rows {i}..{i + group_size - 1} do not share one prompt: groups of "
+                         f"{group_size} must be consecutive copies of a problem")
+    if (len(prompts) // group_size * jax.process_count()) % smp.row_shards:
+      group_size = 1
     else:
-      prompts = prompts[::group]
-  return smp.start(prompts, rng), group
+      prompts = prompts[::group_size]
+  return smp.start(prompts, rng), group_size
 
 
-def first_turn(params, smp: sampler_lib.Sampler, state, sampling, group: int, pending: int):
-  """Turn 1 from `start_groups`' state: each prompt prefilled once for its `group` rows."""
-  if group > 1:
-    return smp.generate_grouped(params, state, sampling, group, pending=pending)
+def first_turn(params, smp: sampler_lib.Sampler, state, sampling, group_size: int, pending: int):
+  """Turn 1 from `start_groups`' state: each prompt prefilled once for its `group_size` rows."""
+  if group_size > 1:
+    return smp.generate_grouped(params, state, sampling, group_size, pending=pending)
   return smp.generate(params, state, sampling, pending=pending)
 
 
@@ -217,23 +217,23 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
             problems: Sequence[base.Problem], num_turns: int,
             sampling: sampler_lib.SamplingConfig, rng, score_pool=None,
             feedback: Feedback = Feedback(), score_overlap_splits: int = 1,
-            group: int = 1, sample_batches: int = 1) -> Rollouts:
+            group_size: int = 1, sample_batches: int = 1) -> Rollouts:
   """Samples up to `num_turns` attempts per problem with `feedback` between them.
 
   With a multi-process sampler, each process tokenizes, feeds and scores only its rows.
   The sampler must hold the longest message (`make_sampler(message_len=
   instruction_len(setup, feedback))`). With feedback that stops rows,
   `score_overlap_splits` > 1 scores one part of the rows while the others sample (see
-  `_feedback_rollout`). `group` > 1: rows come in runs of `group` copies of a problem,
+  `_feedback_rollout`). `group_size` > 1: rows come in runs of `group_size` copies of a problem,
   whose prompt is prefilled once for the run. `sample_batches` > 1 samples the rows in
   that many consecutive batches, one after another (`_in_batches`).
   """
   if sample_batches > 1:
     return _in_batches(params, smp, setup, problems, num_turns, sampling, rng, score_pool,
-                       feedback, score_overlap_splits, group, sample_batches)
+                       feedback, score_overlap_splits, group_size, sample_batches)
   if feedback.stops_when_correct:
     return _feedback_rollout(params, smp, setup, problems, num_turns, sampling, rng,
-                             feedback, score_overlap_splits, group)
+                             feedback, score_overlap_splits, group_size)
   fmt, tokenizer, task = setup.fmt, setup.tokenizer, setup.task
   # The message the sampler was sized for: the feedback's own (a Self-Refine critique
   # prompt), else the task's instruction.
@@ -241,7 +241,7 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
   mine = slice(*sharding.process_rows(len(problems)))
   feed = problems[mine] if smp.batch_sharding is not None else problems
   prompts = [fmt.prompt_ids(p.prompt) for p in feed]
-  state, group = start_groups(smp, prompts, rng, group)
+  state, group_size = start_groups(smp, prompts, rng, group_size)
   texts, ids, pending = [], [], []
   # Unseen tokens per row, known here: no device-to-host sync to size the prefill, and
   # the same bound (hence the same program) on every process.
@@ -252,7 +252,7 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
       unseen = 2 + len(instruction)  # Last sampled token, a closing end-of-turn, message.
       state = smp.generate(params, state, sampling, pending=unseen)
     else:
-      state = first_turn(params, smp, state, sampling, group, unseen)
+      state = first_turn(params, smp, state, sampling, group_size, unseen)
     turn_ids = smp.episode(state).response_ids(turn)
     turn_texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in turn_ids]
     texts.append(turn_texts)
@@ -269,7 +269,7 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
 
 
 def _in_batches(params, smp, setup: Setup, problems, num_turns: int, sampling, rng,
-                score_pool, feedback: Feedback, score_overlap_splits: int, group: int,
+                score_pool, feedback: Feedback, score_overlap_splits: int, group_size: int,
                 batches: int) -> Rollouts:
   """The rows sampled as `batches` consecutive batches of whole groups, each finished
   (decoded and its episode read) before the next starts: one batch's KV cache on the
@@ -279,13 +279,13 @@ def _in_batches(params, smp, setup: Setup, problems, num_turns: int, sampling, r
     raise ValueError("rollout.sample_batches > 1 is not supported with several processes "
                      "yet: use more devices per process or fewer rows per step")
   n = len(problems)
-  if n % (batches * group):
+  if n % (batches * group_size):
     raise ValueError(f"{n} rows do not split into rollout.sample_batches={batches} batches "
-                     f"of whole groups of {group}")
+                     f"of whole groups of {group_size}")
   size = n // batches
   parts = [rollout(params, smp, setup, problems[k * size:(k + 1) * size], num_turns,
                    sampling, jax.random.fold_in(rng, k), score_pool, feedback,
-                   score_overlap_splits, group) for k in range(batches)]
+                   score_overlap_splits, group_size) for k in range(batches)]
   concat = lambda field: np.concatenate([getattr(p, field) for p in parts])
   turns = range(len(parts[0].texts))
   return Rollouts(
@@ -303,15 +303,15 @@ class _FeedbackRows:
   waits for it, then decodes and scores the rows that took it."""
 
   def __init__(self, params, smp, setup: Setup, problems, num_turns, sampling, rng,
-               feedback: Feedback, group: int = 1):
+               feedback: Feedback, group_size: int = 1):
     self.params, self.smp, self.setup, self.sampling = params, smp, setup, sampling
     self.feedback, self.problems = feedback, list(problems)
     fmt = setup.fmt
     self.mine = slice(*sharding.process_rows(len(problems)))
     feed = self.problems[self.mine] if smp.batch_sharding is not None else self.problems
     self.local_rows = range(len(problems))[self.mine]
-    self.state, self.group = start_groups(smp, [fmt.prompt_ids(p.prompt) for p in feed],
-                                          rng, group)
+    self.state, self.group_size = start_groups(
+        smp, [fmt.prompt_ids(p.prompt) for p in feed], rng, group_size)
     n, m = len(problems), len(self.local_rows)
     self.texts = [[""] * n for _ in range(num_turns)]
     self.ids = [[[] for _ in range(n)] for _ in range(num_turns)]
@@ -335,7 +335,7 @@ class _FeedbackRows:
       self.state = self.smp.generate(self.params, self.state, self.sampling,
                                      pending=self.unseen)
     else:
-      self.state = first_turn(self.params, self.smp, self.state, self.sampling, self.group,
+      self.state = first_turn(self.params, self.smp, self.state, self.sampling, self.group_size,
                               self.unseen)
 
   def collect(self, turn: int) -> None:
@@ -355,14 +355,14 @@ class _FeedbackRows:
       self.active[i] = sc.reward < 1.0
 
 
-def split_rows(num_rows: int, splits: int, group: int = 1) -> list[np.ndarray]:
+def split_rows(num_rows: int, splits: int, group_size: int = 1) -> list[np.ndarray]:
   """Global row indices of each of `splits` parts: every process's rows cut into
   `splits` equal consecutive pieces of whole groups, so each part is itself a batch in
   process order."""
   processes = jax.process_count()
-  if num_rows % (processes * splits * group):
+  if num_rows % (processes * splits * group_size):
     raise ValueError(f"{num_rows} rows do not split into {splits} equal parts of whole "
-                     f"groups of {group} over {processes} process(es) "
+                     f"groups of {group_size} over {processes} process(es) "
                      "(rollout.score_overlap_splits)")
   local, piece = num_rows // processes, num_rows // processes // splits
   return [np.concatenate([p * local + np.arange(k * piece, (k + 1) * piece)
@@ -370,17 +370,17 @@ def split_rows(num_rows: int, splits: int, group: int = 1) -> list[np.ndarray]:
 
 
 def _feedback_rollout(params, smp, setup: Setup, problems, num_turns, sampling, rng,
-                      feedback: Feedback, splits: int = 1, group: int = 1) -> Rollouts:
+                      feedback: Feedback, splits: int = 1, group_size: int = 1) -> Rollouts:
   """Turns until each row's first correct answer; only wrong rows get `feedback`.
 
   The next message depends on the score, so one batch cannot sample while it is
   scored. With `splits` > 1 the rows are cut into parts that take turns on the device:
   a part is scored while the others sample. Greedy results do not depend on `splits`.
   """
-  index = split_rows(len(problems), splits, group)
+  index = split_rows(len(problems), splits, group_size)
   rngs = [rng] if splits == 1 else [jax.random.fold_in(rng, k) for k in range(splits)]
   parts = [_FeedbackRows(params, smp, setup, [problems[i] for i in idx], num_turns,
-                         sampling, r, feedback, group) for idx, r in zip(index, rngs)]
+                         sampling, r, feedback, group_size) for idx, r in zip(index, rngs)]
   # Dispatch every part, then as each is collected queue its next turn behind the
   # others: the device works on the other parts while this one is scored.
   sampled = [1] * len(parts)

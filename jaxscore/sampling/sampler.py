@@ -224,7 +224,7 @@ class Sampler:
               None if self.state_shardings is None else self.state_shardings.turn))
     self._finish = jax.jit(self._finish_impl, donate_argnums=0, **state_out)
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
-    self._expand = jax.jit(self._expand_impl, static_argnames=("group",), **prefill_out)
+    self._expand = jax.jit(self._expand_impl, static_argnames=("group_size",), **prefill_out)
     self._live = jax.jit(self._live_impl)
     self._compact = jax.jit(self._compact_impl, static_argnames=("rows",),
                             donate_argnames=("full",),
@@ -316,9 +316,9 @@ class Sampler:
     return self._finish(full if part is None else self._merge(full, part))
 
   def generate_grouped(self, params: model_lib.Params, state: SamplerState,
-                       sampling: SamplingConfig, group: int,
+                       sampling: SamplingConfig, group_size: int,
                        pending: int | None = None) -> SamplerState:
-    """Samples one turn for `group` rows per row of `state`, prefilling each row once.
+    """Samples one turn for `group_size` rows per row of `state`, prefilling each row once.
 
     Row i's unseen tokens (its prompt, a shared prefix) are prefilled for row i alone;
     its cache and buffer are then copied to rows [i * group, (i + 1) * group) of the
@@ -329,7 +329,7 @@ class Sampler:
       pending = int(jnp.max(state.length_B - state.cache.end_B))
     static = dataclasses.replace(sampling, max_new_tokens=0)
     state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
-    state, logits_BxV = self._expand(state, logits_BxV, group=group)
+    state, logits_BxV = self._expand(state, logits_BxV, group_size=group_size)
     return self._decode_segments(params, state, logits_BxV, sampling)
 
   def add_message(self, state: SamplerState, messages: Sequence[Sequence[int]],
@@ -407,11 +407,11 @@ class Sampler:
                               v_LxBxKxSxH=fn(cache("v_LxBxKxSxH"), 1),
                               end_B=fn(cache("end_B"), 0)))
 
-  def _expand_impl(self, state: SamplerState, logits_BxV, group: int):
-    """Each row repeated `group` times, in place: B rows -> B * group rows."""
-    state = self._map_rows(lambda xs, axis: jnp.repeat(xs[0], group, axis=axis), state)
+  def _expand_impl(self, state: SamplerState, logits_BxV, group_size: int):
+    """Each row repeated `group_size` times, in place: B rows -> B * group_size rows."""
+    state = self._map_rows(lambda xs, axis: jnp.repeat(xs[0], group_size, axis=axis), state)
     state = state.replace(row_B=jnp.arange(state.row_B.shape[0], dtype=jnp.int32))
-    return state, jnp.repeat(logits_BxV, group, axis=0)
+    return state, jnp.repeat(logits_BxV, group_size, axis=0)
 
   def _merge_impl(self, full: SamplerState, part: SamplerState) -> SamplerState:
     """`full` with the compacted rows of `part` written back in their places."""

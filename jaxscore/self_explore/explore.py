@@ -28,7 +28,7 @@ from jaxscore.tasks import base
 
 class Replier:
   """Samples replies to prompts (token ids) in fixed-size batches (one compile); with
-  `group` > 1 each prompt gets `group` replies and is prefilled once."""
+  `group_size` > 1 each prompt gets `group_size` replies and is prefilled once."""
 
   def __init__(self, setup: rollout_lib.Setup, max_prompt_len: int, max_new_tokens: int,
                batch_size: int):
@@ -38,21 +38,21 @@ class Replier:
     self.tokens_sampled = 0  # Over all calls: the sample budget spent.
 
   def __call__(self, params, prompts: Sequence[Sequence[int]], temperature: float,
-               rng, group: int = 1) -> list[str]:
-    """Replies in order: `group` consecutive replies per prompt."""
-    if self.batch_size % group:
-      raise ValueError(f"batch_size={self.batch_size} is not a multiple of group={group}")
+               rng, group_size: int = 1) -> list[str]:
+    """Replies in order: `group_size` consecutive replies per prompt."""
+    if self.batch_size % group_size:
+      raise ValueError(f"batch_size={self.batch_size} is not a multiple of group_size={group_size}")
     sampling = sampler_lib.SamplingConfig(temperature=temperature,
                                           max_new_tokens=self.max_new_tokens)
-    per_call = self.batch_size // group
+    per_call = self.batch_size // group_size
     tok, out = self.setup.tokenizer, []
     for i, start in enumerate(range(0, len(prompts), per_call)):
       chunk = list(prompts[start:start + per_call])
       padded = chunk + [chunk[-1]] * (per_call - len(chunk))
       state = self.sampler.start(padded, jax.random.fold_in(rng, i))
-      state = self.sampler.generate_grouped(params, state, sampling, group,
+      state = self.sampler.generate_grouped(params, state, sampling, group_size,
                                             pending=self.sampler.max_prompt_len)
-      ids = self.sampler.episode(state).response_ids(1)[:len(chunk) * group]
+      ids = self.sampler.episode(state).response_ids(1)[:len(chunk) * group_size]
       self.tokens_sampled += sum(map(len, ids))
       out += [tok.decode(r, skip_special_tokens=True) for r in ids]
     return out

@@ -47,10 +47,10 @@ MODELS = ("base", "SFT", "RFT", "outcome DPO", "Self-Explore")
 class SampleConfig:
   """Stage `sample`: N rationales per training problem from the SFT model."""
 
-  num_samples: int = 100  # N (the paper: 100).
+  group_size: int = 100  # Rationales per problem: the paper's N (100).
   temperature: float = 0.7
   max_new_tokens: int = 512  # The reference code: 512 (GSM8K), 1024 (MATH).
-  # Rows per sampler call: a multiple of num_samples, since a problem's N samples share
+  # Rows per sampler call: a multiple of group_size, since a problem's N samples share
   # one prefill in one call (100 rows of 7B decode fit a v5e-8 slice).
   batch_size: int = 100
   max_rft_per_problem: int = 8  # Distinct correct rationales kept per problem.
@@ -72,13 +72,13 @@ class RFTConfig:
 class ExploreConfig:
   """Stage `explore`: first pits of the outcome pairs' wrong rationales."""
 
-  k: int = 4  # Completions per step prefix (the paper: 4).
+  group_size: int = 4  # Completions per step prefix: the paper's k (4).
   temperature: float = 0.7
   max_new_tokens: int = 512  # Per completion.
   style: str = "lines"  # Steps are lines (GSM8K) | sentences (MATH, capped at max_steps)
   max_steps: int = 9
   max_rationales: int = 0  # Rationales explored; 0 = every outcome pair's.
-  batch_size: int = 64  # Rows per sampler call: a multiple of k.
+  batch_size: int = 64  # Rows per sampler call: a multiple of group_size.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +207,9 @@ class Pipeline:
     prompts = [fmt.prompt_ids(p.prompt) for p in self.train_problems]
     replier = explore_lib.Replier(self.setup, max(map(len, prompts)), c.max_new_tokens,
                                   c.batch_size)
-    rows = [i for i in range(len(prompts)) for _ in range(c.num_samples)]
+    rows = [i for i in range(len(prompts)) for _ in range(c.group_size)]
     texts = replier(sft_params, prompts, c.temperature, jax.random.key(self.c.seed),
-                    group=c.num_samples)
+                    group_size=c.group_size)
     scores = task.score([self.train_problems[i] for i in rows], texts)
     samples, rft, pairs = [], [], []
     for i, p in enumerate(self.train_problems):
@@ -262,12 +262,12 @@ class Pipeline:
       prompts = [fmt.continuation_ids(p.prompt, prefix) for p, prefix in queries]
       calls[0] += 1
       texts = replier(rft_params, prompts, c.temperature,
-                      jax.random.fold_in(jax.random.key(self.c.seed), calls[0]), group=k)
+                      jax.random.fold_in(jax.random.key(self.c.seed), calls[0]), group_size=k)
       return [texts[i * k:(i + 1) * k] for i in range(len(queries))]
 
     runs = explore_lib.explore([(self.by_id[r["id"]], r["chosen"], r["rejected"])
-                                for r in pairs], continue_fn, self.setup.task, c.k, c.style,
-                               c.max_steps)
+                                for r in pairs], continue_fn, self.setup.task, c.group_size,
+                               c.style, c.max_steps)
     step = explore_lib.step_pairs(runs)
     d = self._dir("explore")
     write_jsonl(d / "explorations.jsonl", [r.to_json() for r in runs])
