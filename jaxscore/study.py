@@ -48,7 +48,8 @@ from jaxscore.loops import common, offline, online
 from jaxscore.objectives import sft
 from jaxscore.sampling import rollout, sampler
 
-METHODS = ("none", "rl", "star", "pair_sft")
+# How an arm trains (its `method=`): not at all, by RL with its objective, STaR or Pair-SFT.
+ARM_METHODS = ("none", "rl", "star", "pair_sft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +91,9 @@ def parse_arm(spec: str, name: str) -> dict[str, str]:
       raise ValueError(f"config arms.{name}: {part!r} is not key=value")
     out[key.strip()] = value.strip()
   method = out.get("method", "rl")
-  if method not in METHODS:
+  if method not in ARM_METHODS:
     raise ValueError(f"config arms.{name}: method={method!r}, expected one of "
-                     f"{', '.join(METHODS)}")
+                     f"{', '.join(ARM_METHODS)}")
   return out
 
 

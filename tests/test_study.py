@@ -71,7 +71,7 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
   c.study.arms = "base,self_refine,star,pair_sft"
   c.lock()
   assert {study.arm_config(c, n)[0] for n in c.study.arms.split(",")} == \
-      set(study.METHODS) - {"rl"}
+      set(study.ARM_METHODS) - {"rl"}
   results = study.Study(c, tmp_path).run()
   names = c.study.arms.split(",")
   assert list(results) == names

@@ -50,19 +50,18 @@ class GRPO(base.OnlineObjective):
 
   def __init__(self, config: GRPOConfig, ctx: base.Context):
     super().__init__(config, ctx)
-    c = config
-    self.returns_fn, self.per_episode = rl.pick(rl.REWARD_ASSIGNMENTS, c.reward,
+    self.returns_fn, self.per_episode = rl.pick(rl.REWARD_ASSIGNMENTS, config.reward,
                                                 "grpo.reward")
-    rl.check_kl_estimator(c.kl_estimator, in_reward=False)
+    rl.check_kl_estimator(config.kl_estimator, in_reward=False)
     pg.check_on_policy(ctx.sampling, self.name)
-    if c.epochs < 1 or c.minibatches < 1:
-      raise ValueError(f"grpo.epochs={c.epochs}, grpo.minibatches={c.minibatches}: "
+    if config.epochs < 1 or config.minibatches < 1:
+      raise ValueError(f"grpo.epochs={config.epochs}, grpo.minibatches={config.minibatches}: "
                        "both must be >= 1")
-    if c.reward == "decayed" and not 0.0 < c.gamma <= 1.0:
-      raise ValueError(f"grpo.gamma={c.gamma}: the decay must be in (0, 1]")
+    if config.reward == "decayed" and not 0.0 < config.gamma <= 1.0:
+      raise ValueError(f"grpo.gamma={config.gamma}: the decay must be in (0, 1]")
     self.loss_cfg = pg.PolicyLossConfig(
-        kl_estimator=c.kl_estimator, policy_loss="clipped", clip_eps=c.clip_eps,
-        aggregation=c.aggregation, num_turns=ctx.num_turns)
+        kl_estimator=config.kl_estimator, policy_loss="clipped", clip_eps=config.clip_eps,
+        aggregation=config.aggregation, num_turns=ctx.num_turns)
 
   @property
   def updates_per_batch(self) -> tuple[int, int]:

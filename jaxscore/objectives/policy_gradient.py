@@ -148,13 +148,12 @@ class PolicyGradient(base.OnlineObjective):
 
   def __init__(self, config, ctx: base.Context):
     super().__init__(config, ctx)
-    c = config
-    rl.check_kl_estimator(c.kl_estimator, c.kl_in_reward)
-    rl.pick(rl.ADVANTAGE_ESTIMATORS, c.advantage, "advantage")
+    rl.check_kl_estimator(config.kl_estimator, config.kl_in_reward)
+    rl.pick(rl.ADVANTAGE_ESTIMATORS, config.advantage, "advantage")
     check_on_policy(ctx.sampling, self.name)
     self.loss_cfg = PolicyLossConfig(
-        kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in_reward,
-        aggregation=c.aggregation, num_turns=ctx.num_turns)
+        kl_estimator=config.kl_estimator, kl_in_reward=config.kl_in_reward,
+        aggregation=config.aggregation, num_turns=ctx.num_turns)
 
   def batch_weight(self, batch: RLBatch) -> jax.Array:
     return batch_weight(batch, self.loss_cfg)
