@@ -21,14 +21,29 @@ reference wait.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 
-from jaxscore.infra import entry
-from jaxscore.models import lora
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxscore import config_checks, objectives, study, tasks
+from jaxscore.infra import entry, sharding
+from jaxscore.loops import offline, online
+from jaxscore.loops import train as train_lib
+from jaxscore.models import gguf_checkpoint, logprobs, lora, pretrained, shapes, weights
+from jaxscore.models import model as model_lib
+from jaxscore.models import tokenizer as tokenizer_lib
+from jaxscore.sampling import formats, rollout
+from jaxscore.sampling import sampler as sampler_lib
 
 # Memory per chip of the TPU generations a topology names (device_kind -> GiB of HBM);
 # a chip whose cores are separate devices shares it between them.
@@ -45,7 +60,6 @@ class PlanError(entry.UsageError):
 @dataclasses.dataclass
 class Phase:
   """One compiled program's per-device memory, in bytes."""
-
   name: str
   total: float  # Arguments + outputs + temporaries - donated (XLA's memory analysis).
   temp: float
@@ -59,7 +73,6 @@ class Phase:
 @dataclasses.dataclass
 class Program:
   """What one training run of the config compiles (a study arm, a Self-Explore stage)."""
-
   name: str
   shape: str  # e.g. "512 x 1184 tokens"
   phases: list[Phase]
@@ -76,8 +89,6 @@ class Program:
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
   """`FILE:VARIANT` (as --config takes it) with `key=value` overrides applied."""
-  from jaxscore import study
-
   path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
   if not file.exists():
@@ -95,8 +106,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
 def target_devices(topology: str | None, devices: int | None, slices: int = 1):
   """(devices, description, GiB per device or None) of `slices` TPU slices of `topology`,
   or of this host."""
-  import jax
-
   if slices < 1:
     raise PlanError(f"--slices={slices}: expected >= 1")
   if slices > 1 and not topology:
@@ -132,10 +141,6 @@ def model_config(c, name: str | None = None):
   """The ModelConfig of `name` (default `c.model.name`): a named shape, an embedded model,
   a GGUF file or a Hugging Face directory, read without its weights; dtypes and memory
   options from `c.model`."""
-  import json
-
-  from jaxscore.models import gguf_checkpoint, pretrained, shapes, weights
-
   name = name or c.model.name
   options = dict(param_dtype=c.model.param_dtype, dtype=c.model.dtype,
                  remat=c.model.get("remat", "none"),
@@ -156,7 +161,6 @@ def model_config(c, name: str | None = None):
 @dataclasses.dataclass(frozen=True)
 class Prompts:
   """Token lengths that size the sampler's buffer and the train batch."""
-
   prompt: int  # The longest first prompt.
   message: int  # The longest message between turns (instruction or feedback).
   source: str
@@ -166,11 +170,6 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
   """The longest training prompt and message between turns as the run's format encodes
   them (the tokenizer of `model`, else of the config's model), or `default` tokens where
   the data or a tokenizer cannot be read here (hub sources offline)."""
-  from jaxscore import tasks
-  from jaxscore.models import pretrained
-  from jaxscore.models import tokenizer as tokenizer_lib
-  from jaxscore.sampling import formats, rollout
-
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())  # A missing file: exit 2.
   try:
     problems = tasks.train_problems(task, c.task)
@@ -202,8 +201,6 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
 
 def _bytes_per_device(tree) -> float:
   """Bytes one device holds of abstract arrays with shardings."""
-  import jax
-
   total = 0
   for x in jax.tree.leaves(tree):
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -212,8 +209,6 @@ def _bytes_per_device(tree) -> float:
 
 
 def _abstract(tree, shardings):
-  import jax
-
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
 
@@ -229,8 +224,6 @@ _COMPILED: dict[str, tuple[float, float]] = {}
 def _lower(builder, fn, *args, **kwargs):
   """`fn.lower(...)` under the builder's mesh and rules (the model's activation
   constraints read them while tracing); eager work stays outside, on the host."""
-  from jaxscore.infra import sharding
-
   with sharding.activate(builder.mesh, builder.rules):
     return fn.lower(*args, **kwargs)
 
@@ -238,8 +231,6 @@ def _lower(builder, fn, *args, **kwargs):
 def _memory(lowered) -> tuple[float, float]:
   """(total, temporaries) per device of a lowered program, compiled once per distinct
   program (study arms that differ only in host-side reward shaping share their steps)."""
-  import hashlib
-
   key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
   if key not in _COMPILED:
     try:
@@ -258,8 +249,6 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 def _refused_bytes(message: str) -> float | None:
   """The temporaries a compiler's out-of-memory error says a program needs, e.g.
   "RESOURCE_EXHAUSTED: ... HLO temporaries (2.55T) exceeds available HBM (15.75G)"."""
-  import re
-
   found = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT]?)\)", message, re.S)
   return None if found is None else float(found[1]) * _UNITS[found[2]]
 
@@ -275,11 +264,6 @@ class Builder:
   """Abstract params, train state and batches of one model on one mesh."""
 
   def __init__(self, cfg, mesh, rules):
-    import jax
-
-    from jaxscore.infra import sharding
-    from jaxscore.models import model as model_lib
-
     self.cfg, self.mesh, self.rules = cfg, mesh, rules
     self.param_sh = sharding.param_shardings(cfg, mesh, rules)
     self.params = _abstract(jax.eval_shape(lambda: model_lib.init(cfg, jax.random.key(0))),
@@ -289,10 +273,6 @@ class Builder:
 
   def batch(self, concrete):
     """A host batch (numpy or jax arrays) as sharded abstract arrays."""
-    import jax
-
-    from jaxscore.infra import sharding
-
     specs = jax.tree.map(lambda x: sharding.NamedSharding(
         self.mesh, sharding.PartitionSpec(dict(self.rules)["batch"],
                                           *([None] * (x.ndim - 1)))) if x.ndim else
@@ -302,12 +282,6 @@ class Builder:
   def train_phases(self, c, objective, batch, uses_reference: bool) -> tuple[list, dict]:
     """The train step (and, for RL, the reference log-probs) compiled: (phases,
     resident memory)."""
-    import jax
-    import jax.numpy as jnp
-
-    from jaxscore.loops import train as train_lib
-    from jaxscore.models import logprobs
-
     opt = train_lib.make_optimizer(train_lib.OptimConfig(**c.optim))
     loss_fn, trainable, trainable_sh, base = objective.loss_fn, self.params, self.param_sh, None
     if self.cfg.lora_scale is not None:  # The state is the adapters; the base is frozen.
@@ -327,9 +301,9 @@ class Builder:
     # With LoRA the frozen base is the reference: one copy, passed to every step.
     ref = base if base is not None else (self.params if uses_reference else None)
     total, temp = _memory(_lower(self, step, state, batch, rng, ref))
-    weights = _bytes_per_device(base if base is not None else self.params)
-    resident = {"weights": weights, "optimizer": _bytes_per_device(state.opt_state),
-                "reference": weights if uses_reference and base is None else 0.0}
+    weight_bytes = _bytes_per_device(base if base is not None else self.params)
+    resident = {"weights": weight_bytes, "optimizer": _bytes_per_device(state.opt_state),
+                "reference": weight_bytes if uses_reference and base is None else 0.0}
     if base is not None:
       resident["adapters"] = _bytes_per_device(trainable)
     phases = [Phase("train step", total, temp)]
@@ -350,14 +324,6 @@ class Builder:
     """The sampler's prefill and widest decode compiled: (phases, KV cache bytes). Rows
     split over the batch axes as the online loop splits them, or (`shard_rows=False`,
     the offline stages' samplers) whole on every device."""
-    import dataclasses as dc
-
-    import jax
-    import jax.numpy as jnp
-
-    from jaxscore.infra import sharding
-    from jaxscore.sampling import sampler as sampler_lib
-
     rows_sharding, rules = self.rows, self.rules
     if not shard_rows:  # Every row on every device: the cache's rows are not split.
       rows_sharding = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
@@ -381,7 +347,7 @@ class Builder:
                                   sharding=sh.tokens_BxT)
     scalar = lambda: jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
     decode = _lower(self, smp._decode, self.params, state, logits, scalar(), scalar(),
-                    scalar(), sampling=dc.replace(sampling), window=max_len)
+                    scalar(), sampling=dataclasses.replace(sampling), window=max_len)
     phases = []
     for name, lowered in (("sampler prefill", prefill), ("sampler decode", decode)):
       total, temp = _memory(lowered)
@@ -394,14 +360,6 @@ class Builder:
 
 
 def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
-  import jax.numpy as jnp
-  import numpy as np
-
-  from jaxscore import objectives
-  from jaxscore.loops import online
-  from jaxscore.sampling import rollout
-  from jaxscore.sampling import sampler as sampler_lib
-
   ro = online.RolloutConfig(**c.rollout)
   sampling = sampler_lib.SamplingConfig(**c.sampler)
   objective = objectives.make(c.objective, c[c.objective], objectives.Context(
@@ -432,8 +390,6 @@ def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
 def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
                      sampler_rows: int = 0, sampler_len: int = 0,
                      prompt_len: int = 0) -> Program:
-  from jaxscore import objectives
-  from jaxscore.loops import offline
 
   objective = objectives.make(objective_name, c[objective_name], objectives.Context(cfg))
   oc = offline.OfflineConfig(**c.offline)
@@ -457,11 +413,6 @@ def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
 
 def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
   """Every training program of config `c` (a main experiment, a study, Self-Explore)."""
-  import ml_collections
-
-  from jaxscore import study
-  from jaxscore.sampling import sampler as sampler_lib
-
   p = prompts.prompt
   if "arms" in c:  # configs/study.py: every arm.
     out = []
@@ -580,15 +531,11 @@ class Plan:
 
 
 def pretrained_lora(c):
-  from jaxscore.models import pretrained
-
   return pretrained.lora_config(c.model)
 
 
 def check(c) -> None:
   """Every constraint between fields of whichever config file `c` is."""
-  from jaxscore import config_checks, study
-
   if "arms" in c:
     study.check(c)
   elif "train_sft" in c:
@@ -600,9 +547,6 @@ def check(c) -> None:
 def make_plan(c, config_name: str, *, topology: str | None = None,
               devices: int | None = None, slices: int = 1, hbm_gib: float | None = None,
               model: str | None = None, prompt_len: int | None = None) -> Plan:
-  from jaxscore import study
-  from jaxscore.infra import sharding
-  from jaxscore.models import shapes
 
   check(c)
   devs, target, capacity = target_devices(topology, devices, slices)
