@@ -59,6 +59,75 @@ def load(workdir: pathlib.Path) -> dict:
   return {"config": config, "arms": out, "missing": missing}
 
 
+SAMPLED = ("acc@t1", "acc@t2", "delta", "delta_i->c", "delta_c->i")
+
+
+def sampled_intrinsic(workdir: pathlib.Path, samples: int, seed: int = 0) -> dict:
+  """The intrinsic protocol sampled at the training temperature: `samples` episodes per
+  test problem from each finished arm's latest parameters, SCoRe's instruction after
+  the first attempt. Greedy decoding shows what the model does most often; sampling
+  shows whether a second look repairs the first attempts the model does make, which is
+  where a greedy first attempt near 100% leaves nothing to measure. Per arm, each
+  metric per problem (the mean over its samples), saved as
+  arms/<name>/intrinsic_sampled.json (an arm already evaluated is read back)."""
+  import jax
+  import ml_collections
+
+  from jaxscore import study
+  from jaxscore.loops import common
+  from jaxscore.sampling import rollout, sampler
+
+  c = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  names = [n for n in load(workdir)["arms"]]
+  todo = [n for n in names if not (workdir / "arms" / n / "intrinsic_sampled.json").exists()]
+  if todo:
+    setup, eval_setup, base = rollout.from_config(c)
+    problems = eval_setup.task.problems(c.task.eval_split)
+    if c.evaluate.num_problems:
+      problems = problems[:c.evaluate.num_problems]
+    rows = [p for p in problems for _ in range(samples)]
+    smp = rollout.make_sampler(eval_setup, rollout.prompt_lens(eval_setup, problems), 2,
+                               c.sampler.max_new_tokens)
+  for name in todo:
+    _, ac = study.arm_config(c, name)
+    params, step = common.restore_params(ac, workdir / "arms" / name / "train", setup.cfg,
+                                         base, "latest")
+    sampling = sampler.SamplingConfig(temperature=c.sampler.temperature,
+                                      max_new_tokens=c.sampler.max_new_tokens)
+    ro = rollout.rollout(params, smp, eval_setup, rows, 2, sampling, jax.random.key(seed),
+                         feedback=rollout.Feedback("instruction"), group_size=samples)
+    r = np.asarray(ro.rewards_BxN, float).reshape(len(problems), samples, 2)
+    t1, t2 = r[..., 0], r[..., 1]
+    per_problem = {"acc@t1": t1.mean(1), "acc@t2": t2.mean(1), "delta": (t2 - t1).mean(1),
+                   "delta_i->c": ((t1 == 0) & (t2 == 1)).mean(1),
+                   "delta_c->i": ((t1 == 1) & (t2 == 0)).mean(1)}
+    out = {"samples": samples, "temperature": c.sampler.temperature, "step": step,
+           "num_problems": len(problems),
+           "per_problem": {k: v.tolist() for k, v in per_problem.items()}}
+    (workdir / "arms" / name / "intrinsic_sampled.json").write_text(json.dumps(out))
+    print(f"[{name}] sampled intrinsic: " + ", ".join(
+        f"{k}={float(np.mean(v)):.3f}" for k, v in per_problem.items()), flush=True)
+  return {n: json.loads((workdir / "arms" / n / "intrinsic_sampled.json").read_text())
+          for n in names}
+
+
+def sampled_report(sampled: dict, ref: str, seed: int = 0) -> list[str]:
+  first = next(iter(sampled.values()))
+  lines = ["", f"The same protocol sampled at temperature {first['temperature']} "
+           f"({first['samples']} episodes per problem, each problem's mean; intervals over "
+           f"the {first['num_problems']} problems):", "",
+           "| arm | Acc@t1 | Acc@t2 | Delta(t1,t2) | Delta i->c | Delta c->i | Delta minus "
+           f"{ref}'s (paired) |", "|---|---|---|---|---|---|---|"]
+  for name, s in sampled.items():
+    pp = {k: np.asarray(v) for k, v in s["per_problem"].items()}
+    cells = [_cell(paired(pp[k], np.zeros_like(pp[k]), seed), signed="delta" in k)
+             for k in SAMPLED]
+    diff = ("-" if name == ref or ref not in sampled else _cell(
+        paired(pp["delta"], np.asarray(sampled[ref]["per_problem"]["delta"]), seed), True))
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} |")
+  return lines
+
+
 def paired(a, b, seed: int = 0) -> tuple[float, float, float]:
   from jaxscore import evaluate
 
@@ -72,21 +141,27 @@ def _cell(v, signed: bool = False) -> str:
   return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-def verdict(score_delta: tuple[float, float, float], n: int) -> str:
-  mean, lo, hi = score_delta
+def verdict(delta: tuple[float, float, float], n: int, who: str = "SCoRe") -> str:
+  mean, lo, hi = delta
   if lo > 0:
-    return (f"SCoRe's second attempt improves on its first: Delta(t1,t2) = "
+    return (f"{who}'s second attempt improves on its first: Delta(t1,t2) = "
             f"{100 * mean:+.1f} points, 95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}] over "
             f"{n} problems, which excludes zero.")
   if hi < 0:
-    return (f"SCoRe's second attempt is worse than its first: Delta(t1,t2) = "
+    return (f"{who}'s second attempt is worse than its first: Delta(t1,t2) = "
             f"{100 * mean:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] over {n} problems.")
-  return (f"SCoRe's Delta(t1,t2) = {100 * mean:+.1f} points, 95% interval "
+  return (f"{who}'s Delta(t1,t2) = {100 * mean:+.1f} points, 95% interval "
           f"[{100 * lo:+.1f}, {100 * hi:+.1f}] over {n} problems: it includes zero, so this "
           "run does not show the second attempt fixing the first (within noise).")
 
 
-def report(data: dict) -> tuple[str, dict]:
+def _is_tuned_score(name: str, spec: str, ref: str) -> bool:
+  """A SCoRe arm with both stages, other than the reference (a tuning of it)."""
+  return name != ref and "objective=score" in spec and "stages=I:" in spec \
+      and "alpha=0" not in spec
+
+
+def report(data: dict, sampled: dict | None = None) -> tuple[str, dict]:
   arms, c = data["arms"], data["config"]
   first = next(iter(arms.values()))
   n = first["num_problems"]
@@ -124,6 +199,20 @@ def report(data: dict) -> tuple[str, dict]:
                    f"{_cell(d['intrinsic/delta'], True)} |")
   if ref in summary:
     lines += ["", verdict(summary[ref]["intrinsic/delta"], n)]
+  for name, s in summary.items():
+    if _is_tuned_score(name, s["spec"], ref):
+      stages = s["spec"].split("score.stages=")[1].split(";")[0]
+      lines += ["", f"Tuned within SCoRe's recipe ({name}: stages {stages}, all else "
+                f"equal): " + verdict(s["intrinsic/delta"], n, who=name)]
+  if sampled:
+    lines += sampled_report(sampled, ref, c["seed"])
+    for name, a in sampled.items():
+      mean, lo, hi = paired(np.asarray(a["per_problem"]["delta"]),
+                            np.zeros(a["num_problems"]), c["seed"])
+      if "objective=score" in arms[name]["spec"] and "alpha=0" not in arms[name]["spec"] \
+          and "stages=I:" in arms[name]["spec"]:
+        lines += ["", f"Sampled, {name}: " + verdict((mean, lo, hi), a["num_problems"],
+                                                     who=name)]
   if data["missing"]:
     lines += ["", "Not finished yet (rerun the command to resume): "
               + ", ".join(data["missing"]) + "."]
@@ -135,6 +224,7 @@ def report(data: dict) -> tuple[str, dict]:
       lines.append(f"| {name} | " + " | ".join(_phases(a["curves"], key) for key in SHORT)
                    + " |")
   return "\n".join(lines) + "\n", {"summary": summary, "differences_to_" + ref: diffs,
+                                   "sampled_intrinsic": sampled or {},
                                    "curves": {name: a["curves"] for name, a in arms.items()}}
 
 
@@ -181,12 +271,16 @@ def main():
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--report_only", action="store_true",
                       help="write the report from the arms finished so far; train nothing")
+  parser.add_argument("--sampled_samples", type=int, default=4,
+                      help="episodes per test problem of the sampled intrinsic protocol "
+                           "(0: greedy only)")
   args, overrides = parser.parse_known_args()
   workdir, out = pathlib.Path(args.workdir), pathlib.Path(args.out)
   if not args.report_only:
     run_study(args.config, workdir, overrides)
   data = load(workdir)
-  text, payload = report(data)
+  sampled = sampled_intrinsic(workdir, args.sampled_samples) if args.sampled_samples else None
+  text, payload = report(data, sampled)
   out.mkdir(parents=True, exist_ok=True)
   (out / "score_effect.md").write_text(text)
   (out / "score_effect.json").write_text(json.dumps(payload, indent=1))

@@ -136,12 +136,14 @@ def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
   out = subprocess.run(
       [sys.executable, str(ROOT / "benchmarks" / "score_effect.py"),
        "--config=configs/study.py:score_effect,runlocal", f"--workdir={tmp_path / 'run'}",
-       f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+       f"--out={tmp_path / 'out'}", "--sampled_samples=2"], cwd=ROOT, capture_output=True,
+      text=True, timeout=1200)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   text = (tmp_path / "out" / "score_effect.md").read_text()
   for name in ("base", "score", "score_alpha0", "stage2_only", "single_turn_pg"):
     assert f"| {name} |" in text, name
   assert "Each arm minus score" in text and "SCoRe's" in text
+  assert "sampled at temperature 1.0 (2 episodes per problem" in text
   data = json.loads((tmp_path / "out" / "score_effect.json").read_text())
   curves = data["curves"]
   assert curves["base"] == [] and len(curves["score"]) == 2  # runlocal: I:1, II:1.
@@ -149,6 +151,12 @@ def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
     assert 0 <= record["self_correction/edit_distance_ratio"] <= 1 and "kl/t1" in record
   assert "self_correction/delta" not in curves["single_turn_pg"][0]  # One attempt.
   assert (tmp_path / "out" / "score_effect.png").stat().st_size > 0
+  sampled = data["sampled_intrinsic"]["score"]
+  assert sampled["samples"] == 2 and sampled["num_problems"] == 4
+  for a1, a2, d, i2c, c2i in zip(*(sampled["per_problem"][k] for k in (
+      "acc@t1", "acc@t2", "delta", "delta_i->c", "delta_c->i"))):
+    # Per problem: Delta is the flips' difference and the accuracies' difference.
+    assert d == pytest.approx(i2c - c2i) == pytest.approx(a2 - a1)
 
 
 # ---------------------------------------------------------------------------
