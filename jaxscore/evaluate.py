@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxscore.infra import files
+from jaxscore.sampling import replies
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.tasks import base
@@ -164,29 +165,19 @@ def evaluate_pass_at_k(params, setup: rollout_lib.Setup, problems: Sequence[base
   (`Sampler.generate_grouped`); `batch_size` counts sampled rows per call. Returns
   (metrics, per-problem records with the number of correct samples).
   """
-  prompts_per_call = max(batch_size // num_samples, 1)
-  sampling = sampler_lib.SamplingConfig(temperature=temperature, top_p=top_p,
-                                        max_new_tokens=max_new_tokens)
-  smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), 1,
-                                 max_new_tokens, message_len=0)
-  fmt, tokenizer = setup.fmt, setup.tokenizer
+  prompts = [setup.fmt.prompt_ids(p.prompt) for p in problems]
+  replier = replies.Replier(setup, max(map(len, prompts)), max_new_tokens,
+                            max(batch_size // num_samples, 1) * num_samples)
+  sampling = sampler_lib.SamplingConfig(temperature=temperature, top_p=top_p)
+  texts = [t.strip() for t in replier(params, prompts, sampling, jax.random.key(seed),
+                                      group_size=num_samples)]
+  scores = setup.task.score([p for p in problems for _ in range(num_samples)], texts)
   correct, records = [], []
-  for start in range(0, len(problems), prompts_per_call):
-    chunk = list(problems[start:start + prompts_per_call])
-    padded = chunk + [chunk[-1]] * (prompts_per_call - len(chunk))
-    rng = jax.random.fold_in(jax.random.key(seed), start)
-    state = smp.start([fmt.prompt_ids(p.prompt) for p in padded], rng)
-    state = smp.generate_grouped(params, state, sampling, group_size=num_samples)
-    texts = [tokenizer.decode(r, skip_special_tokens=True).strip()
-             for r in smp.episode(state).response_ids(1)]
-    rows = [p for p in chunk for _ in range(num_samples)]
-    scores = setup.task.score(rows, texts[:len(rows)])
-    for j, p in enumerate(chunk):
-      mine = scores[j * num_samples:(j + 1) * num_samples]
-      c = int(sum(s.reward for s in mine))
-      correct.append(c)
-      records.append({"id": p.id, "answer": p.answer, "num_correct": c,
-                      "samples": texts[j * num_samples:(j + 1) * num_samples]})
+  for j, p in enumerate(problems):
+    mine = slice(j * num_samples, (j + 1) * num_samples)
+    c = int(sum(s.reward for s in scores[mine]))
+    correct.append(c)
+    records.append({"id": p.id, "answer": p.answer, "num_correct": c, "samples": texts[mine]})
   ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= num_samples]
   result = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct]))
             for k in ks}

@@ -2,7 +2,7 @@
 outcome pairs, first-pit exploration and step-level pairs.
 
 The pieces that decide what is learned are plain functions of texts and scores, so they
-are tested with scripted samplers; `Replier` does the sampling with the jitted sampler.
+are tested with scripted samplers; `jaxscore.sampling.replies` samples for real.
 """
 
 from __future__ import annotations
@@ -13,50 +13,11 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 
 from jaxscore.evaluate import edit_distance
-from jaxscore.sampling import rollout as rollout_lib
-from jaxscore.sampling import sampler as sampler_lib
 from jaxscore.self_explore import steps as steps_lib
 from jaxscore.tasks import base
-
-# ---------------------------------------------------------------------------
-# Sampling replies with the jitted sampler.
-
-
-class Replier:
-  """Samples replies to prompts (token ids) in fixed-size batches (one compile); with
-  `group_size` > 1 each prompt gets `group_size` replies and is prefilled once."""
-
-  def __init__(self, setup: rollout_lib.Setup, max_prompt_len: int, max_new_tokens: int,
-               batch_size: int):
-    self.setup, self.batch_size = setup, batch_size
-    self.sampler = rollout_lib.make_sampler(setup, [max_prompt_len], 1, max_new_tokens)
-    self.max_new_tokens = max_new_tokens
-    self.tokens_sampled = 0  # Over all calls: the sample budget spent.
-
-  def __call__(self, params, prompts: Sequence[Sequence[int]], temperature: float,
-               rng, group_size: int = 1) -> list[str]:
-    """Replies in order: `group_size` consecutive replies per prompt."""
-    if self.batch_size % group_size:
-      raise ValueError(f"batch_size={self.batch_size} is not a multiple of group_size={group_size}")
-    sampling = sampler_lib.SamplingConfig(temperature=temperature,
-                                          max_new_tokens=self.max_new_tokens)
-    per_call = self.batch_size // group_size
-    tok, out = self.setup.tokenizer, []
-    for i, start in enumerate(range(0, len(prompts), per_call)):
-      chunk = list(prompts[start:start + per_call])
-      padded = chunk + [chunk[-1]] * (per_call - len(chunk))
-      state = self.sampler.start(padded, jax.random.fold_in(rng, i))
-      state = self.sampler.generate_grouped(params, state, sampling, group_size,
-                                            pending=self.sampler.max_prompt_len)
-      ids = self.sampler.episode(state).response_ids(1)[:len(chunk) * group_size]
-      self.tokens_sampled += sum(map(len, ids))
-      out += [tok.decode(r, skip_special_tokens=True) for r in ids]
-    return out
-
 
 # ---------------------------------------------------------------------------
 # Stage 2: rationales -> RFT set and outcome pairs.

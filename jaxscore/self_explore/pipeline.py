@@ -33,7 +33,7 @@ from jaxscore.infra import files, sharding
 from jaxscore.loops import common, offline, train
 from jaxscore.models import lora, pretrained
 from jaxscore.objectives import dpo, sft
-from jaxscore.sampling import formats, rollout
+from jaxscore.sampling import formats, replies, rollout, sampler
 from jaxscore.self_explore import explore as explore_lib
 
 MODELS = ("base", "SFT", "RFT", "outcome DPO", "Self-Explore")
@@ -205,11 +205,11 @@ class Pipeline:
       return done
     c, fmt, task = self.c.sample, self.setup.fmt, self.setup.task
     prompts = [fmt.prompt_ids(p.prompt) for p in self.train_problems]
-    replier = explore_lib.Replier(self.setup, max(map(len, prompts)), c.max_new_tokens,
-                                  c.batch_size)
+    replier = replies.Replier(self.setup, max(map(len, prompts)), c.max_new_tokens,
+                              c.batch_size)
     rows = [i for i in range(len(prompts)) for _ in range(c.group_size)]
-    texts = replier(sft_params, prompts, c.temperature, jax.random.key(self.c.seed),
-                    group_size=c.group_size)
+    texts = replier(sft_params, prompts, sampler.SamplingConfig(temperature=c.temperature),
+                    jax.random.key(self.c.seed), group_size=c.group_size)
     scores = task.score([self.train_problems[i] for i in rows], texts)
     samples, rft, pairs = [], [], []
     for i, p in enumerate(self.train_problems):
@@ -253,15 +253,15 @@ class Pipeline:
       pairs = pairs[:c.max_rationales]
     fmt = self.setup.fmt
     longest = max((len(fmt.prompt_ids(self.by_id[r["id"]].prompt)) for r in pairs), default=1)
-    replier = explore_lib.Replier(self.setup, longest + self.c.sample.max_new_tokens + 1,
-                                  c.max_new_tokens, c.batch_size)
+    replier = replies.Replier(self.setup, longest + self.c.sample.max_new_tokens + 1,
+                              c.max_new_tokens, c.batch_size)
     calls = [0]
 
     def continue_fn(queries, k):
       # The k completions of a prefix share its prefill.
       prompts = [fmt.continuation_ids(p.prompt, prefix) for p, prefix in queries]
       calls[0] += 1
-      texts = replier(rft_params, prompts, c.temperature,
+      texts = replier(rft_params, prompts, sampler.SamplingConfig(temperature=c.temperature),
                       jax.random.fold_in(jax.random.key(self.c.seed), calls[0]), group_size=k)
       return [texts[i * k:(i + 1) * k] for i in range(len(queries))]
 
