@@ -24,7 +24,7 @@ def _sources(*splits: str) -> dict[str, str]:
 
 
 # The paper's settings and its reference code's where the paper is silent, on top of the
-# groups' defaults (pipeline.SampleConfig, ExploreConfig and EvalConfig hold N = 100 and
+# groups' defaults (pipeline.RationalesConfig, ExploreConfig and EvalConfig hold N = 100 and
 # k = 4 as their group_size, temperature 0.7 and 512 new tokens; DPOConfig beta 0.1):
 # SFT and RFT with Adam at lr 1e-5 for 5 epochs, linear decay, batch 64; DPO with RMSprop
 # at lr 1e-6 for 3 epochs, batch 32, linear decay with 10% warmup, 384 tokens. The
@@ -59,9 +59,9 @@ VARIANT_CHANGES = {
                                "example.\n\nExample: What is 4 + 3 - 2?\n4 + 3 = 7\n"
                                "7 - 2 = 5\nThe answer is 5.\n\nNow: {question}"},
         "task.num_train": 128,
-        "sample.group_size": 4,
-        "sample.max_new_tokens": 48,
-        "sample.batch_size": 32,
+        "rationales.group_size": 4,
+        "rationales.max_new_tokens": 48,
+        "rationales.batch_size": 32,
         "explore.max_new_tokens": 40,
         "explore.max_rationales": 48,
         "explore.batch_size": 32,
@@ -81,8 +81,8 @@ VARIANT_CHANGES = {
     "math": {
         "task.name": "math",  # No hub default for train: set sources.train to a MATH file.
         "task.kwargs": {"sources": _sources("train", "test")},
-        "sample.max_new_tokens": 1024,
-        "sample.rules": "math",
+        "rationales.max_new_tokens": 1024,
+        "rationales.rules": "math",
         "explore.max_new_tokens": 1024,
         "explore.style": "sentences",
         "train_dpo.offline.max_len": 1024,
@@ -94,9 +94,9 @@ VARIANT_CHANGES = {
 RUNLOCAL = {
     "task.num_train": 8,
     "rft.include_gold": True,  # A smoke-sized SFT model rarely samples a correct answer.
-    "sample.group_size": 2,
-    "sample.max_new_tokens": 12,
-    "sample.batch_size": 8,
+    "rationales.group_size": 2,
+    "rationales.max_new_tokens": 12,
+    "rationales.batch_size": 8,
     "explore.group_size": 2,
     "explore.max_new_tokens": 8,
     "explore.max_rationales": 4,

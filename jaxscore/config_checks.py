@@ -222,19 +222,19 @@ def check_self_explore(c) -> None:
           f"task.eval_name={c.task.get('eval_name')!r}: Self-Explore evaluates on the "
           "training task's eval split (task.eval_split); set task.eval_name=\"\"")
   check_lora(c.model)
-  _multiple("sample.batch_size", c.sample.batch_size, "sample.group_size",
-            c.sample.group_size, "a problem's N samples share one prefill in one call")
+  _multiple("rationales.batch_size", c.rationales.batch_size, "rationales.group_size",
+            c.rationales.group_size, "a problem's N samples share one prefill in one call")
   _multiple("explore.batch_size", c.explore.batch_size, "explore.group_size",
             c.explore.group_size,
             "a prefix's k continuations share one prefill in one call")
 
-  require(c.sample.rules in explore.RULES,
-          f"sample.rules={c.sample.rules!r}: expected one of {', '.join(explore.RULES)}")
-  require(c.sample.max_rft_per_problem >= 1,
-          f"sample.max_rft_per_problem={c.sample.max_rft_per_problem}: must be >= 1")
+  require(c.rationales.rules in explore.RULES,
+          f"rationales.rules={c.rationales.rules!r}: expected one of {', '.join(explore.RULES)}")
+  require(c.rationales.max_rft_per_problem >= 1,
+          f"rationales.max_rft_per_problem={c.rationales.max_rft_per_problem}: must be >= 1")
   built("explore.style", lambda: steps.split_steps("a", c.explore.style, c.explore.max_steps))
   require(c.explore.max_steps >= 1, f"explore.max_steps={c.explore.max_steps}: must be >= 1")
-  for field in ("sample.temperature", "explore.temperature"):
+  for field in ("rationales.temperature", "explore.temperature"):
     group, name = field.split(".")
     require(c[group][name] > 0, f"{field}={c[group][name]}: exploration samples (> 0)")
   ctx = objectives.Context(_stub_model())

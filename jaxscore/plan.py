@@ -428,9 +428,9 @@ def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
     return out
   if "train_sft" in c:  # configs/self_explore.py: its training stages and samplers.
     out = []
-    longest = max(c.sample.max_new_tokens, c.explore.max_new_tokens)
+    longest = max(c.rationales.max_new_tokens, c.explore.max_new_tokens)
     for stage, group, objective, rows, new in (
-        ("sft", "train_sft", "sft", c.sample.batch_size, c.sample.max_new_tokens),
+        ("sft", "train_sft", "sft", c.rationales.batch_size, c.rationales.max_new_tokens),
         ("rft", "train_rft", "sft", c.explore.batch_size, c.explore.max_new_tokens),
         ("dpo", "train_dpo", "dpo", 0, 0)):
       sc = ml_collections.ConfigDict(c.to_dict())
@@ -499,7 +499,7 @@ class Plan:
       out.append(f"--config.rollout.sample_batches={2 * c.rollout.get('sample_batches', 1)} "
                  "(sample the step's rows in consecutive batches)")
     out.append("a smaller batch (rollout.prompts_per_step, offline.batch_size, "
-               "sample.batch_size)")
+               "rationales.batch_size)")
     return out
 
   def render(self, c) -> str:

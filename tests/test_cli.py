@@ -96,8 +96,8 @@ def test_a_missing_data_file_set_from_the_command_line_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("module, arg, override, expected", [
-    ("jaxscore.self_explore", "self_explore.py:gsm8k", "--config.sample.batch_size=64",
-     ("sample.batch_size=64", "sample.group_size=100")),
+    ("jaxscore.self_explore", "self_explore.py:gsm8k", "--config.rationales.batch_size=64",
+     ("rationales.batch_size=64", "rationales.group_size=100")),
     ("jaxscore.main", "score.py:cpu", "--config.rollout.feedback=unary",
      ("rollout.feedback=instruction",)),
     ("jaxscore.study", "study.py:cpu", "--config.grpo.minibatches=3",

@@ -65,8 +65,8 @@ def _fails(name: str, arg: str, overrides: dict, *named: str) -> str:
 
 def test_self_explore_batches_must_hold_whole_groups():
   # The paper-size variants once shipped with 64-row batches and N = 100.
-  message = _fails("self_explore", "gsm8k", {"sample.batch_size": 64},
-                   "sample.batch_size=64", "sample.group_size=100")
+  message = _fails("self_explore", "gsm8k", {"rationales.batch_size": 64},
+                   "rationales.batch_size=64", "rationales.group_size=100")
   assert "multiple of 100" in message
   _fails("self_explore", "cpu", {"explore.batch_size": 30}, "explore.batch_size=30",
          "explore.group_size=4")

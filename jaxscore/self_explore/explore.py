@@ -165,7 +165,7 @@ def rationale_data(correct: Sequence[str], wrong: Sequence[str], max_per_problem
       return [], []
     wrong = distinct_by_edit_distance(wrong, 3 * max_per_problem, rng)
     return distinct, outcome_pairs_math(distinct, wrong)
-  raise ValueError(f"sample.rules={rules!r}: expected one of {', '.join(RULES)}")
+  raise ValueError(f"rationales.rules={rules!r}: expected one of {', '.join(RULES)}")
 
 
 # ---------------------------------------------------------------------------

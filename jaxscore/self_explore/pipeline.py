@@ -44,7 +44,7 @@ MODELS = ("base", "SFT", "RFT", "outcome DPO", "Self-Explore")
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleConfig:
+class RationalesConfig:
   """Stage `sample`: N rationales per training problem from the SFT model."""
 
   group_size: int = 100  # Rationales per problem: the paper's N (100).
@@ -104,7 +104,7 @@ class EvalConfig:
 GROUPS = {
     "model": pretrained.LoadConfig,
     "task": tasks.TaskConfig,
-    "sample": SampleConfig,
+    "rationales": RationalesConfig,
     "rft": RFTConfig,
     "explore": ExploreConfig,
     "train_sft": StageConfig,
@@ -203,7 +203,7 @@ class Pipeline:
     """N rationales per problem -> samples.jsonl, rft.jsonl, outcome_pairs.jsonl."""
     if (done := self._done("sample")) is not None:
       return done
-    c, fmt, task = self.c.sample, self.setup.fmt, self.setup.task
+    c, fmt, task = self.c.rationales, self.setup.fmt, self.setup.task
     prompts = [fmt.prompt_ids(p.prompt) for p in self.train_problems]
     replier = replies.Replier(self.setup, max(map(len, prompts)), c.max_new_tokens,
                               c.batch_size)
@@ -253,7 +253,7 @@ class Pipeline:
       pairs = pairs[:c.max_rationales]
     fmt = self.setup.fmt
     longest = max((len(fmt.prompt_ids(self.by_id[r["id"]].prompt)) for r in pairs), default=1)
-    replier = replies.Replier(self.setup, longest + self.c.sample.max_new_tokens + 1,
+    replier = replies.Replier(self.setup, longest + self.c.rationales.max_new_tokens + 1,
                               c.max_new_tokens, c.batch_size)
     calls = [0]
 
