@@ -111,20 +111,25 @@ def sampled_intrinsic(workdir: pathlib.Path, samples: int, seed: int = 0) -> dic
           for n in names}
 
 
-def sampled_report(sampled: dict, ref: str, seed: int = 0) -> list[str]:
+def sampled_report(sampled: dict, refs: list[str], seed: int = 0) -> list[str]:
+  """The sampled protocol's table, with each arm's Delta minus each of `refs`' Deltas,
+  paired over the same problems."""
   first = next(iter(sampled.values()))
+  refs = [r for r in refs if r in sampled]
   lines = ["", f"The same protocol sampled at temperature {first['temperature']} "
            f"({first['samples']} episodes per problem, each problem's mean; intervals over "
            f"the {first['num_problems']} problems):", "",
-           "| arm | Acc@t1 | Acc@t2 | Delta(t1,t2) | Delta i->c | Delta c->i | Delta minus "
-           f"{ref}'s (paired) |", "|---|---|---|---|---|---|---|"]
+           "| arm | Acc@t1 | Acc@t2 | Delta(t1,t2) | Delta i->c | Delta c->i | "
+           + " | ".join(f"Delta minus {r}'s (paired)" for r in refs) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(refs)]
   for name, s in sampled.items():
     pp = {k: np.asarray(v) for k, v in s["per_problem"].items()}
     cells = [_cell(paired(pp[k], np.zeros_like(pp[k]), seed), signed="delta" in k)
              for k in SAMPLED]
-    diff = ("-" if name == ref or ref not in sampled else _cell(
-        paired(pp["delta"], np.asarray(sampled[ref]["per_problem"]["delta"]), seed), True))
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {diff} |")
+    diffs = ["-" if name == r else _cell(
+        paired(pp["delta"], np.asarray(sampled[r]["per_problem"]["delta"]), seed), True)
+             for r in refs]
+    lines.append(f"| {name} | " + " | ".join(cells + diffs) + " |")
   return lines
 
 
@@ -205,7 +210,8 @@ def report(data: dict, sampled: dict | None = None) -> tuple[str, dict]:
       lines += ["", f"Tuned within SCoRe's recipe ({name}: stages {stages}, all else "
                 f"equal): " + verdict(s["intrinsic/delta"], n, who=name)]
   if sampled:
-    lines += sampled_report(sampled, ref, c["seed"])
+    tuned = [name for name, s in summary.items() if _is_tuned_score(name, s["spec"], ref)]
+    lines += sampled_report(sampled, [ref, *tuned], c["seed"])
     for name, a in sampled.items():
       mean, lo, hi = paired(np.asarray(a["per_problem"]["delta"]),
                             np.zeros(a["num_problems"]), c["seed"])
