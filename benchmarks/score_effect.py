@@ -256,15 +256,16 @@ def plot(arms: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.8))
+  colors = dict(zip(arms, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
   for name, a in arms.items():
     for ax, (key, _) in zip(axes, CURVES):
       points = [(r["step"], r[key]) for r in a["curves"] if key in r and "step" in r]
-      if points:
-        ax.plot(*zip(*points), marker=".", label=name)
+      if points:  # One color per arm in every panel, whichever curves it has.
+        ax.plot(*zip(*points), marker=".", label=name, color=colors[name])
   for ax, (_, label) in zip(axes, CURVES):
     ax.set(xlabel="training step", title=label)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+  axes[-1].legend(fontsize=8)  # The last panel has every trained arm.
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

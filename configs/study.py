@@ -40,7 +40,7 @@ VARIANT_CHANGES = {
     # first, against its ablations (SCoRe's Table 4), on configs/score.py:cpu_correct:
     # every arm samples the same episodes; the intrinsic protocol is the one that counts.
     "score_effect": {
-        "study.arms": "base,score,score_alpha0,stage2_only,single_turn_pg",
+        "study.arms": "base,score,score_alpha0,stage2_only,single_turn_pg,score_long_stage1",
         "study.reference_arm": "score",
         "study.episodes": 16 * 36,
         "study.train_turns": 2,
@@ -124,7 +124,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
       "score_long_stage1": ("method=rl;objective=score;rollout.num_turns=2;"
                             "rollout.feedback=instruction;score.stages="
                             + (f"I:{2 * steps // 3},II:{steps - 2 * steps // 3}"
-                               if steps > 2 else f"II:{steps}")),
+                               if steps > 1 else f"II:{steps}")),
       "stage2_only": ("method=rl;objective=score;rollout.num_turns=2;"
                       f"rollout.feedback=instruction;score.stages=II:{steps}"),
       "single_turn_pg": ("method=rl;objective=pg;rollout.num_turns=1;"
