@@ -113,15 +113,7 @@ OPTIONS = {"runlocal": RUNLOCAL}
 
 def changes(arg: str = "cpu") -> dict:
   """Every field `arg` (`variant[,option...]`) sets, beyond the groups' defaults."""
-  variant, *options = arg.split(",") if arg else ["cpu"]
-  if variant not in VARIANT_CHANGES:
-    raise ValueError(f"unknown variant {variant!r}: {', '.join(VARIANTS)}")
-  out = PAPER | VARIANT_CHANGES[variant]
-  for option in options:
-    if option not in OPTIONS:
-      raise ValueError(f"unknown option {option!r} ({', '.join(OPTIONS)})")
-    out |= OPTIONS[option]
-  return out
+  return config.variant_changes(arg or "cpu", PAPER, VARIANT_CHANGES, OPTIONS)
 
 
 def get_config(arg: str = "cpu"):

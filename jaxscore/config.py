@@ -108,6 +108,21 @@ def override(c: ml_collections.ConfigDict, changes: Mapping[str, Any],
   return c
 
 
+def variant_changes(arg: str, base: Mapping[str, Any], variants: Mapping[str, Mapping],
+                    options: Mapping[str, Mapping]) -> dict[str, Any]:
+  """The dotted-key changes of `arg` = `variant[,option...]` (a config file's argument):
+  `base`, then the variant's, then each option's, later ones winning."""
+  variant, *chosen = arg.split(",")
+  if variant not in variants:
+    raise ValueError(f"unknown variant {variant!r}: {', '.join(variants)}")
+  out = dict(base) | dict(variants[variant])
+  for option in chosen:
+    if option not in options:
+      raise ValueError(f"unknown option {option!r} ({', '.join(options)})")
+    out |= options[option]
+  return out
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """Nested dicts as one dict of dotted keys (a task's kwargs stay one value)."""
   out = {}
