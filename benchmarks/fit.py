@@ -111,14 +111,22 @@ def main():
   parser.add_argument("--sample_batches", type=int, default=8)
   parser.add_argument("--timeout", type=int, default=1200)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--report_only", action="store_true",
+                      help="write fit.md from fit.json; plan nothing")
   args = parser.parse_args()
+  # The table always shows the whole default grid (and any cell asked for beyond it), so
+  # a run of a few cells adds them to it instead of replacing it.
+  table = parser.parse_args(["--micro_batches", str(args.micro_batches),
+                             "--sample_batches", str(args.sample_batches)])
   for field in ("configs", "models", "topologies", "modes"):
     setattr(args, field, getattr(args, field).split(","))
+    setattr(table, field, list(dict.fromkeys(getattr(table, field).split(",")
+                                             + getattr(args, field))))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   store = out / "fit.json"
   cells = json.loads(store.read_text()) if store.exists() else {}
-  for config in args.configs:
+  for config in [] if args.report_only else args.configs:
     for model in args.models:
       for topology in args.topologies:
         for mode in args.modes:
@@ -128,7 +136,7 @@ def main():
           cells[key] = plan_cell(config, model, topology, mode, args)
           print(key, json.dumps(cells[key]), flush=True)
           store.write_text(json.dumps(cells, indent=1))
-  write_markdown(cells, args, out)
+  write_markdown(cells, table, out)
 
 
 if __name__ == "__main__":
