@@ -8,8 +8,8 @@ with the same two protocols.
 
 Every group of configs/score.py is here too (the arms override them), and the `study`
 group (jaxscore.study.StudyConfig). Each arm is one line of `key=value` overrides
-separated by `;`, plus `method` (none | rl | star | pair_sft); `--config.arms.<name>="..."`
-changes one, `--config.study.arms` picks them.
+separated by `;`, its `objective` first (any registered objective, or `none` for no
+training); `--config.arms.<name>="..."` changes one, `--config.study.arms` picks them.
 """
 
 import importlib.util
@@ -52,7 +52,8 @@ VARIANT_CHANGES = {
         "rollout.group_size": 8,
         "rollout.prompts_per_step": 64,
         "study.episodes": 512 * 300,
-        "study.group_size": 8,
+        "star.group_size": 8,
+        "pair_sft.group_size": 8,
     },
 }
 
@@ -61,7 +62,8 @@ RUNLOCAL = {
     "study.train_turns": 2,
     "study.eval_turns": 2,
     "study.pass_k_samples": 2,
-    "study.group_size": 2,
+    "star.group_size": 2,
+    "pair_sft.group_size": 2,
     "evaluate.batch_size": 4,
     "grpo.epochs": 1,
     "grpo.minibatches": 2,
@@ -96,42 +98,45 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   rl_batch = c.rollout.prompts_per_step * c.rollout.group_size
   steps = max(c.study.episodes // rl_batch, 1)
   stage1 = max(steps // 3, 1) if steps > 1 else 0
-  multi = (f"method=rl;objective=grpo;rollout.num_turns={c.study.train_turns};"
+  star_problems = max(c.study.episodes // c.star.rounds // c.star.group_size, 1)
+  pair_problems = max(c.study.episodes // c.pair_sft.group_size, 1)
+  multi = (f"objective=grpo;rollout.num_turns={c.study.train_turns};"
            f"rollout.feedback={c.study.eval_feedback};grpo.num_steps={steps}")
   c.arms = ml_collections.ConfigDict({
-      "base": "method=none",
+      "base": "objective=none",
       # Prompt-only: in the intrinsic protocol the model is asked to critique and revise
       # each answer (instead of SCoRe's instruction), whether or not it was right; no
       # training, so its pass@k and dialogue are the base model's.
-      "self_refine": (f"method=none;evaluate.feedback=instruction;"
+      "self_refine": (f"objective=none;evaluate.feedback=instruction;"
                       f"rollout.feedback_template={SELF_REFINE_PROMPT}"),
-      "single_turn_grpo": (f"method=rl;objective=grpo;rollout.num_turns=1;"
+      "single_turn_grpo": (f"objective=grpo;rollout.num_turns=1;"
                            f"rollout.feedback=instruction;grpo.num_steps={steps}"),
       "multi_turn_per_turn": multi + ";grpo.reward=per_turn",
       "multi_turn_outcome": multi + ";grpo.reward=outcome",
       "multi_turn_decayed": multi + ";grpo.reward=decayed",
-      "score": ("method=rl;objective=score;rollout.num_turns=2;rollout.feedback=instruction;"
+      "score": ("objective=score;rollout.num_turns=2;rollout.feedback=instruction;"
                 "score.stages=" + (f"I:{stage1},II:{steps - stage1}" if stage1
                                     else f"II:{steps}")),
       # SCoRe's ablations (its Table 4): no progress bonus; multi-turn RL without Stage
       # I; single-turn RL (the same objective, one attempt, no bonus).
-      "score_alpha0": ("method=rl;objective=score;rollout.num_turns=2;"
+      "score_alpha0": ("objective=score;rollout.num_turns=2;"
                        "rollout.feedback=instruction;score.alpha=0.0;score.stages="
                        + (f"I:{stage1},II:{steps - stage1}" if stage1 else f"II:{steps}")),
       # SCoRe tuned once within its recipe: two thirds of the steps in Stage I, whose
       # curves show attempt 2 gaining on an attempt 1 held near the base, and a third
       # in Stage II, which lifts attempt 1 until a second look has nothing to fix.
-      "score_long_stage1": ("method=rl;objective=score;rollout.num_turns=2;"
+      "score_long_stage1": ("objective=score;rollout.num_turns=2;"
                             "rollout.feedback=instruction;score.stages="
                             + (f"I:{2 * steps // 3},II:{steps - 2 * steps // 3}"
                                if steps > 1 else f"II:{steps}")),
-      "stage2_only": ("method=rl;objective=score;rollout.num_turns=2;"
+      "stage2_only": ("objective=score;rollout.num_turns=2;"
                       f"rollout.feedback=instruction;score.stages=II:{steps}"),
-      "single_turn_pg": ("method=rl;objective=pg;rollout.num_turns=1;"
+      "single_turn_pg": ("objective=pg;rollout.num_turns=1;"
                          f"rollout.feedback=instruction;pg.num_steps={steps};"
                          "pg.beta=" + str(c.score.beta1)),
-      "star": "method=star;objective=sft",
-      "pair_sft": "method=pair_sft;objective=sft",
+      # Self-training on the same number of sampled episodes: problems per round.
+      "star": f"objective=star;star.problems_per_round={star_problems}",
+      "pair_sft": f"objective=pair_sft;pair_sft.problems_per_round={pair_problems}",
   })
   c.lock()
   return c

@@ -77,7 +77,8 @@ def _evaluate(args) -> int:
       c.evaluate[key] = value
   workdir = files.path(args.workdir)
   _, eval_setup, base = rollout.from_config(c)
-  params, step = common.restore_params(c, workdir, eval_setup.cfg, base, args.step)
+  params, step = common.restore_params(c, experiment.run_dir(c, workdir), eval_setup.cfg, base,
+                                       args.step)
   if step is None:
     raise export.ExportError(f"{workdir} has no checkpoint yet: train first, or evaluate "
                              f"the base model with `python -m jaxscore.main --mode=evaluate`")

@@ -13,7 +13,7 @@ where those are known, with errors of the same kind.
 
 from __future__ import annotations
 
-from jaxscore import errors, objectives, tasks
+from jaxscore import errors, experiment, objectives, tasks
 from jaxscore.infra import sharding
 from jaxscore.loops import online, train
 from jaxscore.models import model as model_lib
@@ -135,7 +135,8 @@ def check_rollout(c) -> None:
 def make_objective(c):
   """The config's objective, built as the loops build it, from config fields alone."""
   require(c.objective in objectives.names(),
-          f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}")
+          f"objective={c.objective!r}: expected one of {', '.join(objectives.names())}, "
+          f"or {experiment.NO_TRAINING} (no training)")
   require(c.objective in c, f"objective={c.objective!r} has no config group "
           f"c.{c.objective} (its Config's fields)")
   kind = objectives.get(c.objective).kind
@@ -149,8 +150,17 @@ def make_objective(c):
 
 
 def check_objective(c) -> None:
+  if c.objective == experiment.NO_TRAINING:
+    return
   obj = make_objective(c)
-  if obj.kind == "offline":
+  if obj.kind == "self_training":
+    for field in ("group_size", "temperature"):
+      require(getattr(obj.config, field) > 0,
+              f"{c.objective}.{field}={getattr(obj.config, field)}: must be > 0")
+    require(obj.rounds >= 1, f"{c.objective}: {obj.rounds} rounds")
+    require(obj.config.problems_per_round >= 0,
+            f"{c.objective}.problems_per_round={obj.config.problems_per_round}: must be >= 0")
+  if obj.kind != "online":
     require(c.offline.batch_size >= 1,
             f"offline.batch_size={c.offline.batch_size}: must be >= 1")
     _check_micro_batches(c.optim.get("micro_batches", 1), c.offline.batch_size,
@@ -196,7 +206,7 @@ def check_experiment(c) -> None:
   check_optim(c.optim)
   check_checkpoint(c.checkpoint)
 
-  if objectives.get(c.objective).kind == "online":
+  if experiment.kind(c) == "online":
     check_mesh(c.mesh, rollout_rows(c), "rollout.prompts_per_step x rollout.group_size")
     if c.rollout.get("sample_batches", 1) > 1:  # Each sampling batch splits too.
       check_mesh(c.mesh, rollout_rows(c) // c.rollout.sample_batches,

@@ -186,6 +186,62 @@ def evaluate_pass_at_k(params, setup: rollout_lib.Setup, problems: Sequence[base
   return result, records
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """One evaluation protocol, run the same way by every driver (`run_protocol`): greedy
+  `turns` attempts with `feedback` between them, or, with `samples` > 0, single-turn
+  pass@k from that many samples at `temperature`.
+
+  Feedback that stops a row at its first correct answer (none | unary | template) makes a
+  dialogue that reveals correctness: acc@t is correct by turn t. The task's instruction
+  after every attempt (feedback=instruction) is the intrinsic protocol: every row takes
+  every turn, correctness is never revealed, acc@t is turn t's answer, and delta is the
+  last attempt's minus the first's, with its two flips.
+  """
+
+  name: str
+  turns: int = 1
+  feedback: rollout_lib.Feedback = rollout_lib.Feedback()
+  samples: int = 0
+  temperature: float = 1.0
+
+
+def turn_scores(records: Sequence[dict], turns: int, stops_when_correct: bool
+                ) -> dict[str, list[float]]:
+  """Per-problem acc@t (and, without stopping feedback, delta and its flips) of greedy
+  records (`evaluate`'s)."""
+  out = {}
+  for j in range(turns):  # A row that stopped correct stays correct.
+    out[f"acc@t{j + 1}"] = [float(max(r["rewards"][:j + 1])) if stops_when_correct
+                            else float(r["rewards"][j]) for r in records]
+  if not stops_when_correct:
+    first = np.array([r["rewards"][0] for r in records])
+    last = np.array([r["rewards"][-1] for r in records])
+    out |= {"delta": (last - first).tolist(),
+            "delta_i->c": ((first == 0) & (last > 0)).astype(float).tolist(),
+            "delta_c->i": ((first > 0) & (last == 0)).astype(float).tolist()}
+  return out
+
+
+def run_protocol(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem],
+                 protocol: Protocol, *, max_new_tokens: int, batch_size: int, seed: int
+                 ) -> tuple[dict, list[dict], dict[str, list[float]]]:
+  """(metrics, per-problem records, per-problem scores by metric) of `protocol`."""
+  if protocol.samples:
+    result, records = evaluate_pass_at_k(
+        params, setup, problems, num_samples=protocol.samples,
+        temperature=protocol.temperature, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, seed=seed)
+    ks = [int(k[5:]) for k in result if k.startswith("pass@")]
+    return result, records, {f"pass@{k}": [pass_at_k(protocol.samples, r["num_correct"], k)
+                                           for r in records] for k in ks}
+  result, records = evaluate(params, setup, problems, num_turns=protocol.turns,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                             feedback=protocol.feedback)
+  return result, records, turn_scores(records, protocol.turns,
+                                      protocol.feedback.stops_when_correct)
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
   """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
   if n == 0:

@@ -33,19 +33,21 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0 and mode != "evaluate":
     (workdir / "config.json").write_text(c.to_json(indent=1))
-  title = objectives.get(c.objective).title
+  title = ("no training" if c.objective == experiment.NO_TRAINING
+           else objectives.get(c.objective).title)
   setup, eval_setup, params = rollout.from_config(c)
   results = {}
   if mode == "train_and_evaluate" and c.evaluate.before:
     results["before"] = experiment.evaluate(c, eval_setup, params, workdir, "before")
   if mode in ("train_and_evaluate", "train"):
-    state, info = experiment.train(c, setup, params, workdir)
+    trained, info = experiment.train(c, setup, params, workdir)
     if info["preempted"] or mode == "train":
       return
-    params = state.params
+    params = trained
   label, name = f"after {title}", "after"
   if mode == "evaluate" or c.evaluate.checkpoint != "latest":
-    trained, step = common.restore_params(c, workdir, setup.cfg, params, c.evaluate.checkpoint)
+    trained, step = common.restore_params(c, experiment.run_dir(c, workdir), setup.cfg, params,
+                                          c.evaluate.checkpoint)
     if step is None:
       print(f"no checkpoint in {workdir / 'checkpoints'}: evaluating the initial model")
       label, name = "initial", "initial"

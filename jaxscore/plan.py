@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxscore import config_checks, objectives, study, tasks
+from jaxscore import config_checks, experiment, objectives, study, tasks
 from jaxscore.infra import entry, sharding
 from jaxscore.loops import offline, online
 from jaxscore.loops import train as train_lib
@@ -411,21 +411,34 @@ def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
                  resident)
 
 
+def _rounded(tokens: int) -> int:
+  return -(-tokens // 8) * 8
+
+
+def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
+  """The training program of an experiment config (configs/score.py, a study's arm), by
+  the kind of loop its objective trains with."""
+  p, new = prompts.prompt, c.sampler.max_new_tokens
+  how = experiment.kind(c)
+  if how == experiment.NO_TRAINING:
+    return []
+  if how == "online":
+    return [_online_program(name, c, cfg, b, prompts)]
+  if how == "self_training":  # Fine-tuned on its samples: the sampler's episodes.
+    turns = objectives.get(c.objective).turns
+    width = p + turns * (new + 1) + (turns - 1) * prompts.message
+    return [_offline_program(name, c, cfg, b, c.objective, _rounded(width),
+                             c.evaluate.batch_size, sampler_lib.bucket(width, 64), p)]
+  return [_offline_program(name, c, cfg, b, c.objective, _rounded(p + new + 1))]
+
+
 def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
   """Every training program of config `c` (a main experiment, a study, Self-Explore)."""
   p = prompts.prompt
   if "arms" in c:  # configs/study.py: every arm.
-    out = []
-    for name in [n.strip() for n in c.study.arms.split(",") if n.strip()]:
-      method, ac = study.arm_config(c, name)
-      if method == "rl":
-        out.append(_online_program(f"arm {name}", ac, cfg, b, prompts))
-      elif method in ("star", "pair_sft"):
-        turns = 2 if method == "star" else 1
-        width = p + turns * (ac.sampler.max_new_tokens + 1) + (turns - 1) * prompts.message
-        out.append(_offline_program(f"arm {name}", ac, cfg, b, "sft", -(-width // 8) * 8,
-                                    ac.evaluate.batch_size, sampler_lib.bucket(width, 64), p))
-    return out
+    return [program for name in study.arm_names(c)
+            for program in experiment_programs(f"arm {name}", study.arm_config(c, name), cfg,
+                                               b, prompts)]
   if "train_sft" in c:  # configs/self_explore.py: its training stages and samplers.
     out = []
     longest = max(c.rationales.max_new_tokens, c.explore.max_new_tokens)
@@ -437,12 +450,9 @@ def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
       sc.offline, sc.optim = c[group].offline, c[group].optim
       out.append(_offline_program(
           f"stage {stage}" + (" (+ its sampler)" if rows else ""), sc, cfg, b, objective,
-          -(-(p + longest + 1) // 8) * 8, rows, sampler_lib.bucket(p + new + 1, 64), p))
+          _rounded(p + longest + 1), rows, sampler_lib.bucket(p + new + 1, 64), p))
     return out
-  if c.objective in ("sft", "dpo"):
-    return [_offline_program("train", c, cfg, b, c.objective,
-                             -(-(p + c.sampler.max_new_tokens + 1) // 8) * 8)]
-  return [_online_program("train", c, cfg, b, prompts)]
+  return experiment_programs("train", c, cfg, b, prompts)
 
 
 # ---------------------------------------------------------------------------

@@ -110,11 +110,11 @@ def test_objectives_refuse_what_they_cannot_train_when_the_config_loads():
 
 
 def test_every_study_arm_is_checked_as_the_study_builds_it():
-  message = _fails("study", "cpu", {"arms.score": "method=rl;objective=score;"
+  message = _fails("study", "cpu", {"arms.score": "objective=score;"
                                                   "rollout.feedback=unary"},
                    "arms.score", "rollout.feedback=instruction")
   assert message.startswith("arms.score: ")
-  _fails("study", "gsm8k", {"arms.multi_turn_outcome": "method=rl;objective=grpo;"
+  _fails("study", "gsm8k", {"arms.multi_turn_outcome": "objective=grpo;"
                                                         "grpo.minibatches=3"},
          "arms.multi_turn_outcome", "grpo.minibatches=3")
   _fails("study", "cpu", {"study.arms": "base,nope"}, "no arm 'nope'")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from jaxscore import objectives, study
+from jaxscore import config_checks, experiment, objectives, study
 from jaxscore.loops import online
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -23,8 +23,8 @@ def test_every_arm_is_a_valid_override_of_the_config(variant):
   c = study_config.get_config(variant)
   rl_batch = c.rollout.prompts_per_step * c.rollout.group_size
   for name in c.study.arms.split(","):
-    method, ac = study.arm_config(c, name)
-    if method == "rl":
+    ac = study.arm_config(c, name)
+    if experiment.kind(ac) == "online":
       obj = objectives.get(ac.objective)
       config = obj.Config(**ac[ac.objective])
       steps = config.num_steps if hasattr(config, "num_steps") else sum(
@@ -32,8 +32,14 @@ def test_every_arm_is_a_valid_override_of_the_config(variant):
       # Equal budgets: every RL arm samples the same number of episodes.
       assert steps * rl_batch == max(c.study.episodes // rl_batch, 1) * rl_batch, name
       assert online.RolloutConfig(**ac.rollout).feedback_config  # Valid feedback.
-  _, single = study.arm_config(c, "single_turn_grpo")
-  _, multi = study.arm_config(c, "multi_turn_decayed")
+    elif experiment.kind(ac) == "self_training":
+      # Equal budgets: problems x samples per problem x rounds.
+      obj = objectives.get(ac.objective)
+      config = obj.Config(**ac[ac.objective])
+      rounds = obj(config, objectives.Context(None)).rounds
+      assert config.problems_per_round * config.group_size * rounds == c.study.episodes, name
+  single = study.arm_config(c, "single_turn_grpo")
+  multi = study.arm_config(c, "multi_turn_decayed")
   assert single.rollout.num_turns == 1 and multi.rollout.num_turns == c.study.train_turns
   assert multi.rollout.feedback == "unary" and multi.grpo.reward == "decayed"
   assert {f.name for f in dataclasses.fields(objectives.get("grpo").Config)} == set(c.grpo)
@@ -42,14 +48,16 @@ def test_every_arm_is_a_valid_override_of_the_config(variant):
 def test_bad_arms_are_clear_errors():
   c = study_config.get_config("cpu")
   c.unlock()
-  c.arms.typo = "method=rl;grpo.rewrd=outcome"
-  c.arms.method = "method=magic"
-  c.arms.kind = "method=rl;grpo.num_steps=many"
-  c.arms.shape = "method=rl;objective"
+  c.arms.typo = "objective=grpo;grpo.rewrd=outcome"
+  c.arms.magic = "objective=magic"
+  c.arms.kind = "objective=grpo;grpo.num_steps=many"
+  c.arms.shape = "objective=grpo;objective"
   with pytest.raises(ValueError, match="arms.typo: grpo.rewrd is not a config field"):
     study.arm_config(c, "typo")
-  with pytest.raises(ValueError, match="method='magic', expected one of"):
-    study.arm_config(c, "method")
+  c.study.arms = "base,magic"
+  with pytest.raises(config_checks.ConfigError,
+                     match="arms.magic: objective='magic': expected one of .*or none"):
+    study.check(c)
   with pytest.raises(ValueError, match="grpo.num_steps='many': expected a value of type int"):
     study.arm_config(c, "kind")
   with pytest.raises(ValueError, match="'objective' is not key=value"):
@@ -59,8 +67,9 @@ def test_bad_arms_are_clear_errors():
 
 
 @pytest.mark.slow
-def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsys):
-  """Every method but RL and every evaluation protocol on the embedded model. RL arms run
+def test_every_kind_of_arm_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsys):
+  """Arms without training and self-training arms, and every evaluation protocol, on the
+  embedded model. RL arms run
   end to end in the score_effect experiment's test below (score and pg), and multi-turn
   GRPO with feedback through the same loop in test_feedback_rl.py; the other RL arms
   differ from those only in config overrides, which the tests above check (each RL arm
@@ -70,8 +79,8 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
   c.unlock()
   c.study.arms = "base,self_refine,star,pair_sft"
   c.lock()
-  assert {study.arm_config(c, n)[0] for n in c.study.arms.split(",")} == \
-      set(study.ARM_METHODS) - {"rl"}
+  assert {experiment.kind(study.arm_config(c, n)) for n in c.study.arms.split(",")} == \
+      {"none", "self_training"}
   results = study.Study(c, tmp_path).run()
   names = c.study.arms.split(",")
   assert list(results) == names
@@ -90,7 +99,7 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
     # delta = delta_i->c - delta_c->i, problem by problem.
     assert [a - b for a, b in zip(turns["intrinsic/delta_i->c"], turns["intrinsic/delta_c->i"])
             ] == turns["intrinsic/delta"]
-    trained = r["method"] != "none"
+    trained = r["objective"] != "none"
     assert (r["budget"]["episodes"] == c.study.episodes) == trained, name
     assert (r["budget"]["tokens"] > 0) == trained, name
   refine = json.loads((tmp_path / "arms" / "self_refine" / "result.json").read_text())
@@ -111,7 +120,7 @@ def test_every_method_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsy
 
 def test_score_effect_arms_are_scores_ablations():
   c = study_config.get_config("score_effect")
-  arms = {name: study.arm_config(c, name)[1] for name in c.study.arms.split(",")}
+  arms = {name: study.arm_config(c, name) for name in c.study.arms.split(",")}
   assert set(arms) == {"base", "score", "score_alpha0", "stage2_only", "single_turn_pg",
                        "score_long_stage1"}
   score, alpha0, stage2, single = (arms[n] for n in ("score", "score_alpha0", "stage2_only",
@@ -168,17 +177,13 @@ def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
 # What STaR and Pair-SFT keep, the problems every arm sees, paired differences.
 
 
-def _study_without_a_model():
+def _setup_without_a_model():
   from test_feedback_rl import CharTokenizer, ScriptedTask
 
   from jaxscore.sampling import formats, rollout
 
   tok = CharTokenizer()
-  st = study.Study.__new__(study.Study)
-  st.setup = rollout.Setup(None, tok, formats.PlainFormat(tok), ScriptedTask())
-  st.c = study_config.get_config("cpu")
-  st.train_problems = st.setup.task.problems("train") * 5
-  return st
+  return rollout.Setup(None, tok, formats.PlainFormat(tok), ScriptedTask())
 
 
 class _Rollouts:
@@ -189,49 +194,60 @@ class _Rollouts:
 
 
 def test_star_keeps_traces_whose_second_attempt_is_right_in_context():
-  st = _study_without_a_model()
-  fmt, p = st.setup.fmt, st.setup.task.problems("train")[:4]
+  import numpy as np
+
+  setup = _setup_without_a_model()
+  star = objectives.make("star", {}, objectives.Context(None))
+  fmt, p = setup.fmt, setup.task.problems("train")[:4]
   texts = [["w0", "r1", "w2", "r3"], ["r0", "r1", "w2", "w3"]]  # [turn][row]
   ro = _Rollouts(p, texts, [[0, 1], [1, 1], [0, 0], [1, 0]])  # i->c, c->c, i->i, c->i
-  kept = st._star_examples([(ro, 4)])
-  instruction = fmt.instruction_ids(st.setup.task.instruction)
+  rng = np.random.default_rng(0)
+  kept = star.keep(setup, [(ro, 4)], rng)
+  instruction = fmt.instruction_ids(setup.task.instruction)
   assert [e["prompt"] for e in kept] == [
       fmt.prompt_ids(p[i].prompt) + fmt.attempt_ids(texts[0][i]) + instruction for i in (0, 1)]
   assert [e["completion"] for e in kept] == [
-      fmt.attempt_ids(texts[1][i]) + [st.setup.tokenizer.eos_token_id] for i in (0, 1)]
-  assert st._star_examples([(ro, 1)]) == kept[:1]  # Padding rows are never kept.
+      fmt.attempt_ids(texts[1][i]) + [setup.tokenizer.eos_token_id] for i in (0, 1)]
+  assert star.keep(setup, [(ro, 1)], rng) == kept[:1]  # Padding rows are never kept.
+  assert (star.turns, star.rounds, star.resamples) == (2, 2, True)
 
 
 def test_pair_sft_pairs_each_wrong_attempt_with_a_random_correct_one():
   import numpy as np
 
-  st = _study_without_a_model()
-  fmt, (a, b) = st.setup.fmt, st.setup.task.problems("train")[:2]
+  setup = _setup_without_a_model()
+  pair = objectives.make("pair_sft", {}, objectives.Context(None))
+  fmt, (a, b) = setup.fmt, setup.task.problems("train")[:2]
   # Problem a: two wrong, three right; problem b: only wrong (nothing to pair).
   rows = [a] * 5 + [b] * 2
   texts = [["wa1", "ra1", "wa2", "ra2", "ra3", "wb1", "wb2"]]
   ro = _Rollouts(rows, texts, [[0], [1], [0], [1], [1], [0], [0]])
-  kept = st._pair_sft_examples([(ro, 7)], np.random.default_rng(0))
-  instruction = fmt.instruction_ids(st.setup.task.instruction)
+  kept = pair.keep(setup, [(ro, 7)], np.random.default_rng(0))
+  instruction = fmt.instruction_ids(setup.task.instruction)
   assert [e["prompt"] for e in kept] == [
       fmt.prompt_ids(a.prompt) + fmt.attempt_ids(w) + instruction for w in ("wa1", "wa2")]
   right = {tuple(fmt.attempt_ids(r) + [1]) for r in ("ra1", "ra2", "ra3")}
   assert all(tuple(e["completion"]) in right for e in kept)
   # The pairing is random: over seeds every correct response is drawn.
   drawn = {tuple(e["completion"]) for seed in range(20)
-           for e in st._pair_sft_examples([(ro, 7)], np.random.default_rng(seed))}
+           for e in pair.keep(setup, [(ro, 7)], np.random.default_rng(seed))}
   assert drawn == right
+  assert (pair.turns, pair.rounds) == (1, 1)
+  with pytest.raises(ValueError, match="learns from its own samples"):
+    pair.examples(setup, [a])
 
 
-def test_every_arm_trains_on_the_rl_loops_problems_in_its_order():
-  st = _study_without_a_model()
-  c = st.c
+def test_the_seeded_order_is_the_rl_loops_batches_one_after_another():
+  """Self-training rounds draw consecutive problems of this order, as RL steps do."""
+  setup = _setup_without_a_model()
+  c = study_config.get_config("cpu")
+  problems = setup.task.problems("train") * 5
   rl = [p for step in range(3) for p in online.batch_problems(
-      st.train_problems, step, c.rollout.prompts_per_step, c.seed)]
+      problems, step, c.rollout.prompts_per_step, c.seed)]
   n = 3 * c.rollout.prompts_per_step
-  assert st._problems_for(n) == rl
-  assert st._problems_for(4, offset=4) == rl[4:8]
-  assert [p.id for p in rl] != [p.id for p in st.train_problems[:n]]  # Not file order.
+  assert online.seeded_problems(problems, 0, n, c.seed) == rl
+  assert online.seeded_problems(problems, 4, 4, c.seed) == rl[4:8]
+  assert [p.id for p in rl] != [p.id for p in problems[:n]]  # Not file order.
 
 
 def test_paired_differences_to_the_reference_arm():
@@ -259,48 +275,51 @@ def _tiny_study(tmp_path, budget_tokens: int, episodes: int = 64):
   c = study_config.get_config("cpu,runlocal")
   c.unlock()
   c.study.budget, c.study.tokens, c.study.episodes = "tokens", budget_tokens, episodes
+  c.arms.star = f"objective=star;star.problems_per_round={episodes // 2 // 2}"
+  c.arms.pair_sft = f"objective=pair_sft;pair_sft.problems_per_round={episodes // 2}"
   c.sampler.max_new_tokens = 4
   c.evaluate.batch_size = 4
   c.checkpoint.every_steps = 1000
   c.lock()
   st = study.Study.__new__(study.Study)
   st.c, st.workdir, st.setup, st.base_params = c, tmp_path, setup, params
-  st.train_problems = setup.task.problems(c.task.train_split)
-  st._samplers = {}
   return st
 
 
 @pytest.mark.slow
-def test_a_token_budget_stops_every_method_just_past_it(tmp_path):
+def test_a_token_budget_stops_every_kind_of_arm_just_past_it(tmp_path):
   """RL stops after the step that reaches the budget; STaR and Pair-SFT after the batch
   that reaches each round's share; an arm that runs out of cap first is flagged."""
   st = _tiny_study(tmp_path, budget_tokens=40)
-  _, ac = study.arm_config(st.c, "single_turn_grpo")
+  ac = study.arm_config(st.c, "single_turn_grpo")
   ac.unlock()
   ac.grpo.num_steps = 50  # The cap, far past the budget.
-  _, budget = st._rl(ac, tmp_path / "rl")
+  _, budget = st.train(ac, tmp_path / "rl")
   per_step = [json.loads(l)["budget/tokens"]
               for l in (tmp_path / "rl" / "train" / "metrics.jsonl").read_text().splitlines()]
   assert sum(per_step[:-1]) < 40 <= sum(per_step) == budget["tokens"]
   assert budget["episodes"] == len(per_step) * ac.rollout.prompts_per_step * \
       ac.rollout.group_size and not budget["capped"]
 
-  for method, rounds in (("pair_sft", 1), ("star", st.c.study.star_iterations)):
-    _, ac = study.arm_config(st.c, method)
-    _, budget = st._supervised(method, ac, tmp_path / method)
+  for name, rounds in (("pair_sft", 1), ("star", 2)):
+    ac = study.arm_config(st.c, name)
+    group = ac[name].group_size
+    _, budget = st.train(ac, tmp_path / name)
     share = 40 / rounds
-    per_call = max(ac.evaluate.batch_size // st.c.study.group_size, 1)
+    per_call = max(ac.evaluate.batch_size // group, 1)
+    assert len(budget["rounds"]) == rounds
     for r in budget["rounds"]:
       # Each round samples whole batches until its share is reached, and no more.
       assert r["tokens"] >= share
-      assert r["sampled"] % (per_call * st.c.study.group_size) == 0
+      assert r["sampled"] % (per_call * group) == 0
       assert r["sampled"] < st.c.study.episodes // rounds
     assert budget["tokens"] == sum(r["tokens"] for r in budget["rounds"]) >= 40
+    assert budget["episodes"] == sum(r["sampled"] for r in budget["rounds"])
     assert not budget["capped"]
 
   capped = _tiny_study(tmp_path / "capped", budget_tokens=10**6, episodes=4)
-  _, ac = study.arm_config(capped.c, "pair_sft")
-  _, budget = capped._supervised("pair_sft", ac, tmp_path / "capped" / "pair_sft")
+  ac = study.arm_config(capped.c, "pair_sft")
+  _, budget = capped.train(ac, tmp_path / "capped" / "pair_sft")
   assert budget["episodes"] == 4 and budget["capped"]
 
 
@@ -314,12 +333,12 @@ def test_the_summary_names_the_budget_and_flags_capped_arms():
              "intrinsic/acc@t1": (0.5, 0.4, 0.6), "intrinsic/acc@t2": (0.5, 0.4, 0.6),
              "intrinsic/delta": (0.0, -0.1, 0.1)}
   per_problem = {k: [0.5, 0.5] for k in metrics}
-  results = {name: {"method": "rl", "num_problems": 2, "metrics": metrics,
+  results = {name: {"objective": "grpo", "num_problems": 2, "metrics": metrics,
                     "per_problem": per_problem,
                     "budget": {"episodes": 96, "tokens": tokens, "capped": capped}}
              for name, tokens, capped in (("a", 3010, False), ("b", 2500, True))}
   table = study.format_summary(results, c)
-  assert "| a | rl | 96 | 3010 |" in table and "| b | rl | 96 | 2500 (cap) |" in table
+  assert "| a | grpo | 96 | 3010 |" in table and "| b | grpo | 96 | 2500 (cap) |" in table
   assert "3000 sampled training tokens" in table and "cap of 96 episodes" in table
 
 

@@ -77,7 +77,7 @@ def train(c, model_cfg: model_lib.ModelConfig, objective, params, ref_params,
     on_epoch_end: `(params, epoch) -> metrics`, e.g. a task evaluation, logged too.
     stop_after: stop (with a checkpoint) after this many steps of this call; for tests.
   """
-  if objective.kind != "offline":
+  if not isinstance(objective, objectives_lib.OfflineObjective):
     raise ValueError(f"objective {objective.name!r} is {objective.kind}: use loops.online")
   oc = OfflineConfig(**c.offline)
   per_epoch = steps_per_epoch(len(examples), oc.batch_size)

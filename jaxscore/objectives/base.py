@@ -4,13 +4,14 @@ An objective is one class, registered under the name a config selects it by
 (`c.objective = "score"`). It carries:
   - `Config`, a frozen dataclass whose fields are exactly the fields of the config group
     named after the objective (`c.score`), built with `Config(**group)`;
-  - `kind`: "online" (trained on its own rollouts: rollout -> score -> batch -> update)
-    or "offline" (trained on a fixed dataset: dataset -> batch -> update);
+  - `kind`: "online" (trained on its own rollouts: rollout -> score -> batch -> update),
+    "offline" (trained on a fixed dataset: dataset -> batch -> update) or
+    "self_training" (offline on examples kept from its own samples, round by round);
   - how it turns rollouts (online) or dataset examples (offline) into a batch;
   - `loss_fn(params, batch, rng, ref_params) -> (loss, metrics)` for
     `loops.train.make_train_step`.
 The loops call these and nothing else, so a new method is one new file plus its
-`@register` line; neither loop names a method.
+`@register` line; no loop names a method.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class Objective:
 
   name: ClassVar[str]  # Set by `register`.
   title: ClassVar[str]  # Shown in progress bars and report tables.
-  kind: ClassVar[str]  # "online" | "offline"
+  kind: ClassVar[str]  # "online" | "offline" | "self_training"
   Config: ClassVar[type]
 
   def __init__(self, config, ctx: Context):

@@ -300,18 +300,16 @@ class Pipeline:
   def evaluate(self, models: dict[str, Any]) -> dict:
     """Greedy single-turn accuracy on the test split; per model and against RFT and
     outcome DPO, with 95% intervals over the test problems."""
-    c, task = self.c.evaluate, self.setup.task
-    problems = task.problems(self.c.task.eval_split)
-    if c.num_problems:
-      problems = problems[:c.num_problems]
+    c = self.c.evaluate
+    problems = tasks.eval_problems(self.setup.task, self.c.task, c.num_problems)
+    protocol = evaluate_lib.Protocol("greedy", turns=1)
     per_problem = {}
     for name, params in models.items():
-      _, records = evaluate_lib.evaluate(params, self.setup, problems, num_turns=1,
-                                         max_new_tokens=c.max_new_tokens,
-                                         batch_size=c.batch_size, seed=self.c.seed)
-      per_problem[name] = np.array([r["rewards"][0] for r in records])
-      d = self._dir("eval")
-      write_jsonl(d / f"{name.replace(' ', '_')}.jsonl", records)
+      _, records, scores = evaluate_lib.run_protocol(
+          params, self.setup, problems, protocol, max_new_tokens=c.max_new_tokens,
+          batch_size=c.batch_size, seed=self.c.seed)
+      per_problem[name] = np.array(scores["acc@t1"])
+      write_jsonl(self._dir("eval") / f"{name.replace(' ', '_')}.jsonl", records)
     results = {"num_problems": len(problems), "models": {}, "differences": {}}
     for name, r in per_problem.items():
       lo, hi = evaluate_lib.wilson_interval(int(r.sum()), len(r))

@@ -59,3 +59,9 @@ def train_problems(task: Task, c) -> list[Problem]:
   problems = task.problems(c.train_split)
   n = c.get("num_train", 0)  # Configs saved before the field existed use every problem.
   return problems[:n] if n else problems
+
+
+def eval_problems(task: Task, c, num_problems: int = 0) -> list[Problem]:
+  """The first `num_problems` (0: all) of the eval split that the `task` group `c` names."""
+  problems = task.problems(c.eval_split)
+  return problems[:num_problems] if num_problems else problems
