@@ -42,6 +42,14 @@ class PairSFTConfig:
   aggregation: str = "token_mean"
 
 
+def correction_example(setup, problem, first: str, second: str) -> dict:
+  """(problem, first attempt, the task's instruction) -> second attempt."""
+  fmt = setup.fmt
+  return {"prompt": fmt.prompt_ids(problem.prompt) + fmt.attempt_ids(first)
+          + fmt.instruction_ids(setup.task.instruction),
+          "completion": sft.completion_ids(fmt, setup.tokenizer, second)}
+
+
 class SelfTrainingObjective(sft.SFT):
   """SFT on examples kept from the model's own samples."""
 
@@ -88,15 +96,11 @@ class STaR(SelfTrainingObjective):
     """Episodes whose second attempt is right (after a wrong first one, or, D+, a right
     one)."""
     del rng
-    fmt, task = setup.fmt, setup.task
     out = []
     for ro, real in batches:
       for r in range(real):
         if ro.rewards_BxN[r, 1] > 0:
-          p = ro.problems[r]
-          out.append({"prompt": fmt.prompt_ids(p.prompt) + fmt.attempt_ids(ro.texts[0][r])
-                      + fmt.instruction_ids(task.instruction),
-                      "completion": sft.completion_ids(fmt, setup.tokenizer, ro.texts[1][r])})
+          out.append(correction_example(setup, ro.problems[r], ro.texts[0][r], ro.texts[1][r]))
     return out
 
 
@@ -111,18 +115,11 @@ class PairSFT(SelfTrainingObjective):
   def keep(self, setup, batches, rng):
     """Every wrong attempt with a random correct response to the same problem; a
     problem with no correct response gives nothing."""
-    fmt, task = setup.fmt, setup.task
     by_problem: dict[str, tuple[Any, list[str], list[str]]] = {}
     for ro, real in batches:
       for r in range(real):
         p = ro.problems[r]
         _, right, wrong = by_problem.setdefault(p.id, (p, [], []))
         (right if ro.rewards_BxN[r, 0] > 0 else wrong).append(ro.texts[0][r])
-    out = []
-    for p, right, wrong in by_problem.values():
-      for w in (wrong if right else []):
-        out.append({"prompt": fmt.prompt_ids(p.prompt) + fmt.attempt_ids(w)
-                    + fmt.instruction_ids(task.instruction),
-                    "completion": sft.completion_ids(fmt, setup.tokenizer,
-                                                     right[rng.integers(len(right))])})
-    return out
+    return [correction_example(setup, p, w, right[rng.integers(len(right))])
+            for p, right, wrong in by_problem.values() for w in (wrong if right else [])]

@@ -59,16 +59,26 @@ def _run_jobs(jobs, limits, workers, isolation):
 
 
 @dataclasses.dataclass
-class MBPPTask:
-  """MBPP: passes when every `test_list` assert passes after the setup code."""
+class SandboxedCodeTask:
+  """What the code tasks share: their tests run in the sandbox, never in this process."""
 
-  sources: dict[str, str] = dataclasses.field(default_factory=dict)
-  prompt_template: str = MBPP_PROMPT
   instruction: str = prompts.CODE_SELF_CORRECTION
   limits: sandbox.Limits = sandbox.Limits()
   workers: int = 2
   # bwrap (OS isolation; needs `apt-get install bubblewrap`) | process (weaker).
   isolation: str = "bwrap"
+
+  def run_tests(self, codes, jobs) -> list[base.Score]:
+    """Scores of `codes`, one sandbox job each (None: no code, NO_ANSWER)."""
+    return _scores(codes, _run_jobs(jobs, self.limits, self.workers, self.isolation))
+
+
+@dataclasses.dataclass
+class MBPPTask(SandboxedCodeTask):
+  """MBPP: passes when every `test_list` assert passes after the setup code."""
+
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  prompt_template: str = MBPP_PROMPT
   name: str = "mbpp"
 
   def problems(self, split: str) -> Sequence[base.Problem]:
@@ -108,7 +118,7 @@ class MBPPTask:
     base.check_lengths(problems, responses)
     codes = [extract_code(r) for r in responses]
     jobs = [None if c is None else self.job(p, c) for p, c in zip(problems, codes)]
-    return _scores(codes, _run_jobs(jobs, self.limits, self.workers, self.isolation))
+    return self.run_tests(codes, jobs)
 
 
 def humaneval_path() -> pathlib.Path | None:
@@ -125,17 +135,12 @@ def humaneval_path() -> pathlib.Path | None:
 
 
 @dataclasses.dataclass
-class HumanEvalTask:
+class HumanEvalTask(SandboxedCodeTask):
   """HumanEval: passes when the test's `check(entry_point)` passes against the prompt
   plus the completion."""
 
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   prompt_template: str = HUMANEVAL_PROMPT
-  instruction: str = prompts.CODE_SELF_CORRECTION
-  limits: sandbox.Limits = sandbox.Limits()
-  workers: int = 2
-  # bwrap (OS isolation; needs `apt-get install bubblewrap`) | process (weaker).
-  isolation: str = "bwrap"
   name: str = "humaneval"
 
   def problems(self, split: str = "test") -> Sequence[base.Problem]:
@@ -167,7 +172,7 @@ class HumanEvalTask:
     # A response with no code block is taken as a raw completion of the prompt.
     codes = [extract_code(r) or (r if r.strip() else None) for r in responses]
     jobs = [None if c is None else self.job(p, "\n" + c) for p, c in zip(problems, codes)]
-    return _scores(codes, _run_jobs(jobs, self.limits, self.workers, self.isolation))
+    return self.run_tests(codes, jobs)
 
 
 def _defined_names(code: str) -> list[str]:
