@@ -30,6 +30,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def make_setup(args):
 
 def rl_iterations(c, setup, params, args):
   """Timed RL iterations (after one that compiles): (mean seconds and tokens per stage,
-  the last train batch, the final state)."""
+  the last train batch, the final state, the last trajectories)."""
   cfg, ref_params = setup.cfg, params
   objective = online.make_objective(c, setup)
   opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
@@ -140,7 +141,8 @@ def rl_iterations(c, setup, params, args):
     t1 -= score_s
     t2 = time.perf_counter()
     width = online.batch_width(ro.episode, max_len, args.pad_multiple)
-    batch, _ = objective.make_batch(online.trajectories(ro, width, ref_fn, ref_params), 0)
+    traj = online.trajectories(ro, width, ref_fn, ref_params)
+    batch, _ = objective.make_batch(traj, 0)
     jax.block_until_ready(batch)
     t3 = time.perf_counter()
     state, m = step_fn(state, batch, jax.random.key(i), ref_params)
@@ -151,7 +153,37 @@ def rl_iterations(c, setup, params, args):
                            total=t4 - t0 - score_s, peak=peak))
   mean = {k: float(np.mean([it[k] for it in iterations[1:]])) for k in iterations[0]}
   mean["peak"] = float(np.median([it["peak"] for it in iterations[1:]]))
-  return mean, batch, state
+  return mean, batch, state, traj
+
+
+def back_to_back(c, setup, params, traj, args) -> dict:
+  """The train step alone, back to back on the last iteration's trajectories, for the
+  iteration's objective (SCoRe) and for the plain policy-gradient one: seconds per step
+  and the matmul peak timed beside each (means and medians after a compiling run). Set
+  against the step inside the iteration, it says whether the objective or the iteration
+  around the step accounts for the gap."""
+  out = {}
+  peak_fn, peak_flops = sustained_matmul(dtype=jnp.dtype(setup.cfg.dtype))
+  for name in ("score", "pg"):
+    cn = ml_collections.ConfigDict(c.to_dict())
+    cn.objective = name
+    objective = online.make_objective(cn, setup)
+    batch, _ = objective.make_batch(traj, 0)
+    opt = train_lib.make_optimizer(train_lib.OptimConfig(learning_rate=1e-6))
+    step_fn = jax.jit(train_lib.make_train_step(objective.loss_fn, opt), donate_argnums=(0,))
+    state = train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)
+    times, peaks = [], []
+    for i in range(args.steps + 1):
+      t0 = time.perf_counter()
+      peak_fn()
+      peaks.append(peak_flops / (time.perf_counter() - t0))
+      t0 = time.perf_counter()
+      state, m = step_fn(state, batch, jax.random.key(i), params)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+    out[name] = {"step_s": float(np.mean(times[1:])), "peak": float(np.median(peaks[1:]))}
+    del state
+  return out
 
 
 def main():
@@ -159,8 +191,9 @@ def main():
   c, setup, params = make_setup(args)
   cfg = setup.cfg
   n_params = sum(x.size for x in jax.tree.leaves(params))
-  mean, batch, state = rl_iterations(c, setup, params, args)
+  mean, batch, state, traj = rl_iterations(c, setup, params, args)
   peak = mean.pop("peak")
+  alone = back_to_back(c, setup, params, traj, args)
   problems = setup.task.problems("train")
   feedback = feedback_rollouts(setup, state.params, problems, args, turns=3)
   b, l = batch.tokens_BxT.shape
@@ -178,6 +211,9 @@ def main():
       iteration_s=mean["total"], iteration_tokens_per_s=mean["tokens"] / mean["total"],
       shares={k: mean[k] / mean["total"] for k in
               ("rollout", "rewards", "reference_and_advantages", "update")},
+      back_to_back={name: dict(step_s=r["step_s"], matmul_peak_gflops=r["peak"] / 1e9,
+                               fraction_of_peak=flops / r["step_s"] / r["peak"])
+                    for name, r in alone.items()},
       feedback_rollouts=feedback)
   write_results(pathlib.Path(args.out), results_stem("train_step"), result,
                 render(result, args))
@@ -205,6 +241,16 @@ def render(result, args) -> list[str]:
       f"| full RL iteration | {result['iteration_s']:.2f} s "
       f"({result['iteration_tokens_per_s']:.0f} tokens/s) |"]
   lines += [f"| share: {k} | {100 * v:.0f}% |" for k, v in result["shares"].items()]
+  lines += ["", "## The same step alone", "",
+            "The step on the last iteration's trajectories, back to back (no rollout or "
+            "reference pass between steps), with the peak timed beside each step; the "
+            "same FLOP count as above.", "",
+            "| step | seconds | fraction of the peak timed beside it |", "|---|---|---|",
+            f"| SCoRe, inside the RL iteration | {result['update_s']:.2f} | "
+            f"{100 * result['update_fraction_of_peak']:.0f}% |"]
+  lines += [f"| {'SCoRe' if name == 'score' else 'policy gradient (pg)'}, back to back | "
+            f"{r['step_s']:.2f} | {100 * r['fraction_of_peak']:.0f}% |"
+            for name, r in result["back_to_back"].items()]
   lines += ["", f"## Rollouts with feedback ({feedback['turns']} turns, same batch)", "",
             "`unary`: an episode stops at its first correct answer and only wrong rows get "
             "the feedback, so the device waits for each turn's scores; `instruction`: "
