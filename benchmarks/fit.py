@@ -78,7 +78,10 @@ def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
            "gate, up, down; QLoRA: the same on an nf4 base. A cell: fits or not, the peak "
            "GiB per device against the device's memory, and the phase that sets the "
            "peak. Prompt lengths: each config's data where it can be read offline, else "
-           "512 tokens (the plan prints which).", ""]
+           "512 tokens (the plan prints which). Devices as libtpu describes each "
+           "topology: v5e-8, 8 chips of 16 GiB; v4-8, its 8 TensorCores as 8 devices of "
+           "16 GiB (half a chip's 32 GiB each; a v4 VM's JAX joins each chip's two cores "
+           "into one 32 GiB device); v5p-8, 4 chips of 95 GiB.", ""]
   for config in args.configs:
     lines += [f"## {config}", "", "| model | slice | full | LoRA r16 | QLoRA r16 nf4 |",
               "|---|---|---|---|---|"]

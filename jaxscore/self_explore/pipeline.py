@@ -33,7 +33,7 @@ from jaxscore.infra import files, sharding
 from jaxscore.loops import common, offline, train
 from jaxscore.models import lora, pretrained
 from jaxscore.objectives import dpo, sft
-from jaxscore.sampling import formats, replies, rollout, sampler
+from jaxscore.sampling import replies, rollout, sampler
 from jaxscore.self_explore import explore as explore_lib
 
 MODELS = ("base", "SFT", "RFT", "outcome DPO", "Self-Explore")
@@ -132,13 +132,9 @@ class Pipeline:
     config_checks.check_self_explore(c)  # Before the model loads.
     self.c, self.workdir = c, files.path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    model = pretrained.from_config(c.model)
-    task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())
-    self.setup = rollout.Setup(model.cfg, model.tokenizer,
-                               formats.make_format(model.tokenizer, c.format), task,
-                               model.stop_ids)
-    self.base_params = jax.device_put(model.params)
-    self.train_problems = tasks.train_problems(task, c.task)
+    # One task: Self-Explore evaluates on its training task's eval split.
+    self.setup, _, self.base_params = rollout.from_config(c)
+    self.train_problems = tasks.train_problems(self.setup.task, c.task)
     self.by_id = {p.id: p for p in self.train_problems}
 
   # -- Stage bookkeeping. -------------------------------------------------------
