@@ -119,6 +119,14 @@ def check_rollout(c) -> None:
                 "sample_batches"):
     require(getattr(ro, field) >= 1, f"rollout.{field}={getattr(ro, field)}: must be >= 1")
   require(ro.pad_multiple >= 0, f"rollout.pad_multiple={ro.pad_multiple}: must be >= 0")
+  require(ro.off_policy_steps in (0, 1), f"rollout.off_policy_steps={ro.off_policy_steps}: "
+          "expected 0 (on-policy) or 1 (the next step sampled during this step's update)")
+  sampler_devices = c.mesh.get("sampler_devices", 0)
+  require(sampler_devices >= 0, f"mesh.sampler_devices={sampler_devices}: must be >= 0")
+  require(not sampler_devices or ro.off_policy_steps == 1,
+          f"mesh.sampler_devices={sampler_devices} samples on devices of its own while the "
+          f"others train, which needs rollout.off_policy_steps=1 (got "
+          f"{ro.off_policy_steps})")
   splits = ro.score_overlap_splits
   if splits > 1:
     require(feedback.stops_when_correct,
@@ -166,6 +174,11 @@ def check_objective(c) -> None:
     _check_micro_batches(c.optim.get("micro_batches", 1), c.offline.batch_size,
                          "offline.batch_size")
     return
+  off_policy = c.rollout.get("off_policy_steps", 0)
+  require(not off_policy or obj.corrects_off_policy,
+          f"rollout.off_policy_steps={off_policy}: {c.objective}'s loss does not correct "
+          "for samples of older parameters (no ratio to the behaviour log-probs); use "
+          "grpo, or rollout.off_policy_steps=0")
   group, rows = c.rollout.group_size, rollout_rows(c)
   if getattr(obj.config, "advantage", None) == "rloo":
     require(group >= 2, f"{c.objective}.advantage='rloo' needs rollout.group_size >= 2 "

@@ -383,6 +383,12 @@ def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
   sample, cache = b.sampler_phases(rows // ro.sample_batches, max_len, prompts.prompt,
                                    waiting=resident["optimizer"] + resident["reference"])
   resident["KV cache"] = cache
+  if ro.off_policy_steps:  # The next step samples, from a copy, while this one updates.
+    copies = 2 * resident.get("adapters", resident["weights"])  # Behaviour, next.
+    resident["behaviour params"] = copies
+    train, sampler_temp = phases[0], max(p.temp for p in sample)
+    phases.append(Phase("train step + sampling ahead", train.total + sampler_temp,
+                        train.temp + sampler_temp, waiting=train.waiting + cache + copies))
   return Program(name, f"{c.objective}: {rows} x {width} tokens, {ro.num_turns} turn(s)",
                  phases + sample, resident)
 
@@ -563,6 +569,10 @@ def make_plan(c, config_name: str, *, topology: str | None = None,
   capacity = hbm_gib or capacity
   if capacity is None:
     raise PlanError(f"{target}: no known memory per device; give --hbm_gib")
+  if c.mesh.get("sampler_devices", 0):
+    raise PlanError(f"mesh.sampler_devices={c.mesh.sampler_devices}: plan sizes every "
+                    "device running both sampler and trainer; it does not yet size a "
+                    "sampler on devices of its own (plan with mesh.sampler_devices=0)")
   cfg = model_config(c, model)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn,
                             devices=devs)

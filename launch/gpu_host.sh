@@ -12,18 +12,12 @@
 # Run the same command on every host, with its own HOST_ID.
 set -euo pipefail
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-CMD="${1:-}"; shift || true
-if [[ "${1:-}" == "--" ]]; then shift; fi
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh" "$@"
 NUM_HOSTS="${NUM_HOSTS:-1}"
 HOST_ID="${HOST_ID:-0}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
-run() {
-  printf '%q ' "$@"; echo
-  if [[ $DRY -eq 0 ]]; then "$@"; fi
-}
 
 case "$CMD" in
   setup)
@@ -38,7 +32,7 @@ case "$CMD" in
                 JAXSCORE_PROCESS_ID="$HOST_ID")
     fi
     run env "${env_vars[@]}" "$here/.venv/bin/python" -m jaxscore.main \
-      --config="$CONFIG" --workdir="$WORKDIR" "$@"
+      --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA[@]}"
     ;;
   *)
     sed -n '2,13p' "$0"; exit 2

@@ -17,11 +17,8 @@
 # `run` passes ARGS after `--` on to jaxscore.main (e.g. --config.optim.learning_rate=1e-5).
 set -euo pipefail
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-CMD="${1:-}"; shift || true
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA=("$@")
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh" "$@"
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR="${ACCELERATOR:-v4-8}"
@@ -30,10 +27,6 @@ GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone="$ZONE")
 if [[ -n "${PROJECT:-}" ]]; then COMMON+=(--project="$PROJECT"); fi
 
-run() {  # Print the command; run it unless --dry-run.
-  printf '%q ' "$@"; echo
-  if [[ $DRY -eq 0 ]]; then "$@"; fi
-}
 
 on_workers() {  # A shell command on every worker of the slice.
   run "${GCLOUD[@]}" ssh "$TPU_NAME" "${COMMON[@]}" --worker=all --command="$1"

@@ -29,11 +29,8 @@
 # Plan it first: jaxscore plan --config=CONFIG --topology=v5e:4x4 --slices=NUM_SLICES.
 set -euo pipefail
 
-DRY=0
-if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-CMD="${1:-}"; shift || true
-if [[ "${1:-}" == "--" ]]; then shift; fi
-EXTRA=("$@")
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh" "$@"
 
 : "${CLUSTER:?set CLUSTER}" "${ZONE:?set ZONE}"
 ACCELERATOR="${ACCELERATOR:-v5litepod-16}"
@@ -44,10 +41,6 @@ if [[ -n "${PROJECT:-}" ]]; then PROJECT_FLAG=(--project="$PROJECT"); fi
 COMMON+=("${PROJECT_FLAG[@]}")
 here="$(cd "$(dirname "$0")/.." && pwd)"
 
-run() {  # Print the command; run it unless --dry-run.
-  printf '%q ' "$@"; echo
-  if [[ $DRY -eq 0 ]]; then "$@"; fi
-}
 
 case "$CMD" in
   create)

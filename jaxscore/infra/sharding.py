@@ -68,6 +68,10 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: str = "data_parallel"  # A name in RULES: data_parallel | fsdp | fsdp_tp
+  # > 0: the last N devices sample, data-parallel over them with the weights whole on
+  # each, and the mesh above trains on the others (rollout.off_policy_steps=1: new
+  # weights go device to device after each update); 0: every device does both.
+  sampler_devices: int = 0
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, dcn: int = 1,

@@ -64,8 +64,23 @@ class Preemption:
 
 
 def mesh_from_config(c):
+  """(training mesh, rules): every device, or those `mesh.sampler_devices` leaves."""
   m = sharding.MeshConfig(**c.mesh)
-  return sharding.make_mesh(m.data, m.fsdp, m.tensor, m.dcn), sharding.RULES[m.rules]
+  devices = jax.devices()
+  if m.sampler_devices:
+    if m.sampler_devices >= len(devices):
+      raise sharding.ShardingError(
+          f"mesh.sampler_devices={m.sampler_devices} leaves none of the {len(devices)} "
+          "devices to train on")
+    devices = devices[:len(devices) - m.sampler_devices]
+  return (sharding.make_mesh(m.data, m.fsdp, m.tensor, m.dcn, devices=devices),
+          sharding.RULES[m.rules])
+
+
+def sampler_mesh_from_config(c):
+  """The mesh of the last `mesh.sampler_devices` devices (data-parallel), or None."""
+  n = c.mesh.get("sampler_devices", 0)
+  return sharding.make_mesh(-1, 1, 1, 1, devices=jax.devices()[-n:]) if n else None
 
 
 class Run:
@@ -127,12 +142,13 @@ class Run:
         self.workdir / "checkpoints", keep=self.ckpt_cfg.keep,
         async_save=self.ckpt_cfg.async_save, best_metric=best_metric, best_mode=best_mode)
 
-  def initial_state(self, params, ref_params):
+  def initial_state(self, params, ref_params, off_policy: bool = False):
     """(state, reference params) in their shardings; the state restored if a checkpoint
     exists. The state owns fresh buffers: train_step donates them, and `params` may be
     the very arrays the reference uses. With LoRA, `params` is the frozen base and the
     reference too (`ref_params` is not read: the base with adapters off is the
-    reference), and the state holds fresh adapters."""
+    reference), and the state holds fresh adapters. With `off_policy`, the state is an
+    `OffPolicyState` whose behaviour parameters start as a copy of the parameters."""
     if self.lora:
       ref_params = frozen_base(lora.split(params)[0], self.model_cfg, self.mesh, self.rules)
       params = model_lib.init_lora(self.model_cfg, jax.random.key(self.c.seed))
@@ -141,6 +157,10 @@ class Run:
     create = lambda p: train_lib.TrainState.create(jax.tree.map(jnp.copy, p), self.optimizer)
     state = jax.jit(create, out_shardings=self.state_shardings)(
         jax.device_put(params, self.trainable_shardings))
+    if off_policy:
+      state = train_lib.OffPolicyState(step=state.step, params=state.params,
+                                       opt_state=state.opt_state,
+                                       behaviour_params=jax.tree.map(jnp.copy, state.params))
     # Adapters belong to one base and one shape: checked before any array is read.
     for step, meta in (self.ckpt.metas() if self.meta else {}).items():
       for key, value in self.meta.items():
@@ -225,7 +245,11 @@ class Run:
   def policy(self, state, ref_params):
     """The params the policy samples and is evaluated with: the state's own, or with
     LoRA the frozen base and the state's adapters side by side."""
-    return lora.combine(ref_params, state.params) if self.lora else state.params
+    return self.policy_of(state.params, ref_params)
+
+  def policy_of(self, params, ref_params):
+    """`params` (the state's own, or adapters on the frozen base) as a policy."""
+    return lora.combine(ref_params, params) if self.lora else params
 
   def save_before_update(self, state, metrics: dict, phase: str | None = None) -> None:
     """Saves `state` if its step is due, labelled with `metrics[best_metric]`: called

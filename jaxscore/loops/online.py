@@ -21,6 +21,7 @@ from jaxscore import evaluate, tasks
 from jaxscore import objectives as objectives_lib
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common
+from jaxscore.loops import train as train_lib
 from jaxscore.models import logprobs
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
@@ -47,6 +48,10 @@ class RolloutConfig:
   # > 1: each step's rows sampled as this many consecutive batches, one after another,
   # so the devices hold one batch's KV cache at a time (the train step sees them all).
   sample_batches: int = 1
+  # 1: step t + 1's rollouts are sampled by step t's parameters while step t's update
+  # runs (sampling overlapped with training, one update stale; only objectives whose
+  # loss corrects for it, e.g. grpo's ratio to the behaviour log-probs); 0: on-policy.
+  off_policy_steps: int = 0
 
   @property
   def feedback_config(self) -> rollout_lib.Feedback:
@@ -149,15 +154,25 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
   mesh, rules = common.mesh_from_config(c)
   with sharding.activate(mesh, rules):
     loop = OnlineLoop(c, setup, objective, files.path(workdir), mesh, rules)
-    state, ref_params = loop.run.initial_state(params, ref_params)
+    off_policy = loop.rollout_cfg.off_policy_steps > 0
+    state, ref_params = loop.run.initial_state(params, ref_params, off_policy=off_policy)
     num_turns = loop.rollout_cfg.num_turns
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      step_fn = lambda state: loop.step(state, ref_params, pool)
-      state, info = loop.run.drive(
-          state, step_fn, total=objective.num_steps,
-          progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
-          stop_after=stop_after,
-          budget=(("budget/tokens", token_budget) if token_budget else None))
+    # Scoring between turns, and (off-policy) the next step's rollout beside the update.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, \
+        concurrent.futures.ThreadPoolExecutor(1) as ahead:
+      step_fn = lambda state: loop.step(state, ref_params, pool, ahead)
+      try:
+        state, info = loop.run.drive(
+            state, step_fn, total=objective.num_steps,
+            progress_keys=[f"reward/t{t}" for t in range(1, num_turns + 1)],
+            stop_after=stop_after,
+            budget=(("budget/tokens", token_budget) if token_budget else None))
+      finally:
+        # A rollout sampled ahead of a run that stops is dropped: a resumed run samples
+        # it again, exactly, from the behaviour parameters in its checkpoint.
+        loop.pending = None
+    if off_policy:
+      state = state.train_state()
     # The caller evaluates and samples with the policy (with LoRA: base and adapters).
     return state.replace(params=loop.run.policy(state, ref_params)), info
 
@@ -186,39 +201,100 @@ class OnlineLoop:
     message_len = rollout_lib.instruction_len(setup, self.feedback)
     self.max_episode_len = rollout_lib.episode_len_bound(
         lens, ro.num_turns, self.sampling.max_new_tokens, message_len)
-    self.sampler = rollout_lib.make_sampler(
-        setup, lens, ro.num_turns, self.sampling.max_new_tokens, message_len=message_len,
-        batch_sharding=sharding.NamedSharding(
-            mesh, sharding.PartitionSpec(dict(rules)["batch"])), rules=rules)
+    batch_axes = sharding.PartitionSpec(dict(rules)["batch"])
+    self.batch_sharding = sharding.NamedSharding(mesh, batch_axes)
+    # Disaggregated: the sampler has devices of its own (mesh.sampler_devices).
+    self.sampler_mesh = common.sampler_mesh_from_config(c)
+    self.sampler_mesh_rules = (self.sampler_mesh or mesh), rules
+    if self.sampler_mesh is not None:
+      self.sampler_param_shardings = sharding.param_shardings(setup.cfg, self.sampler_mesh,
+                                                              rules)
+    with self.sampler_placement():
+      self.sampler = rollout_lib.make_sampler(
+          setup, lens, ro.num_turns, self.sampling.max_new_tokens, message_len=message_len,
+          batch_sharding=sharding.NamedSharding(self.sampler_mesh_rules[0], batch_axes),
+          rules=rules)
+    self.pending = None  # (step, future): a rollout sampled ahead (off-policy).
 
-  def step(self, state, ref_params, pool):
+  def sampler_placement(self):
+    """The sampler's mesh, in this thread: its own devices, or the training mesh."""
+    return sharding.activate(*self.sampler_mesh_rules)
+
+  def rows(self, step: int):
+    ro_cfg = self.rollout_cfg
+    return [p for p in batch_problems(self.problems, step, ro_cfg.prompts_per_step,
+                                      self.c.seed) for _ in range(ro_cfg.group_size)]
+
+  def rollout(self, policy, step: int, pool) -> rollout_lib.Rollouts:
+    """Step `step`'s rollouts sampled by `policy`: a function of (config, step, policy)."""
+    ro_cfg = self.rollout_cfg
+    rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
+    if self.sampler_mesh is not None:  # Device to device, never through the host.
+      policy = jax.device_put(policy, self.sampler_param_shardings)
+      rng = jax.device_put(rng, sharding.NamedSharding(self.sampler_mesh,
+                                                       sharding.PartitionSpec()))
+    with self.sampler_placement():
+      ro = rollout_lib.rollout(policy, self.sampler, self.setup, self.rows(step),
+                               ro_cfg.num_turns, self.sampling, rng, score_pool=pool,
+                               feedback=self.feedback,
+                               score_overlap_splits=ro_cfg.score_overlap_splits,
+                               sample_batches=ro_cfg.sample_batches,
+                               group_size=ro_cfg.group_size)
+    if self.sampler_mesh is not None:  # The episodes go to the training devices.
+      ro = dataclasses.replace(ro, episode=jax.device_put(ro.episode, self.batch_sharding))
+    return ro
+
+  def sample(self, state, ref_params, step: int, pool, ahead):
+    """(rollouts of `step`, the policy that sampled them, the parameters that sample
+    the next step). On-policy: the state's policy samples now. Off-policy: the state's
+    behaviour parameters sampled them, ahead, while the previous update ran (or now,
+    at the first step of a run or a resume), and a copy of the state's parameters,
+    which the update is about to donate, starts sampling the next step."""
+    run = self.run
+    if not self.rollout_cfg.off_policy_steps:
+      policy = run.policy(state, ref_params)
+      return self.rollout(policy, step, pool), policy, None
+    behaviour = run.policy_of(state.behaviour_params, ref_params)
+    pending, self.pending = self.pending, None
+    ro = (pending[1].result() if pending is not None and pending[0] == step
+          else self.rollout(behaviour, step, pool))
+    following = jax.tree.map(jnp.copy, state.params)
+    if step + 1 < self.objective.num_steps:
+      self.pending = (step + 1, ahead.submit(self.rollout, run.policy_of(following, ref_params),
+                                             step + 1, pool))
+    return ro, behaviour, following
+
+  def step(self, state, ref_params, pool, ahead=None):
     """rollout -> rewards -> reference log-probs -> batch -> update."""
-    c, ro_cfg, run = self.c, self.rollout_cfg, self.run
+    ro_cfg, run = self.rollout_cfg, self.run
     step = int(state.step)
     t0 = time.perf_counter()
-    rows = [p for p in batch_problems(self.problems, step, ro_cfg.prompts_per_step, c.seed)
-            for _ in range(ro_cfg.group_size)]
-    rng = jax.random.fold_in(jax.random.key(c.seed), step)
-    policy = run.policy(state, ref_params)
-    ro = rollout_lib.rollout(policy, self.sampler, self.setup, rows, ro_cfg.num_turns,
-                             self.sampling, rng, score_pool=pool, feedback=self.feedback,
-                             score_overlap_splits=ro_cfg.score_overlap_splits,
-                             sample_batches=ro_cfg.sample_batches,
-                             group_size=ro_cfg.group_size)
+    ro, behaviour, following = self.sample(state, ref_params, step, pool, ahead)
+    rows = self.rows(step)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
     objective = self.objective
     traj = trajectories(ro, width, self.logp_fn,
                         ref_params if objective.uses_reference else None,
-                        policy if objective.recompute_behaviour_logp else None)
+                        behaviour if objective.recompute_behaviour_logp else None)
     batch, batch_metrics = self.objective.make_batch(traj, step)
     reward = float(ro.rewards_BxN.sum(1).mean())
     # The reward belongs to the parameters that sampled it: a due checkpoint is saved
-    # now, before the update replaces (and donates) them.
-    run.save_before_update(state, {"reward": reward}, self.objective.phase(step))
-    state, m = run.train_step(state, sharding.shard_batch(batch, run.mesh, run.rules), rng,
-                              ref_params)
+    # now, before the update replaces (and donates) them. Off-policy, they are the
+    # previous step's, which the checkpoint keeps only to sample again: no label.
+    run.save_before_update(state, {"reward": reward} if following is None else {},
+                           self.objective.phase(step))
+    rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
+    batch = sharding.shard_batch(batch, run.mesh, run.rules)
+    if following is None:
+      state, m = run.train_step(state, batch, rng, ref_params)
+    else:
+      new, m = run.train_step(state.train_state(), batch, rng, ref_params)
+      state = train_lib.OffPolicyState(step=new.step, params=new.params,
+                                       opt_state=new.opt_state, behaviour_params=following)
     m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if following is not None:  # Updates between the sampling parameters and these.
+      m["off_policy/staleness"] = float(step > 0)
     rewards, taken = ro.rewards_BxN, ro.turns_BxN
     # Accuracy of the turns taken; a row that stopped correct counts as correct after.
     m |= {f"reward/t{t + 1}": float(rewards[:, :t + 1].max(1).mean())

@@ -30,6 +30,17 @@ class TrainState:
                opt_state=optimizer.init(params))
 
 
+@flax.struct.dataclass
+class OffPolicyState(TrainState):
+  """A train state and the parameters that sample the batch of its step (one update
+  older, off-policy), so that a resumed run samples that batch again exactly."""
+
+  behaviour_params: Any = None
+
+  def train_state(self) -> TrainState:
+    return TrainState(step=self.step, params=self.params, opt_state=self.opt_state)
+
+
 def state_shardings(optimizer: optax.GradientTransformation, params_abstract: Any,
                     params_shardings: Any, mesh: Mesh) -> TrainState:
   """Shardings of a TrainState: optimizer moments follow their parameters; counters

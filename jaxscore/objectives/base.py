@@ -137,6 +137,9 @@ class OnlineObjective(Objective):
   # sampled, before any update (so a clipped ratio starts at exactly 1); False: the
   # sampler's own log-probs (the same policy, cached decode).
   recompute_behaviour_logp: ClassVar[bool] = False
+  # True: the loss corrects for samples of older parameters (a ratio against the
+  # behaviour log-probs), so the loop may sample a step ahead (`rollout.off_policy_steps`).
+  corrects_off_policy: ClassVar[bool] = False
 
   @property
   def num_steps(self) -> int:

@@ -47,6 +47,7 @@ class GRPO(base.OnlineObjective):
   title = "GRPO"
   Config = GRPOConfig
   recompute_behaviour_logp = True
+  corrects_off_policy = True  # Its clipped ratio is against the behaviour log-probs.
 
   def __init__(self, config: GRPOConfig, ctx: base.Context):
     super().__init__(config, ctx)

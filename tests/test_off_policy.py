@@ -1,0 +1,181 @@
+"""Sampling one step ahead (`rollout.off_policy_steps=1`): which parameters sample each
+step, exact resume, and the objectives that may not take stale samples."""
+
+import concurrent.futures
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from test_checkpoint import _metrics, _tiny_setup  # noqa: E402
+
+from configs import score  # noqa: E402
+from jaxscore import config_checks  # noqa: E402
+from jaxscore.infra import checkpoint as checkpoint_lib  # noqa: E402
+from jaxscore.infra import sharding  # noqa: E402
+from jaxscore.loops import common, online  # noqa: E402
+
+
+def _config(off_policy_steps: int = 1, steps: int = 4):
+  c = score.get_config("cpu,runlocal")
+  c.objective = "grpo"
+  c.grpo.num_steps, c.grpo.epochs, c.grpo.minibatches = steps, 1, 1
+  c.optim.learning_rate = 1e-2  # Large enough that every update moves the policy.
+  c.rollout.num_turns, c.rollout.feedback = 1, "instruction"
+  c.rollout.prompts_per_step, c.rollout.group_size = 2, 2
+  c.rollout.off_policy_steps = off_policy_steps
+  c.sampler.max_new_tokens = 4
+  c.checkpoint.every_steps, c.checkpoint.keep = 1, 10
+  c.log.transcripts_every = 1
+  return c
+
+
+def _recording(monkeypatch):
+  """Every rollout the loop samples: (step, tokens, sampler log-probs)."""
+  seen = []
+  original = online.OnlineLoop.rollout
+
+  def rollout(self, policy, step, pool):
+    ro = original(self, policy, step, pool)
+    seen.append((step, np.asarray(ro.episode.tokens_BxT), np.asarray(ro.episode.logp_BxT)))
+    return ro
+
+  monkeypatch.setattr(online.OnlineLoop, "rollout", rollout)
+  return seen
+
+
+def _params_at(c, workdir, setup, params, step: int):
+  return common.restore_params(c, workdir, setup.cfg, params, str(step))[0]
+
+
+def _behaviour_at(workdir, params, step: int):
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=1 << 30, read_only=True)
+  try:
+    abstract = {"behaviour_params": checkpoint_lib.abstract_like(params)}
+    return ckpt.restore(abstract, step=step, partial=True)[0]["behaviour_params"]
+  finally:
+    ckpt.close()
+
+
+@pytest.mark.slow
+def test_each_step_is_sampled_by_the_previous_steps_parameters(tmp_path, monkeypatch):
+  setup, params = _tiny_setup()
+  c = _config()
+  seen = _recording(monkeypatch)
+  online.train(c, setup, params, params, tmp_path)
+  assert [s for s, _, _ in seen] == [0, 1, 2, 3]
+  m = _metrics(tmp_path)
+  assert [r["off_policy/staleness"] for r in m] == [0, 1, 1, 1]
+  # The parameters before each update: the initial ones, then each checkpoint's (saved
+  # before its step's update).
+  before = [params] + [_params_at(c, tmp_path, setup, params, t) for t in (1, 2, 3)]
+  for t in (1, 2, 3):  # The checkpoint keeps what samples its step: the step before's.
+    jax.tree.map(np.testing.assert_array_equal, _behaviour_at(tmp_path, params, t),
+                 before[t - 1])
+  objective = online.make_objective(c, setup)
+  mesh, rules = common.mesh_from_config(c)
+  with sharding.activate(mesh, rules), concurrent.futures.ThreadPoolExecutor(2) as pool:
+    loop = online.OnlineLoop(c, setup, objective, tmp_path / "direct", mesh, rules)
+    for t in (1, 2, 3):
+      # Sampled directly from step t - 1's parameters: the same tokens and log-probs.
+      ro = loop.rollout(before[t - 1], t, pool)
+      np.testing.assert_array_equal(np.asarray(ro.episode.tokens_BxT), seen[t][1])
+      np.testing.assert_array_equal(np.asarray(ro.episode.logp_BxT), seen[t][2])
+      # Step t's own parameters sample something else: the check can tell them apart.
+      ro = loop.rollout(before[t], t, pool)
+      assert not np.array_equal(np.asarray(ro.episode.logp_BxT), seen[t][2])
+
+
+@pytest.mark.slow
+def test_an_off_policy_run_resumes_exactly(tmp_path):
+  setup, params = _tiny_setup()
+  c = _config()
+  straight, _ = online.train(c, setup, params, params, tmp_path / "a")
+  _, info = online.train(c, setup, params, params, tmp_path / "b", stop_after=2)
+  assert info["step"] == 2
+  resumed, info = online.train(c, setup, params, params, tmp_path / "b")
+  assert info["step"] == 4
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+  jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+
+
+def test_only_objectives_that_correct_for_stale_samples_take_them():
+  c = _config()
+  config_checks.check_experiment(c)  # grpo: its ratio is against the behaviour log-probs.
+  for objective in ("score", "pg"):
+    c.objective = objective
+    with pytest.raises(config_checks.ConfigError,
+                       match=f"rollout.off_policy_steps=1.*{objective}"):
+      config_checks.check_experiment(c)
+  c.objective = "grpo"
+  c.rollout.off_policy_steps = 2
+  with pytest.raises(config_checks.ConfigError, match="rollout.off_policy_steps=2"):
+    config_checks.check_experiment(c)
+
+
+@pytest.mark.slow
+def test_plan_counts_the_sampler_running_beside_the_update(tmp_path):
+  """Off-policy, the next step's sampler (its KV cache and a copy of the weights) is
+  resident while the train step runs: plan adds that phase and the two copies."""
+  from test_plan import _plan, _tiny
+
+  tiny = _tiny(tmp_path)
+  outs = {}
+  for steps in (0, 1):
+    out = _plan("--config=configs/score.py:cpu", "--hbm_gib=4", f"--model={tiny}",
+                "--prompt_len=32", "--config.objective=grpo",
+                f"--config.rollout.off_policy_steps={steps}")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    outs[steps] = out.stdout
+  assert "sampling ahead" not in outs[0] and "behaviour params" not in outs[0]
+  resident = next(l for l in outs[1].splitlines() if "resident:" in l)
+  weights = float(resident.split("weights ")[1].split()[0].rstrip(","))
+  copies = float(resident.split("behaviour params ")[1].split()[0].rstrip(","))
+  assert copies == pytest.approx(2 * weights, rel=0.02)
+  phases = [l.strip() for l in outs[1].splitlines() if "GiB per device" in l]
+  ahead = next(l for l in phases if l.startswith("train step + sampling ahead"))
+  train = next(l for l in phases if l.startswith("train step ") and "ahead" not in l)
+  peak = lambda line: float(line.split("GiB")[0].split()[-1])
+  assert peak(ahead) > peak(train)
+
+
+def _check(tmp_path, devices: int, sampler_devices: int) -> dict:
+  import json
+  import os
+  import subprocess
+
+  out = tmp_path / f"{devices}_{sampler_devices}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  script = pathlib.Path(__file__).with_name("off_policy_check.py")
+  run = subprocess.run([sys.executable, str(script), str(out), str(sampler_devices)],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+  return json.loads((out / "check.json").read_text())
+
+
+@pytest.mark.slow
+def test_disaggregated_sampling_runs_on_its_own_devices_and_matches_colocated(tmp_path):
+  """1 + 1 fake devices give the colocated run on one device exactly (metrics and final
+  parameters); the sampler's weights are copies on its own device, its episodes go to
+  the training device. On 2 + 2, each mesh holds its two devices."""
+  colocated = _check(tmp_path, 1, 0)
+  split = _check(tmp_path, 2, 1)
+  assert split["metrics"] == colocated["metrics"]
+  assert split["param_sum"] == colocated["param_sum"]
+  assert split["param_devices"] == [0]
+  for r in split["rollouts"]:
+    assert r["devices"] == [1] and r["episode_devices"] == [1]
+  # The weights each step sampled with are the trained ones, copied exactly.
+  assert [r["sum"] for r in split["rollouts"]] == [r["sum"] for r in colocated["rollouts"]]
+  wide = _check(tmp_path, 4, 2)
+  assert wide["param_devices"] == [0, 1]
+  assert all(r["devices"] == [2, 3] for r in wide["rollouts"])
+  # Steps 0 and 1 both sample with the initial weights: the same episodes as one device.
+  assert [m["reward"] for m in wide["metrics"][:2]] == \
+      [m["reward"] for m in colocated["metrics"][:2]]
