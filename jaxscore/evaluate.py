@@ -118,17 +118,14 @@ def evaluate(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem],
                                  max_new_tokens,
                                  message_len=rollout_lib.instruction_len(setup, feedback))
   rewards, ids, records = [], [[] for _ in range(num_turns)], []
-  for start in range(0, len(problems), batch_size):
-    chunk = list(problems[start:start + batch_size])
-    # A fixed batch size keeps one compiled sampler: pad the last chunk.
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+  for _, padded, real in sampler_lib.padded_chunks(problems, batch_size):
     ro = rollout_lib.rollout(params, smp, setup, padded, num_turns, greedy,
                              jax.random.key(seed), feedback=feedback)
-    r = ro.rewards_BxN[:len(chunk)]
+    r = ro.rewards_BxN[:real]
     rewards.append(np.maximum.accumulate(r, axis=1) if feedback.stops_when_correct else r)
     for t in range(num_turns):
-      ids[t] += ro.ids[t][:len(chunk)]
-    for i, p in enumerate(chunk):
+      ids[t] += ro.ids[t][:real]
+    for i, p in enumerate(padded[:real]):
       taken = [t for t in range(num_turns) if ro.turns_BxN[i, t]]
       # Another process scored rows outside ours: their rewards arrive, not the details.
       local = ro.rows.start <= i < ro.rows.stop

@@ -299,3 +299,12 @@ def test_compacting_finished_rows_changes_no_row(tiny, temperature):
   assert rows == {16, 8, 4, 2} and whole_rows == {16}
   # One decode program per (window, row count) reached, never two for one pair.
   assert whole_compiles < compiles <= len(rows) * 4  # Windows 16 .. 128.
+
+
+def test_padded_chunks_repeat_the_last_item_to_one_size():
+  from jaxscore.sampling import sampler as sampler_lib
+
+  assert list(sampler_lib.padded_chunks("abcde", 2)) == [
+      (0, ["a", "b"], 2), (2, ["c", "d"], 2), (4, ["e", "e"], 1)]
+  assert list(sampler_lib.padded_chunks([1, 2], 4)) == [(0, [1, 2, 2, 2], 2)]
+  assert list(sampler_lib.padded_chunks([], 3)) == []

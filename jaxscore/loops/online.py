@@ -157,10 +157,8 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
     off_policy = loop.rollout_cfg.off_policy_steps > 0
     state, ref_params = loop.run.initial_state(params, ref_params, off_policy=off_policy)
     num_turns = loop.rollout_cfg.num_turns
-    # Scoring between turns, and (off-policy) the next step's rollout beside the update.
-    with concurrent.futures.ThreadPoolExecutor(2) as pool, \
-        concurrent.futures.ThreadPoolExecutor(1) as ahead:
-      step_fn = lambda state: loop.step(state, ref_params, pool, ahead)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # Scoring between turns.
+      step_fn = lambda state: loop.step(state, ref_params, pool)
       try:
         state, info = loop.run.drive(
             state, step_fn, total=objective.num_steps,
@@ -214,7 +212,7 @@ class OnlineLoop:
           setup, lens, ro.num_turns, self.sampling.max_new_tokens, message_len=message_len,
           batch_sharding=sharding.NamedSharding(self.sampler_mesh_rules[0], batch_axes),
           rules=rules)
-    self.pending = None  # (step, future): a rollout sampled ahead (off-policy).
+    self.pending = None  # (step, rollouts): sampled ahead (off-policy).
 
   def sampler_placement(self):
     """The sampler's mesh, in this thread: its own devices, or the training mesh."""
@@ -244,32 +242,32 @@ class OnlineLoop:
       ro = dataclasses.replace(ro, episode=jax.device_put(ro.episode, self.batch_sharding))
     return ro
 
-  def sample(self, state, ref_params, step: int, pool, ahead):
-    """(rollouts of `step`, the policy that sampled them, the parameters that sample
+  def sample(self, state, ref_params, step: int, pool):
+    """(rollouts of `step`, the policy that sampled them, the parameters that will sample
     the next step). On-policy: the state's policy samples now. Off-policy: the state's
-    behaviour parameters sampled them, ahead, while the previous update ran (or now,
-    at the first step of a run or a resume), and a copy of the state's parameters,
-    which the update is about to donate, starts sampling the next step."""
+    behaviour parameters sampled them during the previous update (or now, at the first
+    step of a run or of a resume), and the next step will be sampled by a copy of the
+    state's parameters, taken before the update donates them."""
     run = self.run
     if not self.rollout_cfg.off_policy_steps:
       policy = run.policy(state, ref_params)
       return self.rollout(policy, step, pool), policy, None
     behaviour = run.policy_of(state.behaviour_params, ref_params)
     pending, self.pending = self.pending, None
-    ro = (pending[1].result() if pending is not None and pending[0] == step
+    ro = (pending[1] if pending is not None and pending[0] == step
           else self.rollout(behaviour, step, pool))
-    following = jax.tree.map(jnp.copy, state.params)
-    if step + 1 < self.objective.num_steps:
-      self.pending = (step + 1, ahead.submit(self.rollout, run.policy_of(following, ref_params),
-                                             step + 1, pool))
-    return ro, behaviour, following
+    return ro, behaviour, jax.tree.map(jnp.copy, state.params)
 
-  def step(self, state, ref_params, pool, ahead=None):
-    """rollout -> rewards -> reference log-probs -> batch -> update."""
+  def step(self, state, ref_params, pool):
+    """rollout -> rewards -> reference log-probs -> batch -> update. Off-policy, the next
+    step's rollout is sampled after the update is dispatched and before its results are
+    read: the host drives the sampler while the devices run the update (colocated, in
+    the order they were dispatched, from this one thread), or the sampler's own devices
+    run beside the trainer's (disaggregated)."""
     ro_cfg, run = self.rollout_cfg, self.run
     step = int(state.step)
     t0 = time.perf_counter()
-    ro, behaviour, following = self.sample(state, ref_params, step, pool, ahead)
+    ro, behaviour, following = self.sample(state, ref_params, step, pool)
     rows = self.rows(step)
     t_rollout = time.perf_counter() - t0
     width = batch_width(ro.episode, self.max_episode_len, ro_cfg.pad_multiple)
@@ -292,9 +290,16 @@ class OnlineLoop:
       new, m = run.train_step(state.train_state(), batch, rng, ref_params)
       state = train_lib.OffPolicyState(step=new.step, params=new.params,
                                        opt_state=new.opt_state, behaviour_params=following)
+      if step + 1 < self.objective.num_steps:
+        t1 = time.perf_counter()
+        self.pending = (step + 1, self.rollout(run.policy_of(following, ref_params), step + 1,
+                                               pool))
+        t_ahead = time.perf_counter() - t1
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if following is not None:  # Updates between the sampling parameters and these.
       m["off_policy/staleness"] = float(step > 0)
+      if self.pending is not None:
+        m["time/sample_ahead_s"] = t_ahead
     rewards, taken = ro.rewards_BxN, ro.turns_BxN
     # Accuracy of the turns taken; a row that stopped correct counts as correct after.
     m |= {f"reward/t{t + 1}": float(rewards[:, :t + 1].max(1).mean())

@@ -54,12 +54,10 @@ def sample(params, setup: rollout_lib.Setup, smp: sampler_lib.Sampler, problems,
   sampling = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
   per_call = max(batch_size // group_size, 1)
   out, used, tokens = [], 0, 0
-  for i, start in enumerate(range(0, len(problems), per_call)):
+  for i, (_, chunk, real) in enumerate(sampler_lib.padded_chunks(problems, per_call)):
     if token_budget is not None and tokens >= token_budget:
       break
-    chunk = list(problems[start:start + per_call])
-    chunk += [chunk[-1]] * (per_call - len(chunk))
-    real = min(per_call, len(problems) - start) * group_size
+    real *= group_size  # Rows.
     rng = jax.random.fold_in(jax.random.key(seed), round_index * _ROUND_STRIDE + i)
     ro = rollout_lib.rollout(params, smp, setup, [p for p in chunk for _ in range(group_size)],
                              num_turns, sampling, rng, feedback=feedback,

@@ -21,6 +21,7 @@ import numpy as np
 from jaxscore.models import logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import base, sft
+from jaxscore.sampling import sampler as sampler_lib
 
 
 @flax.struct.dataclass
@@ -89,10 +90,9 @@ def reference_logprobs(examples: Sequence[dict], ref_params, cfg: model_lib.Mode
     return list(examples)
   score = jax.jit(lambda p, t, m, g: sequence_logprobs(p, t, m, g, cfg))
   out = [dict(e) for e in examples]
-  for start in range(0, len(todo), batch_size):
-    idx = todo[start:start + batch_size]
-    chunk = [examples[i] for i in idx]
-    chunk += [chunk[-1]] * (batch_size - len(chunk))  # Pad: one shape.
+  for start, chunk, real in sampler_lib.padded_chunks([examples[i] for i in todo],
+                                                       batch_size):
+    idx = todo[start:start + real]
     b = collate_pairs(chunk, width, with_reference=False)
     logp_2B = np.asarray(score(ref_params, b.tokens_2BxT, b.mask_2BxT, b.target_2BxT))
     for j, i in enumerate(idx):

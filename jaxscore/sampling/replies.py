@@ -38,12 +38,10 @@ class Replier:
         max_new_tokens=self.max_new_tokens)
     per_call = self.batch_size // group_size
     smp, out = self.sampler, []
-    for start in range(0, len(prompts), per_call):
-      chunk = list(prompts[start:start + per_call])
-      padded = chunk + [chunk[-1]] * (per_call - len(chunk))  # One shape for every call.
+    for start, padded, real in sampler_lib.padded_chunks(prompts, per_call):
       state = smp.start(padded, jax.random.fold_in(rng, start))
       state = smp.generate_grouped(params, state, sampling, group_size,
                                    pending=smp.max_prompt_len)
-      ids = smp.episode(state).response_ids(1)[:len(chunk) * group_size]
+      ids = smp.episode(state).response_ids(1)[:real * group_size]
       out += [self.setup.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     return out

@@ -97,6 +97,15 @@ def bucket(n: int, minimum: int = 16) -> int:
   return size
 
 
+def padded_chunks(items: Sequence, size: int):
+  """(start, chunk, real) for consecutive chunks of `size` items, the last padded by
+  repeating its last item: every call on a chunk has one shape (one compile), and its
+  first `real` results are the items'."""
+  for start in range(0, len(items), size):
+    chunk = list(items[start:start + size])
+    yield start, chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
+
+
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
   """Masks logits outside the top-k and the top-p nucleus with -inf."""
   neg_inf = jnp.finfo(logits_BxV.dtype).min
