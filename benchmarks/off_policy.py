@@ -108,9 +108,12 @@ def report(p: dict) -> list[str]:
       f"The `cpu` config with GRPO: the embedded SmolLM2-135M, {p['rows']} episodes per "
       f"step, {p['steps']} steps each way, on {p['devices']} fake CPU devices that share "
       f"this machine's {p['cpus']} cores, all runs in one process. Timing: steps 2 onward "
-      "(the first compiles). Reward: the mean training reward of the episodes of the last "
-      "half of the steps, 95% bootstrap intervals over those episodes; each off-policy "
-      "run minus on-policy is paired over the same rows (the same problems).", "",
+      "(the first compiles). Reward: per episode, the sum of its two attempts' 0/1 "
+      "rewards, averaged over the episodes of the last half of the steps, 95% bootstrap "
+      "intervals over those episodes; each off-policy run minus on-policy is paired over "
+      "the same rows (the same problems). Waiting for rollouts: the time a step spends "
+      "getting its batch (on-policy, the whole rollout; off-policy, the batch was sampled "
+      "during the previous update).", "",
       "| run | s/step | episodes/s | tokens/s | waiting for rollouts, s/step | reward | "
       "minus on-policy |", "|---|---|---|---|---|---|---|"]
   for name, r in runs.items():
