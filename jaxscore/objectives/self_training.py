@@ -50,6 +50,14 @@ def correction_example(setup, problem, first: str, second: str) -> dict:
           "completion": sft.completion_ids(fmt, setup.tokenizer, second)}
 
 
+def real_rows(batches: Sequence[tuple[Any, int]]):
+  """(rollouts, row) of every real row of `batches` of (rollouts, real rows): padding
+  rows past `real` are never kept."""
+  for ro, real in batches:
+    for r in range(real):
+      yield ro, r
+
+
 class SelfTrainingObjective(sft.SFT):
   """SFT on examples kept from the model's own samples."""
 
@@ -96,12 +104,8 @@ class STaR(SelfTrainingObjective):
     """Episodes whose second attempt is right (after a wrong first one, or, D+, a right
     one)."""
     del rng
-    out = []
-    for ro, real in batches:
-      for r in range(real):
-        if ro.rewards_BxN[r, 1] > 0:
-          out.append(correction_example(setup, ro.problems[r], ro.texts[0][r], ro.texts[1][r]))
-    return out
+    return [correction_example(setup, ro.problems[r], ro.texts[0][r], ro.texts[1][r])
+            for ro, r in real_rows(batches) if ro.rewards_BxN[r, 1] > 0]
 
 
 @base.register("pair_sft")
@@ -116,10 +120,9 @@ class PairSFT(SelfTrainingObjective):
     """Every wrong attempt with a random correct response to the same problem; a
     problem with no correct response gives nothing."""
     by_problem: dict[str, tuple[Any, list[str], list[str]]] = {}
-    for ro, real in batches:
-      for r in range(real):
-        p = ro.problems[r]
-        _, right, wrong = by_problem.setdefault(p.id, (p, [], []))
-        (right if ro.rewards_BxN[r, 0] > 0 else wrong).append(ro.texts[0][r])
+    for ro, r in real_rows(batches):
+      p = ro.problems[r]
+      _, right, wrong = by_problem.setdefault(p.id, (p, [], []))
+      (right if ro.rewards_BxN[r, 0] > 0 else wrong).append(ro.texts[0][r])
     return [correction_example(setup, p, w, right[rng.integers(len(right))])
             for p, right, wrong in by_problem.values() for w in (wrong if right else [])]
