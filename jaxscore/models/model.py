@@ -306,8 +306,9 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, attend_len=None):
   block, scale = families.get(cfg.family).block, layers.attention_scale(cfg)
 
   def layer(x, inputs):
-    lp, k_cache, v_cache, sliding = inputs
+    lp, i, sliding = inputs
     visible_BxTxR, inv_freq = stack.select(sliding)
+    k_cache, v_cache = read(cache.k_LxBxKxSxH, i), read(cache.v_LxBxKxSxH, i)
 
     def attend(q, k, v):
       k_BxKxTxH, v_BxKxTxH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -317,10 +318,14 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, attend_len=None):
 
     return block(x, lp, cfg, slots_BxT, inv_freq, attend)
 
-  read = lambda kv: kv if s == cache.max_len else kv[:, :, :, :s]
+  # Layer i's first s slots, sliced in one piece inside the scan: slicing the window
+  # of the whole stack first copies every layer's cache once more at every step.
+  def read(cache_LxBxKxSxH, i):
+    _, b_, k_, _, h_ = cache_LxBxKxSxH.shape
+    return jax.lax.dynamic_slice(cache_LxBxKxSxH, (i, 0, 0, 0, 0), (1, b_, k_, s, h_))[0]
+
   x_BxTxD, (k_LxBxKxTxH, v_LxBxKxTxH) = jax.lax.scan(
-      layer, x_BxTxD, (params["layers"], read(cache.k_LxBxKxSxH), read(cache.v_LxBxKxSxH),
-                       stack.xs()))
+      layer, x_BxTxD, (params["layers"], jnp.arange(cfg.num_layers), stack.xs()))
   rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
   def write(cache_LxBxKxSxH, new_LxBxKxTxH):
