@@ -144,6 +144,23 @@ def test_plan_counts_the_sampler_running_beside_the_update(tmp_path):
   assert peak(ahead) > peak(train)
 
 
+@pytest.mark.parametrize("rows, group_size, shards, parts, pad", [
+    (16, 1, 2, 1, 0),   # Already split.
+    (16, 1, 3, 1, 2),   # 18 = 3 x 6.
+    (16, 4, 3, 1, 8),   # 6 groups of 4: 2 groups per device.
+    (4, 2, 3, 1, 2),    # 3 groups of 2.
+    (16, 2, 3, 2, 8),   # Two parts of 12 rows (6 groups each), 4 rows per device.
+    (12, 4, 6, 1, 0),   # 12 rows over 6 devices: groups of 4 do not need to be whole.
+])
+def test_rows_are_padded_by_whole_groups_to_split_over_the_sampler(rows, group_size, shards,
+                                                                  parts, pad):
+  from jaxscore.sampling import rollout as rollout_lib
+
+  assert rollout_lib.row_padding(rows, group_size, shards, parts) == pad
+  total = rows + pad
+  assert pad % (group_size * parts) == 0 and (total // parts) % shards == 0
+
+
 def _check(tmp_path, devices: int, sampler_devices: int) -> dict:
   import json
   import os
@@ -163,7 +180,9 @@ def _check(tmp_path, devices: int, sampler_devices: int) -> dict:
 def test_disaggregated_sampling_runs_on_its_own_devices_and_matches_colocated(tmp_path):
   """1 + 1 fake devices give the colocated run on one device exactly (metrics and final
   parameters); the sampler's weights are copies on its own device, its episodes go to
-  the training device. On 2 + 2, each mesh holds its two devices."""
+  the training device. On 1 + 3, the step's 4 rows sample as 6 over the sampler's three
+  devices (two copies of the last row added, then dropped) and give the one-device
+  episodes."""
   colocated = _check(tmp_path, 1, 0)
   split = _check(tmp_path, 2, 1)
   assert split["metrics"] == colocated["metrics"]
@@ -173,9 +192,10 @@ def test_disaggregated_sampling_runs_on_its_own_devices_and_matches_colocated(tm
     assert r["devices"] == [1] and r["episode_devices"] == [1]
   # The weights each step sampled with are the trained ones, copied exactly.
   assert [r["sum"] for r in split["rollouts"]] == [r["sum"] for r in colocated["rollouts"]]
-  wide = _check(tmp_path, 4, 2)
-  assert wide["param_devices"] == [0, 1]
-  assert all(r["devices"] == [2, 3] for r in wide["rollouts"])
+  wide = _check(tmp_path, 4, 3)
+  assert wide["param_devices"] == [0]
+  assert all(r["devices"] == [1, 2, 3] for r in wide["rollouts"])
+  assert all(set(r["episode_devices"]) <= {1, 2, 3} for r in wide["rollouts"])
   # Steps 0 and 1 both sample with the initial weights: the same episodes as one device.
   assert [m["reward"] for m in wide["metrics"][:2]] == \
       [m["reward"] for m in colocated["metrics"][:2]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import threading
 import time
 
 import jax
@@ -175,6 +176,23 @@ def train(c, setup: rollout_lib.Setup, params, ref_params, workdir: str | os.Pat
     return state.replace(params=loop.run.policy(state, ref_params)), info
 
 
+def finish_time(tree) -> concurrent.futures.Future:
+  """The `time.perf_counter()` at which `tree`'s arrays are computed, from a thread that
+  only waits for them: it dispatches nothing, so the caller's thread goes on dispatching
+  (and the order of programs on the devices stays the caller's)."""
+  future = concurrent.futures.Future()
+
+  def wait():
+    try:
+      jax.block_until_ready(tree)
+      future.set_result(time.perf_counter())
+    except Exception as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+
+  threading.Thread(target=wait, daemon=True).start()
+  return future
+
+
 class OnlineLoop:
   """The compiled sampler, reference and train step of one online run."""
 
@@ -258,6 +276,33 @@ class OnlineLoop:
           else self.rollout(behaviour, step, pool))
     return ro, behaviour, jax.tree.map(jnp.copy, state.params)
 
+  def update(self, state, batch, ref_params, following, pool, t0: float):
+    """(state, metrics) after the step's update; off-policy, with the next step's rollout
+    sampled while it runs. Times the update from dispatch to its results and the sampling
+    ahead, both from the step's start `t0`."""
+    run, step = self.run, int(state.step)
+    rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
+    t_update, timing = time.perf_counter(), {}
+    if following is None:
+      state, m = run.train_step(state, batch, rng, ref_params)
+    else:
+      new, m = run.train_step(state.train_state(), batch, rng, ref_params)
+      update_done = finish_time(m)
+      state = train_lib.OffPolicyState(step=new.step, params=new.params,
+                                       opt_state=new.opt_state, behaviour_params=following)
+      if step + 1 < self.objective.num_steps:
+        t1 = time.perf_counter()
+        self.pending = (step + 1, self.rollout(run.policy_of(following, ref_params), step + 1,
+                                               pool))
+        timing = {"time/sample_ahead_s": time.perf_counter() - t1,
+                  "time/sample_ahead_start_s": t1 - t0}
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    done = time.perf_counter() if following is None else update_done.result()
+    m |= timing | {"time/update_s": done - t_update, "time/update_start_s": t_update - t0}
+    if following is not None:  # Updates between the sampling parameters and these.
+      m["off_policy/staleness"] = float(step > 0)
+    return state, m
+
   def step(self, state, ref_params, pool):
     """rollout -> rewards -> reference log-probs -> batch -> update. Off-policy, the next
     step's rollout is sampled after the update is dispatched and before its results are
@@ -282,24 +327,8 @@ class OnlineLoop:
     # previous step's, which the checkpoint keeps only to sample again: no label.
     run.save_before_update(state, {"reward": reward} if following is None else {},
                            self.objective.phase(step))
-    rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
     batch = sharding.shard_batch(batch, run.mesh, run.rules)
-    if following is None:
-      state, m = run.train_step(state, batch, rng, ref_params)
-    else:
-      new, m = run.train_step(state.train_state(), batch, rng, ref_params)
-      state = train_lib.OffPolicyState(step=new.step, params=new.params,
-                                       opt_state=new.opt_state, behaviour_params=following)
-      if step + 1 < self.objective.num_steps:
-        t1 = time.perf_counter()
-        self.pending = (step + 1, self.rollout(run.policy_of(following, ref_params), step + 1,
-                                               pool))
-        t_ahead = time.perf_counter() - t1
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if following is not None:  # Updates between the sampling parameters and these.
-      m["off_policy/staleness"] = float(step > 0)
-      if self.pending is not None:
-        m["time/sample_ahead_s"] = t_ahead
+    state, m = self.update(state, batch, ref_params, following, pool, t0)
     rewards, taken = ro.rewards_BxN, ro.turns_BxN
     # Accuracy of the turns taken; a row that stopped correct counts as correct after.
     m |= {f"reward/t{t + 1}": float(rewards[:, :t + 1].max(1).mean())

@@ -20,6 +20,7 @@ the user says between attempts is a `Feedback`:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,6 +127,13 @@ class Rollouts:
     if self.turns_BxN is None:
       self.turns_BxN = np.ones(self.rewards_BxN.shape, bool)
 
+  def first(self, n: int) -> Rollouts:
+    """The first `n` rows (one process: `rows` covers every row)."""
+    head = lambda rows: [r[:n] for r in rows]
+    return Rollouts(self.problems[:n], head(self.texts), head(self.ids), head(self.scores),
+                    self.rewards_BxN[:n], slice(0, n),
+                    jax.tree.map(lambda x: x[:n], self.episode), self.turns_BxN[:n])
+
   def transcripts(self, n: int) -> list[dict]:
     """The first `n` episodes as JSON records."""
     return [{"id": self.problems[i].id, "prompt": self.problems[i].prompt,
@@ -213,6 +221,17 @@ def first_turn(params, smp: sampler_lib.Sampler, state, sampling, group_size: in
   return smp.generate(params, state, sampling, pending=pending)
 
 
+def row_padding(rows: int, group_size: int, shards: int, parts: int = 1) -> int:
+  """Rows to add (whole groups, copies of the last problem) so that each of `parts`
+  equal parts of `rows` splits over the `shards` devices that hold the sampler's rows:
+  e.g. 16 rows on 3 sampling devices sample as 18, and the 2 extra are dropped. One
+  process only; several keep their rows as given."""
+  if jax.process_count() > 1:
+    return 0
+  unit = group_size * parts
+  return (-(rows // unit) % (shards // math.gcd(group_size, shards))) * unit
+
+
 def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
             problems: Sequence[base.Problem], num_turns: int,
             sampling: sampler_lib.SamplingConfig, rng, score_pool=None,
@@ -226,11 +245,27 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
   `score_overlap_splits` > 1 scores one part of the rows while the others sample (see
   `_feedback_rollout`). `group_size` > 1: rows come in runs of `group_size` copies of a problem,
   whose prompt is prefilled once for the run. `sample_batches` > 1 samples the rows in
-  that many consecutive batches, one after another (`_in_batches`).
+  that many consecutive batches, one after another (`_in_batches`). Rows that do not
+  split over the sampler's devices are sampled with copies of the last group added
+  (`row_padding`); each row keeps its random stream, so padding changes no real row.
   """
   if sample_batches > 1:
     return _in_batches(params, smp, setup, problems, num_turns, sampling, rng, score_pool,
                        feedback, score_overlap_splits, group_size, sample_batches)
+  parts = score_overlap_splits if feedback.stops_when_correct else 1
+  pad = row_padding(len(problems), group_size, smp.row_shards, parts)
+  if pad:
+    padded = list(problems) + [problems[-1]] * pad
+    return _one_batch(params, smp, setup, padded, num_turns, sampling, rng, score_pool,
+                      feedback, score_overlap_splits, group_size).first(len(problems))
+  return _one_batch(params, smp, setup, problems, num_turns, sampling, rng, score_pool,
+                    feedback, score_overlap_splits, group_size)
+
+
+def _one_batch(params, smp, setup: Setup, problems, num_turns: int, sampling, rng,
+               score_pool, feedback: Feedback, score_overlap_splits: int,
+               group_size: int) -> Rollouts:
+  """`rollout` of rows that split over the sampler's devices, in one batch."""
   if feedback.stops_when_correct:
     return _feedback_rollout(params, smp, setup, problems, num_turns, sampling, rng,
                              feedback, score_overlap_splits, group_size)
