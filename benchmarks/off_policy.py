@@ -75,7 +75,7 @@ def _union_length(spans: list[tuple[float, float]]) -> float:
   return total
 
 
-def run_group(devices: int, steps: int, out: pathlib.Path) -> None:
+def run_group(devices: int, steps: int, out: pathlib.Path, only: list[str]) -> None:
   """This process's runs (it has `devices` fake devices): metrics per run to `out`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -93,7 +93,7 @@ def run_group(devices: int, steps: int, out: pathlib.Path) -> None:
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name, (group, steps_ahead, sampler_devices) in RUNS.items():
-      if group != devices:
+      if group != devices or name not in only:
         continue
       c.rollout.off_policy_steps, c.mesh.sampler_devices = steps_ahead, sampler_devices
       workdir = pathlib.Path(tmp) / name
@@ -121,25 +121,35 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=6)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--only", default=",".join(RUNS),
+                      help="runs to make; the others are kept from --out's off_policy.json")
   parser.add_argument("--group", type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument("--group_out", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.group:
-    return run_group(args.group, args.steps, pathlib.Path(args.group_out))
+    return run_group(args.group, args.steps, pathlib.Path(args.group_out),
+                     args.only.split(","))
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from jaxscore import evaluate  # pylint: disable=g-import-not-at-top
 
-  runs, rows = {}, 0
+  only = args.only.split(",")
+  unknown = set(only) - set(RUNS)
+  if unknown:
+    parser.error(f"--only: unknown runs {sorted(unknown)}; expected some of {list(RUNS)}")
+  previous = pathlib.Path(args.out) / "off_policy.json"
+  kept = json.loads(previous.read_text()) if set(only) != set(RUNS) else {}
+  runs, rows = dict(kept.get("runs", {})), kept.get("rows", 0)
   with tempfile.TemporaryDirectory() as tmp:
-    for devices in sorted(set(BASELINE)):
+    for devices in sorted({RUNS[name][0] for name in only}):
       out = pathlib.Path(tmp) / f"{devices}.json"
       env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-      subprocess.run([sys.executable, __file__, f"--steps={args.steps}",
+      subprocess.run([sys.executable, __file__, f"--steps={args.steps}", f"--only={args.only}",
                       f"--group={devices}", f"--group_out={out}"], env=env, check=True)
       group = json.loads(out.read_text())
       runs |= group["runs"]
       rows = group["rows"]
+  runs = {name: runs[name] for name in RUNS if name in runs}
   ci, diff = {}, {}
   for name, r in runs.items():
     x = np.asarray(r["last_half"])
@@ -147,8 +157,9 @@ def main():
     base = BASELINE[RUNS[name][0]]
     if name != base:  # The same problems in the same rows, step by step.
       diff[name] = evaluate.paired_bootstrap(x, np.asarray(runs[base]["last_half"]))
+  rerun = sorted(set(kept.get("rerun", [])) | set(only)) if kept else []
   payload = dict(cpus=os.cpu_count(), steps=args.steps, rows=rows, runs=runs,
-                 reward_last_half=ci, reward_difference=diff)
+                 reward_last_half=ci, reward_difference=diff, rerun=rerun)
   from bench_util import write_results  # pylint: disable=g-import-not-at-top
   write_results(pathlib.Path(args.out), "off_policy", payload, report(payload))
 
@@ -186,6 +197,8 @@ def report(p: dict) -> list[str]:
       f"{name} {r['episodes_per_s'] / runs[BASELINE[RUNS[name][0]]]['episodes_per_s']:.2f}x"
       for name, r in runs.items() if name not in BASELINE.values())
       + ". Reward differences whose interval holds 0 are within noise."]
+  if p.get("rerun"):
+    lines += ["", f"Rerun on their own after the others (`--only`): {', '.join(p['rerun'])}."]
   return lines
 
 

@@ -282,12 +282,16 @@ class OnlineLoop:
     ahead, both from the step's start `t0`."""
     run, step = self.run, int(state.step)
     rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
-    t_update, timing = time.perf_counter(), {}
+    t_update, timing, update_done = time.perf_counter(), {}, None
     if following is None:
       state, m = run.train_step(state, batch, rng, ref_params)
     else:
       new, m = run.train_step(state.train_state(), batch, rng, ref_params)
-      update_done = finish_time(m)
+      # Disaggregated, a thread notes when the trainer's devices finish. Colocated, the
+      # update is timed to its results, read after the sampling ahead: with a waiting
+      # thread beside the shared devices' programs, their collectives stalled for 20 s
+      # at a time on 2 fake devices.
+      update_done = finish_time(m) if self.sampler_mesh is not None else None
       state = train_lib.OffPolicyState(step=new.step, params=new.params,
                                        opt_state=new.opt_state, behaviour_params=following)
       if step + 1 < self.objective.num_steps:
@@ -297,7 +301,7 @@ class OnlineLoop:
         timing = {"time/sample_ahead_s": time.perf_counter() - t1,
                   "time/sample_ahead_start_s": t1 - t0}
     m = {k: float(v) for k, v in jax.device_get(m).items()}
-    done = time.perf_counter() if following is None else update_done.result()
+    done = time.perf_counter() if update_done is None else update_done.result()
     m |= timing | {"time/update_s": done - t_update, "time/update_start_s": t_update - t0}
     if following is not None:  # Updates between the sampling parameters and these.
       m["off_policy/staleness"] = float(step > 0)
