@@ -287,10 +287,9 @@ class OnlineLoop:
       state, m = run.train_step(state, batch, rng, ref_params)
     else:
       new, m = run.train_step(state.train_state(), batch, rng, ref_params)
-      # Disaggregated, a thread notes when the trainer's devices finish. Colocated, the
-      # update is timed to its results, read after the sampling ahead: with a waiting
-      # thread beside the shared devices' programs, their collectives stalled for 20 s
-      # at a time on 2 fake devices.
+      # Disaggregated, a thread notes when the trainer's own devices finish. Colocated,
+      # the devices run the update and the sampling ahead together, and the update is
+      # timed to its results, read after the sampling.
       update_done = finish_time(m) if self.sampler_mesh is not None else None
       state = train_lib.OffPolicyState(step=new.step, params=new.params,
                                        opt_state=new.opt_state, behaviour_params=following)
