@@ -37,15 +37,18 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 NEW_TOKENS = 64
 
 
-def projections(x_BxD, lp):
+def as_matrix(name: str, w, d: int):
+  """A projection weight as the (in x out) matrix it multiplies by."""
+  if name in ("q", "k", "v"):
+    return w.reshape(d, -1)
+  return w.reshape(-1, d) if name == "o" else w
+
+
+def projections(x_BxD, lp, silu=jax.nn.silu):
   """The seven matmuls of one layer, on the layer's own weights (no attention)."""
-  d = x_BxD.shape[-1]
-  flat = {k: lp[k].reshape(d, -1) if k in ("q", "k", "v") else lp[k] for k in lp}
-  q = x_BxD @ flat["q"]
-  kv = (x_BxD @ flat["k"]).sum() + (x_BxD @ flat["v"]).sum()
-  h = x_BxD + q @ flat["o"].reshape(q.shape[-1], d) + kv
-  mlp = jax.nn.silu(h @ flat["gate"]) * (h @ flat["up"])
-  return h + mlp @ flat["down"]
+  w = {k: as_matrix(k, lp[k], x_BxD.shape[-1]) for k in PROJECTIONS}
+  h = x_BxD + (x_BxD @ w["q"]) @ w["o"] + (x_BxD @ w["k"]).sum() + (x_BxD @ w["v"]).sum()
+  return h + (silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
 
 
 def jax_parts(cfg, params, b: int) -> dict:
@@ -62,23 +65,15 @@ def jax_parts(cfg, params, b: int) -> dict:
 def torch_layers_s(cfg, params, b: int) -> float:
   import torch  # pylint: disable=g-import-not-at-top
 
-  d = cfg.embed_dim
-  layers = [{k: torch.from_numpy(np.array(params["layers"][k][i]).reshape(d, -1)
-                                 if k in ("q", "k", "v") else
-                                 np.array(params["layers"][k][i]).reshape(-1, d)
-                                 if k == "o" else np.array(params["layers"][k][i]))
-             for k in PROJECTIONS} for i in range(cfg.num_layers)]
-  x = torch.ones(b, d)
+  layers = [{k: torch.from_numpy(np.array(params["layers"][k][i])) for k in PROJECTIONS}
+            for i in range(cfg.num_layers)]
+  x = torch.ones(b, cfg.embed_dim)
 
   def run():
     with torch.no_grad():
       h = x
       for lp in layers:
-        q = h @ lp["q"]
-        kv = (h @ lp["k"]).sum() + (h @ lp["v"]).sum()
-        h = h + q @ lp["o"] + kv
-        h = (h + (torch.nn.functional.silu(h @ lp["gate"]) * (h @ lp["up"])) @ lp["down"])
-        h = h * 1e-3
+        h = projections(h, lp, torch.nn.functional.silu) * 1e-3
     return h
 
   return timed(run, 10)
