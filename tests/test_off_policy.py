@@ -161,16 +161,16 @@ def test_rows_are_padded_by_whole_groups_to_split_over_the_sampler(rows, group_s
   assert pad % (group_size * parts) == 0 and (total // parts) % shards == 0
 
 
-def _check(tmp_path, devices: int, sampler_devices: int) -> dict:
+def _check(tmp_path, devices: int, sampler_devices: int, *extra: str) -> dict:
   import json
   import os
   import subprocess
 
-  out = tmp_path / f"{devices}_{sampler_devices}"
+  out = tmp_path / "_".join(map(str, (devices, sampler_devices, *extra)))
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   script = pathlib.Path(__file__).with_name("off_policy_check.py")
-  run = subprocess.run([sys.executable, str(script), str(out), str(sampler_devices)],
+  run = subprocess.run([sys.executable, str(script), str(out), str(sampler_devices), *extra],
                        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
   return json.loads((out / "check.json").read_text())
@@ -199,3 +199,18 @@ def test_disaggregated_sampling_runs_on_its_own_devices_and_matches_colocated(tm
   # Steps 0 and 1 both sample with the initial weights: the same episodes as one device.
   assert [m["reward"] for m in wide["metrics"][:2]] == \
       [m["reward"] for m in colocated["metrics"][:2]]
+
+
+@pytest.mark.slow
+def test_disaggregated_lora_copies_the_base_to_the_sampler_once(tmp_path):
+  """With LoRA on 1 + 1 devices, every rollout samples with the same copy of the frozen
+  base on the sampler's device (only the adapters are copied after each update), and the
+  run equals the colocated LoRA run on one device exactly."""
+  colocated = _check(tmp_path, 1, 0, "lora")
+  split = _check(tmp_path, 2, 1, "lora")
+  assert split["metrics"] == colocated["metrics"]
+  assert split["param_sum"] == colocated["param_sum"]
+  assert [r["sum"] for r in split["rollouts"]] == [r["sum"] for r in colocated["rollouts"]]
+  assert all(r["devices"] == [1] for r in split["rollouts"])
+  bases = {tuple(r["base_ids"]) for r in split["rollouts"]}
+  assert len(bases) == 1 and len(split["rollouts"]) == 4

@@ -23,7 +23,7 @@ from jaxscore import objectives as objectives_lib
 from jaxscore.infra import files, sharding
 from jaxscore.loops import common
 from jaxscore.loops import train as train_lib
-from jaxscore.models import logprobs
+from jaxscore.models import logprobs, lora
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
@@ -231,6 +231,23 @@ class OnlineLoop:
           batch_sharding=sharding.NamedSharding(self.sampler_mesh_rules[0], batch_axes),
           rules=rules)
     self.pending = None  # (step, rollouts): sampled ahead (off-policy).
+    self.sampler_base = None  # With LoRA: (source leaves, the base on the sampler's mesh).
+
+  def to_sampler(self, policy):
+    """`policy` copied onto the sampler's mesh. With LoRA the frozen base is copied once
+    and kept; each step copies only the adapters."""
+    shardings = self.sampler_param_shardings
+    if not self.run.lora:
+      return jax.device_put(policy, shardings)
+    (base, adapters), (base_shardings, adapter_shardings) = (lora.split(policy),
+                                                             lora.split(shardings))
+    leaves = jax.tree.leaves(base)
+    cached = self.sampler_base
+    if cached is None or len(cached[0]) != len(leaves) or any(
+        a is not b for a, b in zip(cached[0], leaves)):
+      # The source leaves are held, so a new base can never pass for this one.
+      self.sampler_base = cached = leaves, jax.device_put(base, base_shardings)
+    return lora.combine(cached[1], jax.device_put(adapters, adapter_shardings))
 
   def sampler_placement(self):
     """The sampler's mesh, in this thread: its own devices, or the training mesh."""
@@ -246,7 +263,7 @@ class OnlineLoop:
     ro_cfg = self.rollout_cfg
     rng = jax.random.fold_in(jax.random.key(self.c.seed), step)
     if self.sampler_mesh is not None:  # Device to device, never through the host.
-      policy = jax.device_put(policy, self.sampler_param_shardings)
+      policy = self.to_sampler(policy)
       rng = jax.device_put(rng, sharding.NamedSharding(self.sampler_mesh,
                                                        sharding.PartitionSpec()))
     with self.sampler_placement():
