@@ -254,12 +254,10 @@ def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
                        feedback, score_overlap_splits, group_size, sample_batches)
   parts = score_overlap_splits if feedback.stops_when_correct else 1
   pad = row_padding(len(problems), group_size, smp.row_shards, parts)
-  if pad:
-    padded = list(problems) + [problems[-1]] * pad
-    return _one_batch(params, smp, setup, padded, num_turns, sampling, rng, score_pool,
-                      feedback, score_overlap_splits, group_size).first(len(problems))
-  return _one_batch(params, smp, setup, problems, num_turns, sampling, rng, score_pool,
-                    feedback, score_overlap_splits, group_size)
+  padded = list(problems) + [problems[-1]] * pad
+  ro = _one_batch(params, smp, setup, padded, num_turns, sampling, rng, score_pool,
+                  feedback, score_overlap_splits, group_size)
+  return ro.first(len(problems)) if pad else ro
 
 
 def _one_batch(params, smp, setup: Setup, problems, num_turns: int, sampling, rng,
