@@ -15,7 +15,7 @@ from numerics import assert_close, assert_trees_close
 from jaxscore import objectives
 from jaxscore.infra import sharding
 from jaxscore.loops import train as train_lib
-from jaxscore.models import logprobs
+from jaxscore.models import layers, logprobs
 from jaxscore.models import model as model_lib
 from jaxscore.objectives import policy_gradient as pg
 from jaxscore.objectives import rl
@@ -25,6 +25,9 @@ assert jax.device_count() == 8, jax.devices()
 CFG = model_lib.ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4,
                             num_kv_heads=2, mlp_dim=64)
 B, L = 8, 12
+# Both ways of running gate and up, sharded: the train step's B * L = 96 tokens as one
+# matmul over the stacked weights, the sampler's decode steps (8 tokens) as two.
+layers.STACK_GATE_UP_MIN_TOKENS = 64
 
 
 def make_batch(params):

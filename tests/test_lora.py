@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxscore.models import lora, weights
+from jaxscore.models import layers, lora, weights
 from jaxscore.models import model as model_lib
 
 BASE = weights.config_from_hf(dict(
@@ -103,6 +103,47 @@ def test_gradients_reach_the_adapters_and_leave_the_base_alone():
           "['up_lora_a']") else x, adapters)
   fd = (loss(bump(eps), base) - loss(bump(-eps), base)) / (2 * eps)
   np.testing.assert_allclose(grads["layers"]["up_lora_a"][0, 0, 0], fd, rtol=2e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_gate_and_up_stacked_into_one_matmul_equal_two(monkeypatch, with_adapters):
+  """Calls of many tokens run gate and up as one matmul over the stacked weights: the
+  logits and every gradient equal those of the two separate matmuls."""
+  base, adapters = _params()
+  params, cfg = ((lora.combine(base, _trained(adapters)), CFG) if with_adapters
+                 else (base, BASE))
+
+  def run(min_tokens):
+    monkeypatch.setattr(layers, "STACK_GATE_UP_MIN_TOKENS", min_tokens)
+
+    def loss(params):  # A new function each time: JAX caches traces by function.
+      logits, _ = model_lib.apply(params, _tokens(), cfg)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+
+    stacked = any(e.primitive.name == "dot_general"
+                  and e.invars[1].aval.shape == (cfg.embed_dim, 2, cfg.mlp_dim)
+                  for e in _all_eqns(jax.make_jaxpr(loss)(params).jaxpr))
+    return stacked, jax.value_and_grad(loss)(params)
+
+  stacked, (got_loss, got) = run(1)
+  separate, (want_loss, want) = run(10**9)
+  assert stacked and not separate
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    # One matmul over both weights sums the input's gradient in another order: float32
+    # rounding, not bits.
+    np.testing.assert_allclose(g, w, rtol=5e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (scan, checkpoint)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for inner in (v if isinstance(v, (list, tuple)) else [v]):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
 
 
 # ---------------------------------------------------------------------------

@@ -115,10 +115,34 @@ _ACTIVATIONS = {"silu": jax.nn.silu,
                 "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
+# From this many tokens in one call (training, teacher-forced log-probs, long prefills)
+# gate and up run as one matmul over the two weights stacked (embed x 2 x mlp, the
+# `mlp` axis and its sharding kept): one wider matmul forward and one in each half of
+# the backward pass instead of two, for a per-call copy of the two weights. Below it
+# (decode steps), reading the weights is the cost and that copy would add to it.
+STACK_GATE_UP_MIN_TOKENS = 1024
+
+
+def gate_up(x_BxTxD, lp, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """(gate(x), up(x)), each B x T x F, with their adapters where `lp` has them."""
+  b, t, _ = x_BxTxD.shape
+  if (b * t < STACK_GATE_UP_MIN_TOKENS or lora.is_quantized(lp["gate"])
+      or lora.is_quantized(lp["up"])):
+    return (dense("btd,df->btf", x_BxTxD, lp, "gate", cfg),
+            dense("btd,df->btf", x_BxTxD, lp, "up", cfg))
+  dtype = jnp.dtype(cfg.dtype)
+  w_Dx2xF = jnp.stack([lp["gate"].astype(dtype), lp["up"].astype(dtype)], axis=1)
+  gu_BxTx2xF = jnp.einsum("btd,dcf->btcf", x_BxTxD, w_Dx2xF)
+  out = [gu_BxTx2xF[:, :, 0], gu_BxTx2xF[:, :, 1]]
+  for i, name in enumerate(("gate", "up")):
+    if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
+      out[i] = out[i] + lora.delta(x_BxTxD, lp, name, cfg.lora_scale)
+  return out[0], out[1]
+
+
 def gated_mlp(x_BxTxD, lp, cfg: ModelConfig):
   """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (gelu_tanh)."""
-  gate_BxTxF = dense("btd,df->btf", x_BxTxD, lp, "gate", cfg)
-  up_BxTxF = dense("btd,df->btf", x_BxTxD, lp, "up", cfg)
+  gate_BxTxF, up_BxTxF = gate_up(x_BxTxD, lp, cfg)
   h_BxTxF = nn.with_logical_constraint(
       _ACTIVATIONS[cfg.mlp_activation](gate_BxTxF) * up_BxTxF, ACT_MLP)
   return dense("btf,fd->btd", h_BxTxF, lp, "down", cfg)

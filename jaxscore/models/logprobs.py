@@ -30,7 +30,8 @@ def shifted_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array) -> jax.Arra
 def token_stats(params, x_BxTxD, tokens_BxT, cfg: model_lib.ModelConfig,
                 ref_params=None, ref_x_BxTxD=None):
   """Per-token (log p(token), entropy, exact KL to the reference or None), each B x T
-  with 0 at t = 0, from final hidden states (`apply(..., return_hidden=True)`).
+  with 0 at t = 0, from final hidden states (`apply(..., return_hidden=True)`). The
+  entropy carries no gradient.
 
   Logits are formed `cfg.logits_chunk` positions at a time under `jax.checkpoint`, so
   neither the forward nor the backward pass holds B x T x V float32 logits: the
@@ -42,10 +43,13 @@ def token_stats(params, x_BxTxD, tokens_BxT, cfg: model_lib.ModelConfig,
   def stats(x_BxCxD, targets_BxC, ref_x_BxCxD):
     logp_BxCxV = jax.nn.log_softmax(model_lib.unembed(params, x_BxCxD, cfg), axis=-1)
     taken = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-    p_BxCxV = jnp.exp(logp_BxCxV)
-    entropy = -jnp.sum(p_BxCxV * logp_BxCxV, axis=-1)
+    # The entropy is reported, never differentiated: without a gradient the backward
+    # pass neither recomputes nor differentiates its pass over the vocabulary.
+    sg_logp_BxCxV = jax.lax.stop_gradient(logp_BxCxV)
+    entropy = -jnp.sum(jnp.exp(sg_logp_BxCxV) * sg_logp_BxCxV, axis=-1)
     kl = None
     if with_ref:
+      p_BxCxV = jnp.exp(logp_BxCxV)
       ref_logp_BxCxV = jax.nn.log_softmax(
           model_lib.unembed(jax.lax.stop_gradient(ref_params), ref_x_BxCxD, cfg), axis=-1)
       kl = jnp.sum(p_BxCxV * (logp_BxCxV - ref_logp_BxCxV), axis=-1)
