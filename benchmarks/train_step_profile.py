@@ -7,11 +7,15 @@
 The SCoRe policy-gradient step (Adam) of train_memory.py's fastest variant, and in the
 same run, each compiled once and timed in alternating rounds:
   * `step`: the whole train step;
+  * `step, gate and up apart`: the same step with the MLP's gate and up as two matmuls
+    (`layers.STACK_GATE_UP_MIN_TOKENS` raised past the batch while it compiles), the
+    step's form before they ran as one over the stacked weights;
   * `gradient`: the loss's gradient alone (the step without the optimizer update);
   * `loss`: the forward pass and loss alone;
   * `weight matmuls`: every weight matmul of the step at its shapes and nothing else
-    (per layer q, k, v, o, gate, up, down and the vocabulary projection: forward, input
-    gradient and weight gradient, plus the recomputed forward under `remat=full`), the
+    (per layer q, k, v, o, gate and up stacked, down and the vocabulary projection:
+    forward, input gradient and weight gradient, plus the recomputed forward under
+    `remat=full`), the
     floor the step would reach if everything else were free;
   * `attention`: the attention core of every layer (scores, mask, softmax, weighted
     sum), forward and backward, at the step's shapes;
@@ -56,7 +60,11 @@ def weight_matmuls(cfg, b: int, t: int, recompute: bool):
   def forward(x, w):
     # Each output feeds a sum, so no matmul is dead code and the shapes stay the model's.
     a = x @ w["q"] @ w["o"] + (x @ w["k"]).sum() + (x @ w["v"]).sum()
-    h = (a @ w["gate"]) * 1e-3 + (a @ w["up"]) * 1e-3
+    if b * t >= layers_lib.STACK_GATE_UP_MIN_TOKENS:  # One matmul, as the model runs it.
+      gu = jnp.einsum("nd,dcf->ncf", a, jnp.stack([w["gate"], w["up"]], axis=1))
+      h = gu[:, 0] * 1e-3 + gu[:, 1] * 1e-3
+    else:
+      h = (a @ w["gate"]) * 1e-3 + (a @ w["up"]) * 1e-3
     return h @ w["down"]
 
   layer = jax.checkpoint(forward) if recompute else forward
@@ -82,26 +90,41 @@ def attention_core(cfg, b: int, t: int):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (q, k)
 
 
+def train_step(cfg, params, batch, opt, stack_min_tokens=None):
+  """A call of the train step on donated state, as the training loop runs it (each call
+  updates the state in place), compiled now; `stack_min_tokens` overrides
+  `layers.STACK_GATE_UP_MIN_TOKENS` while it is traced."""
+  step = jax.jit(train_lib.make_train_step(
+      lambda *a: pg.policy_gradient_loss(*a, cfg=cfg, loss_cfg=pg.PolicyLossConfig()), opt),
+      donate_argnums=(0,))
+  state = [train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)]
+  default = layers_lib.STACK_GATE_UP_MIN_TOKENS
+  layers_lib.STACK_GATE_UP_MIN_TOKENS = stack_min_tokens or default
+  try:
+    compiled = step.lower(state[0], batch, jax.random.key(0), params).compile()
+  finally:
+    layers_lib.STACK_GATE_UP_MIN_TOKENS = default
+
+  def call():
+    state[0] = compiled(state[0], batch, jax.random.key(0), params)[0]
+    return state[0]
+
+  return call
+
+
 def pieces(cfg, params, batch, opt):
   """name -> a call of one piece of the profile (compiled on its first call)."""
   # The batch and reference are arguments, not constants folded into the program.
   loss_fn = lambda p, batch, ref: pg.policy_gradient_loss(p, batch, None, ref, cfg=cfg,
                                                           loss_cfg=pg.PolicyLossConfig())[0]
-  # Donated state, as the training loop runs the step: each call updates it in place.
-  step = jax.jit(train_lib.make_train_step(
-      lambda *a: pg.policy_gradient_loss(*a, cfg=cfg, loss_cfg=pg.PolicyLossConfig()), opt),
-      donate_argnums=(0,))
-  state = [train_lib.TrainState.create(jax.tree.map(jnp.copy, params), opt)]
-
-  def train_step():
-    state[0] = step(state[0], batch, jax.random.key(0), params)[0]
-    return state[0]
-
   b, t = batch.tokens_BxT.shape
   call = lambda fn, *args: lambda: fn(*args)
   unpack = lambda fn_args: call(fn_args[0], *fn_args[1])
   return {
-      "step": train_step,
+      "step": train_step(cfg, params, batch, opt),
+      # The same step with gate and up as two matmuls, as before they were stacked.
+      "step, gate and up apart": train_step(cfg, params, batch, opt,
+                                            stack_min_tokens=10**9),
       "gradient": call(jax.jit(jax.grad(loss_fn)), params, batch, params),
       "loss": call(jax.jit(loss_fn), params, batch, params),
       "weight matmuls": unpack(weight_matmuls(cfg, b, t, recompute=cfg.remat == "full")),
@@ -123,7 +146,7 @@ def measure(fns: dict, rounds: int) -> dict:
 
 
 def report(meta: dict, s: dict) -> list[str]:
-  step = s["step"]
+  step, apart = s["step"], s["step, gate and up apart"]
   update = max(step - s["gradient"], 0.0)
   rest = step - s["weight matmuls"] - s["attention"] - update
   rows = [("weight matmuls (alone, at their shapes)", s["weight matmuls"]),
@@ -142,7 +165,10 @@ def report(meta: dict, s: dict) -> list[str]:
            f"Its weight matmuls alone take {s['weight matmuls']:.2f} s "
            f"({100 * meta['matmul_flops'] / s['weight matmuls'] / meta['peak']:.0f}% of "
            f"the peak, recomputation included); the gradient alone {s['gradient']:.2f} s, the "
-           f"forward loss alone {s['loss']:.2f} s.", "",
+           f"forward loss alone {s['loss']:.2f} s. With gate and up as two matmuls instead "
+           f"of one over their stacked weights the same step takes "
+           f"{apart:.2f} s ({apart / step:.2f}x the step's time, "
+           f"{100 * meta['model_flops'] / apart / meta['peak']:.0f}% of the peak).", "",
            "| piece | s | share of the step |", "|---|---|---|"]
   lines += [f"| {name} | {t:.2f} | {100 * t / step:.0f}% |" for name, t in rows]
   return lines
