@@ -41,8 +41,12 @@ def token_stats(params, x_BxTxD, tokens_BxT, cfg: model_lib.ModelConfig,
   with_ref = ref_x_BxTxD is not None
 
   def stats(x_BxCxD, targets_BxC, ref_x_BxCxD):
-    logp_BxCxV = jax.nn.log_softmax(model_lib.unembed(params, x_BxCxD, cfg), axis=-1)
-    taken = jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    logits_BxCxV = model_lib.unembed(params, x_BxCxD, cfg)
+    # log p(token) = logit - logsumexp: its gradient is one pass over the vocabulary
+    # (onehot - softmax), where a materialized log-softmax's takes several.
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    taken = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0] - lse_BxC
+    logp_BxCxV = logits_BxCxV - lse_BxC[..., None]
     # The entropy is reported, never differentiated: without a gradient the backward
     # pass neither recomputes nor differentiates its pass over the vocabulary.
     sg_logp_BxCxV = jax.lax.stop_gradient(logp_BxCxV)
