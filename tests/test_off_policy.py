@@ -66,7 +66,11 @@ def test_each_step_is_sampled_by_the_previous_steps_parameters(tmp_path, monkeyp
   setup, params = _tiny_setup()
   c = _config()
   seen = _recording(monkeypatch)
-  online.train(c, setup, params, params, tmp_path)
+  # A tiny random model answers nothing, so every reward is 0 and the advantages vanish:
+  # a reference other than the initial policy gives the KL term a gradient, so that
+  # each update moves the policy by more than float32 rounding.
+  ref_params = jax.tree.map(lambda x: x * 1.05, params)
+  online.train(c, setup, params, ref_params, tmp_path)
   assert [s for s, _, _ in seen] == [0, 1, 2, 3]
   m = _metrics(tmp_path)
   assert [r["off_policy/staleness"] for r in m] == [0, 1, 1, 1]
