@@ -48,17 +48,17 @@ def main():
               for i in range(b // g)]
     every = [p for p in unique for _ in range(g)]
     smp = sampler_lib.Sampler(model.cfg, max_len=256, stop_ids=[-1])
-    chunk = sampler_lib.bucket(max(map(len, unique)))
+    longest = max(map(len, unique))
     out = {}
 
     def prefill_every():
-      state, logits = smp._prefill(params, smp.start(every, jax.random.key(0)), chunk=chunk,
-                                   sampling=static)
+      state, logits = smp.prefill(params, smp.start(every, jax.random.key(0)), static,
+                                  pending=longest)
       out["every"] = jax.block_until_ready((state, logits))
 
     def prefill_grouped():
-      state, logits = smp._prefill(params, smp.start(unique, jax.random.key(0)), chunk=chunk,
-                                   sampling=static)
+      state, logits = smp.prefill(params, smp.start(unique, jax.random.key(0)), static,
+                                  pending=longest)
       out["grouped"] = jax.block_until_ready(smp._expand(state, logits, group_size=g))
 
     t_every, t_grouped = timed(prefill_every), timed(prefill_grouped)

@@ -92,13 +92,13 @@ def turn2_runs(smp, params, state1, instruction_ids, greedy, static) -> dict:
 
   def carried_prefill():
     state = smp.add_message(jax.tree.map(jnp.copy, state1), [instruction_ids] * b)
-    return jax.block_until_ready(smp._prefill(params, state, chunk=sampler_lib.bucket(
-        1 + len(instruction_ids)), sampling=static))
+    return jax.block_until_ready(smp.prefill(params, state, static,
+                                             pending=1 + len(instruction_ids)))
 
   def full_prefill():
     state = smp.start(conv, jax.random.key(0))
-    return jax.block_until_ready(smp._prefill(
-        params, state, chunk=sampler_lib.bucket(max(map(len, conv))), sampling=static))
+    return jax.block_until_ready(smp.prefill(params, state, static,
+                                             pending=max(map(len, conv))))
 
   t_carried, t_reprefill = timed(carried), timed(reprefill)
   t_carried_prefill, t_full_prefill = timed(carried_prefill), timed(full_prefill)
@@ -119,11 +119,10 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
   params = jax.device_put(model.params)
   static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
-  chunk = sampler_lib.bucket(max(map(len, prompts_ids)))
 
   def prefill():
     state = smp.start(prompts_ids, jax.random.key(0))
-    state, logits = smp._prefill(params, state, chunk=chunk, sampling=static)
+    state, logits = smp.prefill(params, state, static, pending=max(map(len, prompts_ids)))
     jax.block_until_ready(logits)
     return state, logits
 

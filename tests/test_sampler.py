@@ -196,6 +196,34 @@ def test_decode_in_cache_length_windows_equals_reading_the_whole_buffer(tiny, te
   assert whole._decode._cache_size() == 1
 
 
+def test_prefill_reads_only_the_filled_window(tiny):
+  """A turn's prefill attends to the first `window(longest cache)` slots: NaN in every
+  slot past that window changes nothing (a slot attention read would turn its row's
+  logits into NaN), and its logits and cache equal prefilling over the whole buffer."""
+  cfg, params = tiny
+  smp = sampler_lib.Sampler(cfg, max_len=128, stop_ids=[EOS], end_of_turn_id=EOT,
+                            min_window=8)
+  state = smp.generate(params, smp.start(PROMPTS, jax.random.key(0)), GREEDY)
+  state = smp.add_message(state, [[40, 41, 42], [43, 44], [45]])
+  filled = int(state.cache.end_B.max())
+  window = smp.window(filled)
+  assert filled <= window < smp.max_len
+  static = dataclasses.replace(GREEDY, max_new_tokens=0)
+  whole_state, whole_logits = smp._prefill(params, jax.tree.map(jnp.copy, state), chunk=16,
+                                           window=smp.max_len, sampling=static)
+  poison = lambda kv: kv.at[:, :, :, window:].set(jnp.nan)
+  poisoned = state.replace(cache=state.cache.replace(
+      k_LxBxKxSxH=poison(state.cache.k_LxBxKxSxH), v_LxBxKxSxH=poison(state.cache.v_LxBxKxSxH)))
+  state, logits = smp.prefill(params, poisoned, GREEDY)
+  assert np.isfinite(np.asarray(logits)).all()
+  assert smp._prefill._cache_size() == 3  # Turn 1, the whole buffer, this window.
+  np.testing.assert_allclose(logits, whole_logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(state.cache.end_B, whole_state.cache.end_B)
+  new = slice(filled - 8, int(state.cache.end_B.max()))  # Rows' newly written slots.
+  np.testing.assert_allclose(state.cache.k_LxBxKxSxH[:, :, :, new],
+                             whole_state.cache.k_LxBxKxSxH[:, :, :, new], rtol=1e-5, atol=1e-6)
+
+
 def test_top_k_and_top_p_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   k2 = sampler_lib.filter_logits(logits, top_k=2, top_p=1.0)

@@ -4,7 +4,9 @@ The state holds one token buffer per row: prompt, attempt 1, instruction, attemp
 laid out contiguously from slot 0, with the same slots in the KV cache. A turn is
 
   1. prefill: feed each row's tokens that the cache has not seen yet (the previous
-     turn's last sampled token and the new message) at the row's own cache end;
+     turn's last sampled token and the new message) at the row's own cache end,
+     attending to the first `window` cached slots (a power of two >= the longest row's
+     cache, at least `min_window`), not the whole buffer;
   2. decode: a `lax.while_loop` that samples a token per row, appends it, and feeds it,
      until every row hit a stop token, `max_new_tokens`, or the buffer's end. It runs
      in segments by cache-length bucket: attention reads only the first `window`
@@ -16,9 +18,10 @@ laid out contiguously from slot 0, with the same slots in the KV cache. A turn i
      is written back to its place when the turn ends.
 
 So earlier turns are never prefilled again. Buffer sizes are fixed and prefill chunks,
-decode windows and compacted row counts are power-of-two buckets: one compile per
-bucket, never more. Each row draws its tokens from its own random stream (keyed by the
-row's index), so which rows share a compacted batch never changes what a row samples.
+attention windows and compacted row counts are power-of-two buckets: one compile per
+bucket (a prefill per chunk and window), never more. Each row draws its tokens from its
+own random stream (keyed by the row's index), so which rows share a compacted batch
+never changes what a row samples.
 
   sampler = Sampler(cfg, max_len=512, stop_ids=[eos])
   state = sampler.start(prompts, rng)
@@ -225,7 +228,8 @@ class Sampler:
     state_out = {} if self.state_shardings is None else {"out_shardings": self.state_shardings}
     prefill_out = pin(self.state_shardings, logits_sharding)
     self._init = jax.jit(self._init_impl, **state_out)
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "sampling"),
+    self._prefill = jax.jit(self._prefill_impl,
+                            static_argnames=("chunk", "window", "sampling"),
                             donate_argnames=("state",), **prefill_out)
     self._decode = jax.jit(
         self._decode_impl, static_argnames=("sampling", "window"), donate_argnames=("state",),
@@ -235,6 +239,7 @@ class Sampler:
     self._append = jax.jit(self._append_impl, donate_argnames=("state",), **state_out)
     self._expand = jax.jit(self._expand_impl, static_argnames=("group_size",), **prefill_out)
     self._live = jax.jit(self._live_impl)
+    self._unseen = jax.jit(self._unseen_impl)
     self._compact = jax.jit(self._compact_impl, static_argnames=("rows",),
                             donate_argnames=("full",),
                             **pin(self.state_shardings, self.state_shardings, logits_sharding))
@@ -276,18 +281,26 @@ class Sampler:
 
     Args:
       pending: an upper bound on tokens per row the cache has not seen yet (the
-        prompt on the first turn; 1 + the message later). Computed if None (one
-        small device-to-host copy).
+        prompt on the first turn; 1 + the message later), which sizes the prefill's
+        chunk; computed if None.
     """
-    if pending is None:
-      pending = int(jnp.max(state.length_B - state.cache.end_B))
-    # max_new_tokens is traced, so changing it does not recompile.
-    static = dataclasses.replace(sampling, max_new_tokens=0)
-    state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
+    state, logits_BxV = self.prefill(params, state, sampling, pending)
     return self._decode_segments(params, state, logits_BxV, sampling)
 
+  def prefill(self, params: model_lib.Params, state: SamplerState, sampling: SamplingConfig,
+              pending: int | None = None) -> tuple[SamplerState, jax.Array]:
+    """Feeds every row's unseen tokens (`generate`'s step 1): (state, each row's logits
+    for its next token). One small device-to-host copy reads how much the cache holds,
+    so that attention reads the filled window, not the whole buffer."""
+    filled, unseen = (int(x) for x in self._unseen(state))
+    # max_new_tokens is traced, so changing it does not recompile.
+    static = dataclasses.replace(sampling, max_new_tokens=0)
+    return self._prefill(params, state, chunk=bucket(unseen if pending is None else pending),
+                         window=self.window(filled), sampling=static)
+
   def window(self, filled: int) -> int:
-    """The decode window for rows holding up to `filled` cached tokens."""
+    """The attention window (cached slots a prefill or decode step reads) for rows
+    holding up to `filled` cached tokens."""
     return min(bucket(filled, self.min_window), self.max_len)
 
   def compacted_rows(self, rows: int) -> int | None:
@@ -334,10 +347,7 @@ class Sampler:
     returned state, which decode independently. The result equals starting all those
     rows with the same tokens and calling `generate`, at 1/group of the prefill cost.
     """
-    if pending is None:
-      pending = int(jnp.max(state.length_B - state.cache.end_B))
-    static = dataclasses.replace(sampling, max_new_tokens=0)
-    state, logits_BxV = self._prefill(params, state, chunk=bucket(pending), sampling=static)
+    state, logits_BxV = self.prefill(params, state, sampling, pending)
     state, logits_BxV = self._expand(state, logits_BxV, group_size=group_size)
     return self._decode_segments(params, state, logits_BxV, sampling)
 
@@ -444,7 +454,7 @@ class Sampler:
     taken = self._map_rows(lambda xs, axis: jnp.take(xs[0], order_R, axis=axis), current)
     return full, taken, logits_BxV[order_R]
 
-  def _prefill_impl(self, params, state: SamplerState, chunk: int, sampling):
+  def _prefill_impl(self, params, state: SamplerState, chunk: int, window: int, sampling):
     del sampling  # Unused; kept so prefill and decode are keyed alike.
     end_B = state.cache.end_B
     count_B = state.length_B - end_B
@@ -452,7 +462,7 @@ class Sampler:
     tokens_BxC = jnp.take_along_axis(state.tokens_BxT, idx_BxC, axis=1)
     mask_BxC = jnp.arange(chunk) < count_B[:, None]
     x_BxCxD, cache = model_lib.apply(params, tokens_BxC, self.cfg, mask_BxT=mask_BxC,
-                                     cache=state.cache, return_hidden=True)
+                                     cache=state.cache, attend_len=window, return_hidden=True)
     # Only each row's last position is sampled from: project that one to the vocabulary.
     last_B = jnp.maximum(count_B - 1, 0)
     x_Bx1xD = jnp.take_along_axis(x_BxCxD, last_B[:, None, None], axis=1)
@@ -462,6 +472,10 @@ class Sampler:
   def _live_end_impl(self, state: SamplerState) -> jax.Array:
     """The longest cache among rows still sampling (0 if none)."""
     return jnp.max(jnp.where(state.done_B, 0, state.cache.end_B))
+
+  def _unseen_impl(self, state: SamplerState) -> tuple[jax.Array, jax.Array]:
+    """(the longest cache, the most tokens a row holds that its cache has not seen)."""
+    return jnp.max(state.cache.end_B), jnp.max(state.length_B - state.cache.end_B)
 
   def _live_impl(self, state: SamplerState) -> tuple[jax.Array, jax.Array]:
     """(the longest live cache, how many rows are live)."""
