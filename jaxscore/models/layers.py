@@ -133,11 +133,8 @@ def gate_up(x_BxTxD, lp, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
   dtype = jnp.dtype(cfg.dtype)
   w_Dx2xF = jnp.stack([lp["gate"].astype(dtype), lp["up"].astype(dtype)], axis=1)
   gu_BxTx2xF = jnp.einsum("btd,dcf->btcf", x_BxTxD, w_Dx2xF)
-  out = [gu_BxTx2xF[:, :, 0], gu_BxTx2xF[:, :, 1]]
-  for i, name in enumerate(("gate", "up")):
-    if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
-      out[i] = out[i] + lora.delta(x_BxTxD, lp, name, cfg.lora_scale)
-  return out[0], out[1]
+  return (with_adapter(gu_BxTx2xF[:, :, 0], x_BxTxD, lp, "gate", cfg),
+          with_adapter(gu_BxTx2xF[:, :, 1], x_BxTxD, lp, "up", cfg))
 
 
 def gated_mlp(x_BxTxD, lp, cfg: ModelConfig):
@@ -164,6 +161,11 @@ def dense(equation: str, x, lp, name: str, cfg: ModelConfig):
     y = _dequantized_einsum(equation, x, w, dtype)
   else:
     y = jnp.einsum(equation, x, w.astype(dtype))
+  return with_adapter(y, x, lp, name, cfg)
+
+
+def with_adapter(y, x, lp, name: str, cfg: ModelConfig):
+  """`y` (x times weight `name`) plus the weight's low-rank adapter where `lp` has one."""
   if cfg.lora_scale is not None and name + lora.SUFFIX_A in lp:
     y = y + lora.delta(x, lp, name, cfg.lora_scale)
   return y
