@@ -298,9 +298,10 @@ def render(meta, rows) -> str:
       f"on the same weights. {meta['device']}, "
       f"{meta['cpus']} CPUs, jax {meta['jax']}. Measured read bandwidth "
       f"{meta['read_bandwidth_GBps']:.1f} GB/s; weights {meta['param_MB']:.0f} MB. Decode "
-      f"attends to cache windows of 64, 128, ... slots (mean window per step in the table) "
-      f"instead of the whole {rows[0]['max_len']}-slot buffer; `whole buffer` is the same "
-      "sampler with one window, measured side by side.", "",
+      f"and prefill attend to cache windows of 64, 128, ... slots (mean decode window per "
+      "step in the table) instead of the whole buffer (" + ", ".join(
+          f"{r['max_len']} slots at batch {r['batch']}" for r in rows) + "); `whole buffer` "
+      "is the same sampler with one window, measured side by side.", "",
       "| batch | jaxscore tok/s (turn 1) | transformers tok/s | ratio | greedy rows identical "
       "| decode tok/s | whole-buffer decode tok/s | windowed vs whole | mean window "
       "| roofline (weights) | roofline (weights + KV) | turn 2 carried s "
