@@ -93,13 +93,12 @@ def sampler_turn(model, b: int) -> dict:
   smp = sampler_lib.Sampler(model.cfg, max_len=256, stop_ids=[NEVER],
                             pad_id=tok.pad_token_id or 0)
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=NEW_TOKENS)
-  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
   longest = max(map(len, prompts_ids))
   start = lambda: smp.start(prompts_ids, jax.random.key(0))
   turn = timed(lambda: jax.block_until_ready(
       smp.generate(model.params, start(), greedy, pending=longest)))
   prefill = timed(lambda: jax.block_until_ready(
-      smp.prefill(model.params, start(), static, pending=longest)))
+      smp.prefill(model.params, start(), pending=longest)))
   mean_window = float(np.mean([smp.window(longest + i) for i in range(NEW_TOKENS)]))
   return dict(turn_s=turn, prefill_s=prefill, step_s=(turn - prefill) / NEW_TOKENS,
               mean_window=mean_window)

@@ -41,7 +41,6 @@ def main():
   fmt = formats.ChatFormat(model.tokenizer)
   params = jax.device_put(model.params)
   g = args.group_size
-  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
   rows = []
   for b in map(int, args.rows.split(",")):
     unique = [fmt.prompt_ids(QUESTIONS[i % len(QUESTIONS)] + f" (case {i})")
@@ -52,12 +51,12 @@ def main():
     out = {}
 
     def prefill_every():
-      state, logits = smp.prefill(params, smp.start(every, jax.random.key(0)), static,
+      state, logits = smp.prefill(params, smp.start(every, jax.random.key(0)),
                                   pending=longest)
       out["every"] = jax.block_until_ready((state, logits))
 
     def prefill_grouped():
-      state, logits = smp.prefill(params, smp.start(unique, jax.random.key(0)), static,
+      state, logits = smp.prefill(params, smp.start(unique, jax.random.key(0)),
                                   pending=longest)
       out["grouped"] = jax.block_until_ready(smp._expand(state, logits, group_size=g))
 

@@ -69,7 +69,7 @@ def whole_buffer_turn1(model, params, prompts_ids, max_len: int, greedy):
   return timed(turn1_whole), whole.episode(turn1_whole()).response_ids(1)
 
 
-def turn2_runs(smp, params, state1, instruction_ids, greedy, static) -> dict:
+def turn2_runs(smp, params, state1, instruction_ids, greedy) -> dict:
   """Turn 2 on the carried cache against re-prefilling the whole conversation: whole
   turns, prefills alone, and whether the tokens agree."""
   b = state1.length_B.shape[0]
@@ -92,12 +92,12 @@ def turn2_runs(smp, params, state1, instruction_ids, greedy, static) -> dict:
 
   def carried_prefill():
     state = smp.add_message(jax.tree.map(jnp.copy, state1), [instruction_ids] * b)
-    return jax.block_until_ready(smp.prefill(params, state, static,
+    return jax.block_until_ready(smp.prefill(params, state,
                                              pending=1 + len(instruction_ids)))
 
   def full_prefill():
     state = smp.start(conv, jax.random.key(0))
-    return jax.block_until_ready(smp.prefill(params, state, static,
+    return jax.block_until_ready(smp.prefill(params, state,
                                              pending=max(map(len, conv))))
 
   t_carried, t_reprefill = timed(carried), timed(reprefill)
@@ -118,11 +118,10 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
                             pad_id=tok.pad_token_id or 0)
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
   params = jax.device_put(model.params)
-  static = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=0)
 
   def prefill():
     state = smp.start(prompts_ids, jax.random.key(0))
-    state, logits = smp.prefill(params, state, static, pending=max(map(len, prompts_ids)))
+    state, logits = smp.prefill(params, state, pending=max(map(len, prompts_ids)))
     jax.block_until_ready(logits)
     return state, logits
 
@@ -140,7 +139,7 @@ def jax_runs(model, prompts_ids, new_tokens, instruction_ids):
   longest = max(map(len, prompts_ids))
   mean_window = float(np.mean([smp.window(longest + i) for i in range(new_tokens)]))
 
-  turn2 = turn2_runs(smp, params, state1, instruction_ids, greedy, static)
+  turn2 = turn2_runs(smp, params, state1, instruction_ids, greedy)
   return dict(prefill_s=t_prefill, turn1_s=t_turn1, decode_s=t_turn1 - t_prefill,
               turn1_whole_s=t_turn1_whole, decode_whole_s=t_turn1_whole - t_prefill,
               whole_tokens_identical=bool(same_whole), mean_window=mean_window,

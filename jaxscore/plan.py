@@ -342,7 +342,7 @@ class Builder:
     state = _abstract(jax.eval_shape(smp._init_impl, tokens, length, rng), sh)
     sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=0)
     prefill = _lower(self, smp._prefill, self.params, state,
-                     chunk=sampler_lib.bucket(prompt_len), window=max_len, sampling=sampling)
+                     chunk=sampler_lib.bucket(prompt_len), window=max_len)
     logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32,
                                   sharding=sh.tokens_BxT)
     scalar = lambda: jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)

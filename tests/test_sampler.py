@@ -208,13 +208,12 @@ def test_prefill_reads_only_the_filled_window(tiny):
   filled = int(state.cache.end_B.max())
   window = smp.window(filled)
   assert filled <= window < smp.max_len
-  static = dataclasses.replace(GREEDY, max_new_tokens=0)
   whole_state, whole_logits = smp._prefill(params, jax.tree.map(jnp.copy, state), chunk=16,
-                                           window=smp.max_len, sampling=static)
+                                           window=smp.max_len)
   poison = lambda kv: kv.at[:, :, :, window:].set(jnp.nan)
   poisoned = state.replace(cache=state.cache.replace(
       k_LxBxKxSxH=poison(state.cache.k_LxBxKxSxH), v_LxBxKxSxH=poison(state.cache.v_LxBxKxSxH)))
-  state, logits = smp.prefill(params, poisoned, GREEDY)
+  state, logits = smp.prefill(params, poisoned)
   assert np.isfinite(np.asarray(logits)).all()
   assert smp._prefill._cache_size() == 3  # Turn 1, the whole buffer, this window.
   np.testing.assert_allclose(logits, whole_logits, rtol=1e-5, atol=1e-5)

@@ -228,8 +228,7 @@ class Sampler:
     state_out = {} if self.state_shardings is None else {"out_shardings": self.state_shardings}
     prefill_out = pin(self.state_shardings, logits_sharding)
     self._init = jax.jit(self._init_impl, **state_out)
-    self._prefill = jax.jit(self._prefill_impl,
-                            static_argnames=("chunk", "window", "sampling"),
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("chunk", "window"),
                             donate_argnames=("state",), **prefill_out)
     self._decode = jax.jit(
         self._decode_impl, static_argnames=("sampling", "window"), donate_argnames=("state",),
@@ -284,19 +283,17 @@ class Sampler:
         prompt on the first turn; 1 + the message later), which sizes the prefill's
         chunk; computed if None.
     """
-    state, logits_BxV = self.prefill(params, state, sampling, pending)
+    state, logits_BxV = self.prefill(params, state, pending)
     return self._decode_segments(params, state, logits_BxV, sampling)
 
-  def prefill(self, params: model_lib.Params, state: SamplerState, sampling: SamplingConfig,
+  def prefill(self, params: model_lib.Params, state: SamplerState,
               pending: int | None = None) -> tuple[SamplerState, jax.Array]:
     """Feeds every row's unseen tokens (`generate`'s step 1): (state, each row's logits
     for its next token). One small device-to-host copy reads how much the cache holds,
     so that attention reads the filled window, not the whole buffer."""
     filled, unseen = (int(x) for x in self._unseen(state))
-    # max_new_tokens is traced, so changing it does not recompile.
-    static = dataclasses.replace(sampling, max_new_tokens=0)
     return self._prefill(params, state, chunk=bucket(unseen if pending is None else pending),
-                         window=self.window(filled), sampling=static)
+                         window=self.window(filled))
 
   def window(self, filled: int) -> int:
     """The attention window (cached slots a prefill or decode step reads) for rows
@@ -347,7 +344,7 @@ class Sampler:
     returned state, which decode independently. The result equals starting all those
     rows with the same tokens and calling `generate`, at 1/group of the prefill cost.
     """
-    state, logits_BxV = self.prefill(params, state, sampling, pending)
+    state, logits_BxV = self.prefill(params, state, pending)
     state, logits_BxV = self._expand(state, logits_BxV, group_size=group_size)
     return self._decode_segments(params, state, logits_BxV, sampling)
 
@@ -454,8 +451,7 @@ class Sampler:
     taken = self._map_rows(lambda xs, axis: jnp.take(xs[0], order_R, axis=axis), current)
     return full, taken, logits_BxV[order_R]
 
-  def _prefill_impl(self, params, state: SamplerState, chunk: int, window: int, sampling):
-    del sampling  # Unused; kept so prefill and decode are keyed alike.
+  def _prefill_impl(self, params, state: SamplerState, chunk: int, window: int):
     end_B = state.cache.end_B
     count_B = state.length_B - end_B
     idx_BxC = jnp.minimum(end_B[:, None] + jnp.arange(chunk), self.max_len - 1)
