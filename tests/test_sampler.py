@@ -167,6 +167,10 @@ def test_same_bucket_batches_never_retrace(tiny):
   assert smp._prefill._cache_size() == 1
   assert smp._decode._cache_size() == 1
   assert smp._append._cache_size() == 1
+  # Prefill samples nothing: a greedy turn compiles its own decode, not another prefill.
+  smp.generate(params, smp.start(PROMPTS, jax.random.key(9)), GREEDY)
+  assert smp._decode._cache_size() == 2
+  assert smp._prefill._cache_size() == 1
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
