@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,9 @@ def test_pipeline_runs_every_stage_and_skips_finished_ones(tmp_path):
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
   assert again.returncode == 0, again.stderr[-4000:]
   assert "[sft]" not in again.stdout and "[sample]" not in again.stdout  # Skipped.
+  assert again.stdout.count("evaluated earlier") == 5  # Every model, the same table.
+  table = lambda text: [l for l in text.splitlines() if l.startswith("|")]
+  assert table(again.stdout) == table(out.stdout)
 
 
 def test_exploration_scores_the_completion_not_the_prefix():
@@ -344,3 +348,48 @@ def test_long_pairs_lose_the_start_of_the_prompt_before_the_end_of_a_completion(
   assert dpo.truncation_counts(examples + PAIRS, 8) == {"prompt_trimmed": 1,
                                                        "completion_cut": 0}
   assert dpo.truncation_counts(examples, 6) == {"prompt_trimmed": 1, "completion_cut": 1}
+
+
+def test_a_rerun_evaluates_only_models_whose_parameters_or_settings_changed(tmp_path,
+                                                                            monkeypatch):
+  """The evaluate stage keys each model's scores on its parameters' checksums, the
+  problems and the settings: a finished pipeline's rerun evaluates nothing, a retrained
+  model (new parameters) or a changed setting is evaluated again, and two models with
+  the same parameters (a DPO stage with too few pairs returns the RFT model) once."""
+  import importlib.util
+
+  from jaxscore import evaluate as evaluate_lib
+  from jaxscore.self_explore import pipeline
+
+  spec = importlib.util.spec_from_file_location("se_config", ROOT / "configs" / "self_explore.py")
+  se_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(se_config)
+
+  calls = []
+
+  def run_protocol(params, setup, problems, protocol, **kwargs):
+    calls.append(float(params["w"][0]))
+    scores = [float(i < params["w"][0]) for i in range(len(problems))]
+    return {}, [{"id": p.id, "w": calls[-1]} for p in problems], {"acc@t1": scores}
+
+  monkeypatch.setattr(evaluate_lib, "run_protocol", run_protocol)
+  c = se_config.get_config("cpu,runlocal")
+  line = pipeline.Pipeline.__new__(pipeline.Pipeline)
+  line.c, line.workdir = c, tmp_path
+  line.setup = types.SimpleNamespace(task=make_task("arithmetic", **c.task.kwargs.to_dict()))
+  w = lambda v: {"w": jnp.array([v, 0.5], jnp.float32)}
+  models = {"RFT": w(1.0), "outcome DPO": w(1.0), "Self-Explore": w(2.0)}
+
+  first = line.evaluate(models)
+  assert calls == [1.0, 2.0]  # outcome DPO is the RFT model: evaluated once.
+  assert first["models"]["RFT"] == first["models"]["outcome DPO"] != \
+      first["models"]["Self-Explore"]
+  assert [json.loads(l)["w"] for l in (tmp_path / "eval" / "outcome_DPO.jsonl").open()] == \
+      [1.0] * c.evaluate.num_problems
+  assert line.evaluate(models) == first and calls == [1.0, 2.0]  # A rerun: nothing.
+  line.evaluate(models | {"Self-Explore": w(3.0)})  # Retrained.
+  assert calls == [1.0, 2.0, 3.0]
+  c.unlock()
+  c.evaluate.max_new_tokens += 1
+  line.evaluate(models)  # Every model again, each distinct one once.
+  assert calls == [1.0, 2.0, 3.0, 1.0, 2.0]

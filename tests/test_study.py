@@ -141,8 +141,8 @@ def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
   """benchmarks/score_effect.py at smoke sizes: every arm trains and is evaluated, and the
   report has each arm's row, the paired differences, a verdict and the curves. Left
   out, as the test above checks their configs: the tuned arm (score_long_stage1), whose
-  split at smoke sizes is score's (I:1, II:1), the same run, and score_alpha0, score's
-  run with another alpha."""
+  split at smoke sizes is score's (I:1, II:1), the same run; score_alpha0, score's run
+  with another alpha; and stage2_only, score's run without its Stage I step."""
   import subprocess
 
   require_embedded()
@@ -150,19 +150,19 @@ def test_score_effect_experiment_runs_every_arm_and_reports(tmp_path):
       [sys.executable, str(ROOT / "benchmarks" / "score_effect.py"),
        "--config=configs/study.py:score_effect,runlocal", f"--workdir={tmp_path / 'run'}",
        f"--out={tmp_path / 'out'}", "--sampled_samples=2",
-       "--config.study.arms=base,score,stage2_only,single_turn_pg"],
+       "--config.study.arms=base,score,single_turn_pg"],
       cwd=ROOT, capture_output=True,
       text=True, timeout=1200)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   text = (tmp_path / "out" / "score_effect.md").read_text()
-  for name in ("base", "score", "stage2_only", "single_turn_pg"):
+  for name in ("base", "score", "single_turn_pg"):
     assert f"| {name} |" in text, name
   assert "Each arm minus score" in text and "SCoRe's" in text
   assert "sampled at temperature 1.0 (2 episodes per problem" in text
   data = json.loads((tmp_path / "out" / "score_effect.json").read_text())
   curves = data["curves"]
   assert curves["base"] == [] and len(curves["score"]) == 2  # runlocal: I:1, II:1.
-  for record in curves["score"] + curves["stage2_only"]:
+  for record in curves["score"]:
     assert 0 <= record["self_correction/edit_distance_ratio"] <= 1 and "kl/t1" in record
   assert "self_correction/delta" not in curves["single_turn_pg"][0]  # One attempt.
   assert (tmp_path / "out" / "score_effect.png").stat().st_size > 0

@@ -61,7 +61,8 @@ def checksums(tree: Any) -> Any:
   return jax.tree.map(_checksum, tree)
 
 
-def _flat_checksums(tree: Any) -> dict[str, int]:
+def flat_checksums(tree: Any) -> dict[str, int]:
+  """`checksums` as {key path: int}: what a checkpoint's metadata records."""
   sums = jax.device_get(checksums(tree))
   return {jax.tree_util.keystr(path): int(v)
           for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
@@ -121,7 +122,7 @@ class Checkpointer:
     # The metrics also go into the JSON record (orbax keeps them only for its policy),
     # with how to rank them, so a reader that does not know the run finds the best.
     meta = dict(meta, metrics=metrics or {}, best_metric=self.best_metric,
-                best_mode=self.best_mode, checksums=_flat_checksums(state))
+                best_mode=self.best_mode, checksums=flat_checksums(state))
     self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),
@@ -218,7 +219,7 @@ class Checkpointer:
     expected = meta.get("checksums")
     if expected is None:
       return state, meta  # Saved before checksums were recorded.
-    actual = _flat_checksums(state)
+    actual = flat_checksums(state)
     if partial:
       actual = {_saved_key(k, expected): v for k, v in actual.items()}
       expected = {k: v for k, v in expected.items() if k in actual}

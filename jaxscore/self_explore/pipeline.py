@@ -12,8 +12,10 @@
 
 Each stage writes its data (JSONL) and checkpoint under `<workdir>/<stage>/` and then
 `done.json`; a rerun skips finished stages and resumes an unfinished training stage from
-its checkpoint. A finished training stage keeps only its parameters (`<stage>/params/`,
-latest and best): nothing resumes it, and Adam's moments would triple its disk use.
+its checkpoint, and evaluates only the models whose parameters or evaluation settings
+changed since their last evaluation (`eval/<model>.json`). A finished training stage
+keeps only its parameters (`<stage>/params/`, latest and best): nothing resumes it, and
+Adam's moments would triple its disk use.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 
 from jaxscore import config_checks, objectives, tasks
 from jaxscore import evaluate as evaluate_lib
-from jaxscore.infra import files, sharding
+from jaxscore.infra import checkpoint, files, sharding
 from jaxscore.loops import common, offline, train
 from jaxscore.models import lora, pretrained
 from jaxscore.objectives import dpo, sft
@@ -299,13 +301,27 @@ class Pipeline:
     c = self.c.evaluate
     problems = tasks.eval_problems(self.setup.task, self.c.task, c.num_problems)
     protocol = evaluate_lib.Protocol("greedy", turns=1)
-    per_problem = {}
+    per_problem, by_key = {}, {}
     for name, params in models.items():
-      _, records, scores = evaluate_lib.run_protocol(
-          params, self.setup, problems, protocol, max_new_tokens=c.max_new_tokens,
-          batch_size=c.batch_size, seed=self.c.seed)
-      per_problem[name] = np.array(scores["acc@t1"])
-      write_jsonl(self._dir("eval") / f"{name.replace(' ', '_')}.jsonl", records)
+      stem = self._dir("eval") / name.replace(" ", "_")
+      key = self._eval_key(params, problems)
+      done = stem.with_suffix(".json")
+      if done.exists() and json.loads(done.read_text())["key"] == key:
+        per_problem[name] = np.array(json.loads(done.read_text())["acc@t1"])
+        print(f"[eval] {name}: evaluated earlier (same parameters, problems and settings)")
+        continue
+      # A DPO stage with too few pairs returns the RFT model itself: greedy decoding
+      # of the same parameters gives the same records.
+      same = by_key.get(json.dumps(key, sort_keys=True))
+      if same is None:
+        _, records, scores = evaluate_lib.run_protocol(
+            params, self.setup, problems, protocol, max_new_tokens=c.max_new_tokens,
+            batch_size=c.batch_size, seed=self.c.seed)
+        same = by_key[json.dumps(key, sort_keys=True)] = (records, scores["acc@t1"])
+      records, acc = same
+      per_problem[name] = np.array(acc)
+      write_jsonl(stem.with_suffix(".jsonl"), records)
+      done.write_text(json.dumps({"key": key, "acc@t1": per_problem[name].tolist()}))
     results = {"num_problems": len(problems), "models": {}, "differences": {}}
     for name, r in per_problem.items():
       lo, hi = evaluate_lib.wilson_interval(int(r.sum()), len(r))
@@ -317,6 +333,14 @@ class Pipeline:
                                                        per_problem[other], seed=self.c.seed)
           results["differences"][f"Self-Explore - {other}"] = {"mean": mean, "ci95": [lo, hi]}
     return results
+
+  def _eval_key(self, params, problems) -> dict:
+    """What a model's evaluation depends on: its parameters' checksums (a stage that
+    retrains changes them), the problems and the evaluation, task and model settings."""
+    key = {"params": checkpoint.flat_checksums(params), "seed": self.c.seed,
+           "problems": [p.id for p in problems], "evaluate": self.c.evaluate.to_dict(),
+           "task": self.c.task.to_dict(), "model": self.c.model.to_dict()}
+    return json.loads(json.dumps(key))  # As it reads back (tuples become lists).
 
   # -- Examples from texts. -------------------------------------------------------
 
