@@ -27,6 +27,7 @@ the test problems, and each arm's paired difference to `study.reference_arm`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any
@@ -172,14 +173,32 @@ def protocols(c, ac) -> list[evaluate.Protocol]:
 
 
 class Study:
-  """The base model, task and problems every arm shares."""
+  """The base model, task and problems every arm shares, loaded when an arm first needs
+  them: rerunning a study whose arms all finished loads no model."""
 
   def __init__(self, c, workdir):
     check(c)  # Every arm, before the model loads.
     self.c, self.workdir = c, files.path(workdir)
-    self.setup, self.eval_setup, self.base_params = rollout.from_config(c)
-    self.test_problems = tasks.eval_problems(self.eval_setup.task, c.task,
-                                             c.evaluate.num_problems)
+
+  @functools.cached_property
+  def _loaded(self) -> tuple[Any, Any, Any]:
+    return rollout.from_config(self.c)
+
+  @functools.cached_property
+  def setup(self):
+    return self._loaded[0]
+
+  @functools.cached_property
+  def eval_setup(self):
+    return self._loaded[1]
+
+  @functools.cached_property
+  def base_params(self):
+    return self._loaded[2]
+
+  @functools.cached_property
+  def test_problems(self):
+    return tasks.eval_problems(self.eval_setup.task, self.c.task, self.c.evaluate.num_problems)
 
   def train(self, ac, directory) -> tuple[Any, dict]:
     """(params, budget: episodes and tokens sampled for training); with a token budget,

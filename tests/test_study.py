@@ -67,7 +67,8 @@ def test_bad_arms_are_clear_errors():
 
 
 @pytest.mark.slow
-def test_every_kind_of_arm_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsys):
+def test_every_kind_of_arm_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, capsys,
+                                                                       monkeypatch):
   """Arms without training and self-training arms, and every evaluation protocol, on the
   embedded model. RL arms run
   end to end in the score_effect experiment's test below (score and pg), and multi-turn
@@ -114,8 +115,11 @@ def test_every_kind_of_arm_runs_end_to_end_and_a_rerun_skips_its_arms(tmp_path, 
     assert refine["per_problem"][k] == base["per_problem"][k]
   assert (tmp_path / "summary.png").stat().st_size > 0
   capsys.readouterr()
+  monkeypatch.setattr(study.rollout, "from_config",
+                      lambda c: pytest.fail("a rerun of finished arms loaded the model"))
   study.Study(c, tmp_path).run()
   assert capsys.readouterr().out.count("finished earlier") == len(names)
+  assert (tmp_path / "summary.md").read_text() == table
 
 
 def test_score_effect_arms_are_scores_ablations():
