@@ -312,13 +312,13 @@ class Pipeline:
         continue
       # A DPO stage with too few pairs returns the RFT model itself: greedy decoding
       # of the same parameters gives the same records.
-      same = by_key.get(json.dumps(key, sort_keys=True))
-      if same is None:
+      fingerprint = json.dumps(key, sort_keys=True)
+      if fingerprint not in by_key:
         _, records, scores = evaluate_lib.run_protocol(
             params, self.setup, problems, protocol, max_new_tokens=c.max_new_tokens,
             batch_size=c.batch_size, seed=self.c.seed)
-        same = by_key[json.dumps(key, sort_keys=True)] = (records, scores["acc@t1"])
-      records, acc = same
+        by_key[fingerprint] = (records, scores["acc@t1"])
+      records, acc = by_key[fingerprint]
       per_problem[name] = np.array(acc)
       write_jsonl(stem.with_suffix(".jsonl"), records)
       done.write_text(json.dumps({"key": key, "acc@t1": per_problem[name].tolist()}))
