@@ -90,7 +90,7 @@ def test_weights_per_device_follow_the_sharding(tmp_path):
 
 def test_a_run_that_does_not_fit_exits_1_with_what_would_help(tmp_path):
   out = _plan("--config=configs/score.py:cpu", "--hbm_gib=0.001",
-              f"--model={_tiny(tmp_path)}", "--prompt_len=32")
+              f"--model={_tiny(tmp_path)}", "--prompt_len=32", "--config.model.remat=none")
   assert out.returncode == 1, out.stderr[-3000:]
   last = out.stdout.splitlines()[-1]
   assert last.startswith("does not fit: peak") and "model.remat=full" in last
