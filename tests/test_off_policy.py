@@ -132,7 +132,7 @@ def test_plan_counts_the_sampler_running_beside_the_update(tmp_path):
   outs = {}
   for steps in (0, 1):
     out = _plan("--config=configs/score.py:cpu", "--hbm_gib=4", f"--model={tiny}",
-                "--prompt_len=32", "--config.objective=grpo",
+                "--prompt_len=32", "--config.objective=grpo", "--config.model.remat=none",
                 f"--config.rollout.off_policy_steps={steps}")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     outs[steps] = out.stdout
