@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxscore.infra import files
+from jaxscore.infra import files, sharding
 from jaxscore.sampling import replies
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
@@ -104,19 +104,26 @@ def format_table(results: dict[str, dict], num_turns: int) -> str:
 
 def evaluate(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem], *,
              num_turns: int = 2, max_new_tokens: int = 256, batch_size: int = 32,
-             seed: int = 0, feedback: rollout_lib.Feedback | None = None
-             ) -> tuple[dict, list[dict]]:
+             seed: int = 0, feedback: rollout_lib.Feedback | None = None,
+             rules: sharding.Rules | None = None) -> tuple[dict, list[dict]]:
   """Greedy multi-turn evaluation; returns (metrics, per-problem transcripts).
 
   With feedback that stops at the first correct answer (a T-turn dialogue), Acc@t is
   the fraction of problems answered correctly by turn t. Default feedback: the task's
-  self-correction instruction after every attempt.
+  self-correction instruction after every attempt. On a mesh (the mesh `params` live
+  on) each call's rows split over its batch axes, as the training sampler's do, with
+  the KV cache laid out by `rules` (the run's sharding rules); `batch_size` is rounded
+  up to whole rows per device.
   """
   feedback = rollout_lib.Feedback() if feedback is None else feedback
   greedy = sampler_lib.SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+  rules = rules or sharding.RULES["data_parallel"]
+  rows = sharding.rows_sharding(params, rules)
   smp = rollout_lib.make_sampler(setup, rollout_lib.prompt_lens(setup, problems), num_turns,
                                  max_new_tokens,
-                                 message_len=rollout_lib.instruction_len(setup, feedback))
+                                 message_len=rollout_lib.instruction_len(setup, feedback),
+                                 batch_sharding=rows, rules=rules if rows else None)
+  batch_size = -(-batch_size // smp.row_shards) * smp.row_shards
   rewards, ids, records = [], [[] for _ in range(num_turns)], []
   for _, padded, real in sampler_lib.padded_chunks(problems, batch_size):
     ro = rollout_lib.rollout(params, smp, setup, padded, num_turns, greedy,
@@ -221,9 +228,11 @@ def turn_scores(records: Sequence[dict], turns: int, stops_when_correct: bool
 
 
 def run_protocol(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem],
-                 protocol: Protocol, *, max_new_tokens: int, batch_size: int, seed: int
+                 protocol: Protocol, *, max_new_tokens: int, batch_size: int, seed: int,
+                 rules: sharding.Rules | None = None
                  ) -> tuple[dict, list[dict], dict[str, list[float]]]:
-  """(metrics, per-problem records, per-problem scores by metric) of `protocol`."""
+  """(metrics, per-problem records, per-problem scores by metric) of `protocol`
+  (`rules`: see `evaluate`)."""
   if protocol.samples:
     result, records = evaluate_pass_at_k(
         params, setup, problems, num_samples=protocol.samples,
@@ -234,7 +243,7 @@ def run_protocol(params, setup: rollout_lib.Setup, problems: Sequence[base.Probl
                                            for r in records] for k in ks}
   result, records = evaluate(params, setup, problems, num_turns=protocol.turns,
                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                             feedback=protocol.feedback)
+                             feedback=protocol.feedback, rules=rules)
   return result, records, turn_scores(records, protocol.turns,
                                       protocol.feedback.stops_when_correct)
 

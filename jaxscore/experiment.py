@@ -19,7 +19,7 @@ import numpy as np
 from jaxscore import evaluate as evaluate_lib
 from jaxscore import objectives, tasks
 from jaxscore.infra import files
-from jaxscore.loops import offline, online, self_training
+from jaxscore.loops import common, offline, online, self_training
 from jaxscore.sampling import rollout
 
 # `objective=none`: no training; the model is evaluated as it is (a baseline arm).
@@ -74,7 +74,8 @@ def run(c, setup, params, problems, protocol: evaluate_lib.Protocol):
   """`evaluate.run_protocol` with the config's lengths, batch and seed."""
   return evaluate_lib.run_protocol(params, setup, problems, protocol,
                                    max_new_tokens=c.sampler.max_new_tokens,
-                                   batch_size=c.evaluate.batch_size, seed=c.seed)
+                                   batch_size=c.evaluate.batch_size, seed=c.seed,
+                                   rules=common.mesh_from_config(c)[1])
 
 
 def scores(c, setup, params, problems, protocol: evaluate_lib.Protocol, directory=None

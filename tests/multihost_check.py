@@ -14,11 +14,13 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from jaxscore import evaluate  # pylint: disable=g-import-not-at-top
 from jaxscore.infra import (
                             distributed,  # pylint: disable=g-import-not-at-top
                             sharding,
 )
-from jaxscore.loops import online
+from jaxscore.loops import common, online  # pylint: disable=g-import-not-at-top
+from jaxscore.sampling import rollout  # pylint: disable=g-import-not-at-top
 
 port, process_id, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
@@ -36,5 +38,15 @@ assert info["step"] == 3, info
 leaves = jax.tree.leaves(state.params)
 assert any(not x.is_fully_addressable for x in leaves)  # Really spread over both hosts.
 digest = float(sum(np.abs(sharding.to_host(x)).sum() for x in leaves))
+
+# Greedy evaluation of the trained params where they are (rows split over both hosts),
+# and a model loaded from its file straight onto the two hosts' mesh.
+metrics, records = evaluate.evaluate(state.params, setup, list(setup.task.problems("test"))[:6],
+                                     num_turns=2, max_new_tokens=4, batch_size=3,
+                                     rules=common.mesh_from_config(c)[1])
+c.mesh.rules, c.mesh.data, c.mesh.fsdp = "fsdp", 1, -1
+_, _, loaded = rollout.from_config(c)
+assert all(not x.is_fully_addressable for x in jax.tree.leaves(loaded))
 print("RESULT", json.dumps({"process": jax.process_index(), "step": info["step"],
-                            "digest": digest}), flush=True)
+                            "digest": digest, "evaluation": [metrics, [
+                                (r["attempts"], r["rewards"]) for r in records]]}), flush=True)

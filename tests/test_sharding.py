@@ -9,6 +9,7 @@ import types
 
 import jax
 import pytest
+from conftest import require_embedded
 
 from jaxscore.infra import sharding
 from jaxscore.models import model as model_lib
@@ -24,6 +25,17 @@ def test_meshes_match_one_device_and_rules():
   for mesh in ("(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 2, 2)"):
     assert f"OK mesh={mesh}" in out.stdout
   assert out.stdout.count("OK error") == 3
+
+
+def test_a_run_loads_onto_its_mesh_and_evaluates_with_rows_split_over_it():
+  require_embedded()  # The load; the tiny model's evaluation uses its tokenizer.
+  script = pathlib.Path(__file__).with_name("sharded_eval_check.py")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  assert "OK load" in out.stdout and "OK evaluate" in out.stdout
 
 
 def test_rules_map_logical_axes():

@@ -131,6 +131,27 @@ def _slice_grid(devices: list[jax.Device], sizes: list[int]) -> np.ndarray:
   return np.array(devices).reshape(sizes)
 
 
+def training_mesh(m: MeshConfig) -> tuple[Mesh, Rules]:
+  """(mesh, rules) of a run's `mesh` group: every device, or those
+  `m.sampler_devices` leaves."""
+  devices = jax.devices()
+  if m.sampler_devices:
+    if m.sampler_devices >= len(devices):
+      raise ShardingError(f"mesh.sampler_devices={m.sampler_devices} leaves none of the "
+                          f"{len(devices)} devices to train on")
+    devices = devices[:len(devices) - m.sampler_devices]
+  return make_mesh(m.data, m.fsdp, m.tensor, m.dcn, devices=devices), RULES[m.rules]
+
+
+def rows_sharding(params: Any, rules: Rules) -> NamedSharding | None:
+  """Rows split over the batch axes of the mesh `params` live on; None when they live
+  on one device."""
+  mesh = getattr(jax.tree.leaves(params)[0].sharding, "mesh", None)
+  if not isinstance(mesh, Mesh) or mesh.size == 1:
+    return None
+  return NamedSharding(mesh, PartitionSpec(dict(rules)["batch"]))
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: Rules):
   """Makes the model's logical constraints shard over `mesh` by `rules`."""

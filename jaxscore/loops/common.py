@@ -65,16 +65,7 @@ class Preemption:
 
 def mesh_from_config(c):
   """(training mesh, rules): every device, or those `mesh.sampler_devices` leaves."""
-  m = sharding.MeshConfig(**c.mesh)
-  devices = jax.devices()
-  if m.sampler_devices:
-    if m.sampler_devices >= len(devices):
-      raise sharding.ShardingError(
-          f"mesh.sampler_devices={m.sampler_devices} leaves none of the {len(devices)} "
-          "devices to train on")
-    devices = devices[:len(devices) - m.sampler_devices]
-  return (sharding.make_mesh(m.data, m.fsdp, m.tensor, m.dcn, devices=devices),
-          sharding.RULES[m.rules])
+  return sharding.training_mesh(sharding.MeshConfig(**c.mesh))
 
 
 def sampler_mesh_from_config(c):

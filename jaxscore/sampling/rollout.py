@@ -151,7 +151,12 @@ def from_config(c) -> tuple[Setup, Setup, Any]:
   eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())
                if c.task.eval_name else task)
   model = pretrained.from_config(c.model)
-  params = jax.device_put(model.params)
+  # Straight onto the run's mesh, sharded as training shards them: a model as large as
+  # one device's memory never sits whole on the first device, and evaluation runs
+  # where training does.
+  mesh, rules = sharding.training_mesh(sharding.MeshConfig(**c.get("mesh", {})))
+  params = jax.device_put(model.params, sharding.param_shardings(
+      model.cfg.replace(lora=None), mesh, rules))
   fmt = formats.make_format(model.tokenizer, c.format)
   return (Setup(model.cfg, model.tokenizer, fmt, task, model.stop_ids),
           Setup(model.cfg, model.tokenizer, fmt, eval_task, model.stop_ids), params)

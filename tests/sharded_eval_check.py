@@ -1,0 +1,61 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_sharding.py).
+
+A run's model loads straight onto its mesh, sharded as training shards it, and a greedy
+evaluation on that mesh splits each call's rows over the batch axes (the KV cache with
+them) and gives every problem the attempts and rewards one device gives it.
+"""
+
+import pathlib
+
+import jax
+from test_checkpoint import _tiny_setup
+
+from jaxscore import evaluate as evaluate_lib
+from jaxscore import plan
+from jaxscore.infra import sharding
+from jaxscore.sampling import rollout
+from jaxscore.sampling import sampler as sampler_lib
+
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "score.py") + ":cpu"
+
+assert jax.device_count() == 8, jax.devices()
+leaves = jax.tree.leaves
+
+# The embedded model loaded for an fsdp run over the 8 devices: every weight where
+# training puts it, none of them whole on the first device.
+c = plan.load_config(CONFIG)
+c.mesh.rules, c.mesh.data, c.mesh.fsdp = "fsdp", 1, 8
+setup, _, params = rollout.from_config(c)
+mesh, rules = sharding.training_mesh(sharding.MeshConfig(**c.mesh))
+for got, want in zip(leaves(params), leaves(sharding.param_shardings(setup.cfg, mesh, rules))):
+  assert got.sharding == want, (got.sharding, want)
+total = sum(a.nbytes for a in leaves(params))
+first = sum(s.data.nbytes for a in leaves(params) for s in a.addressable_shards
+            if s.device == jax.devices()[0])
+assert first < 0.13 * total, (first, total)  # An eighth, and the norms whole.
+print("OK load")
+
+# Greedy evaluation of a tiny model: params on one device against params fsdp-sharded
+# over the mesh (11 problems in calls of 5 rows, which the mesh rounds up to 8).
+tiny, tiny_params = _tiny_setup()
+problems = list(tiny.task.problems("test"))[:11]
+kw = dict(num_turns=2, max_new_tokens=6, batch_size=5)
+one_metrics, one_records = evaluate_lib.evaluate(
+    jax.device_put(tiny_params, jax.devices()[0]), tiny, problems, **kw)
+sharded = jax.device_put(tiny_params, sharding.param_shardings(tiny.cfg, mesh, rules))
+metrics, records = evaluate_lib.evaluate(sharded, tiny, problems, rules=rules, **kw)
+assert records == one_records, (records, one_records)
+assert metrics == one_metrics, (metrics, one_metrics)
+# The sampler the sharded evaluation used (`Sampler.shared`: the same arguments give the
+# same one): rows and cache split 8 ways.
+hits = sampler_lib._shared.cache_info().hits
+smp = rollout.make_sampler(
+    tiny, rollout.prompt_lens(tiny, problems), 2, 6,
+    message_len=rollout.instruction_len(tiny, rollout.Feedback()),
+    batch_sharding=sharding.rows_sharding(sharded, rules), rules=rules)
+assert sampler_lib._shared.cache_info().hits == hits + 1
+assert smp.row_shards == 8
+cache = smp.state_shardings.cache
+for kv in (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH):
+  assert kv.spec[1] == ("dcn", "data", "fsdp"), kv
+print("OK evaluate")
