@@ -15,27 +15,27 @@ from jaxscore.infra import sharding
 from jaxscore.models import model as model_lib
 
 
-def test_meshes_match_one_device_and_rules():
-  script = pathlib.Path(__file__).with_name("sharded_check.py")
+def _run_on_8_devices(script: str) -> str:
+  """The stdout of tests/`script`, run on 8 fake CPU devices; fails the test if it fails."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name(script))],
+                       env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  return out.stdout
+
+
+def test_meshes_match_one_device_and_rules():
+  stdout = _run_on_8_devices("sharded_check.py")
   for mesh in ("(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 2, 2)"):
-    assert f"OK mesh={mesh}" in out.stdout
-  assert out.stdout.count("OK error") == 3
+    assert f"OK mesh={mesh}" in stdout
+  assert stdout.count("OK error") == 3
 
 
 def test_a_run_loads_onto_its_mesh_and_evaluates_with_rows_split_over_it():
   require_embedded()  # The load; the tiny model's evaluation uses its tokenizer.
-  script = pathlib.Path(__file__).with_name("sharded_eval_check.py")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  assert "OK load" in out.stdout and "OK evaluate" in out.stdout
+  stdout = _run_on_8_devices("sharded_eval_check.py")
+  assert "OK load" in stdout and "OK evaluate" in stdout
 
 
 def test_rules_map_logical_axes():
