@@ -58,14 +58,18 @@ def plan_cell(config: str, model: str, topology: str, mode: str, args) -> dict:
     return dict(status="timeout", seconds=args.timeout)
   lines = out.stdout.strip().splitlines()
   last = lines[-1] if lines else ""
-  found = re.match(r"(fits|does not fit): peak ([\d.]+) of ([\d.]+) GiB per device \(([^,)]+)",
-                   last)
+  found = re.match(r"(fits|does not fit): peak ([\d.]+) of ([\d.]+) GiB per device "
+                   r"\(([^,)]+), (.+?)\)(?:$|; would lower)", last)
   if out.returncode not in (0, 1) or found is None:
     return dict(status="error", seconds=time.perf_counter() - t0,
                 error=(out.stderr.strip().splitlines() or ["?"])[-1][:300])
-  resident = next((l.strip() for l in lines if "resident:" in l), "")
+  # The resident memory of the program that sets the peak (the line after its name).
+  program = found[5]
+  start = next((i for i, l in enumerate(lines) if l.startswith(f"{program}  [")), None)
+  resident = "" if start is None else lines[start + 1].strip()
   return dict(status=found[1], peak_gib=float(found[2]), capacity_gib=float(found[3]),
-              peak_phase=found[4], resident=resident, seconds=time.perf_counter() - t0)
+              peak_phase=found[4], peak_program=program, resident=resident,
+              seconds=time.perf_counter() - t0)
 
 
 def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
@@ -77,7 +81,8 @@ def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
            f"`rollout.sample_batches={args.sample_batches}`. LoRA: rank 16 on q, k, v, o, "
            "gate, up, down; QLoRA: the same on an nf4 base. A cell: fits or not, the peak "
            "GiB per device against the device's memory, and the phase that sets the "
-           "peak. Prompt lengths: each config's data where it can be read offline, else "
+           "peak (and, where recorded, the program: a study arm, a Self-Explore stage). "
+           "Prompt lengths: each config's data where it can be read offline, else "
            "512 tokens (the plan prints which). Devices as libtpu describes each "
            "topology: v5e-8, 8 chips of 16 GiB; v4-8, its 8 TensorCores as 8 devices of "
            "16 GiB (half a chip's 32 GiB each; a v4 VM's JAX joins each chip's two cores "
@@ -94,8 +99,8 @@ def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
             row.append("not run")
           elif c["status"] in ("fits", "does not fit"):
             mark = "fits" if c["status"] == "fits" else "**no**"
-            row.append(f"{mark} {c['peak_gib']:.1f}/{c['capacity_gib']:.0f} "
-                       f"({c['peak_phase']})")
+            where = ", ".join(x for x in (c["peak_phase"], c.get("peak_program")) if x)
+            row.append(f"{mark} {c['peak_gib']:.1f}/{c['capacity_gib']:.0f} ({where})")
           else:
             row.append(f"{c['status']}: {c.get('error', '')[:60]}")
         lines.append("| " + " | ".join(row) + " |")

@@ -162,16 +162,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_pass_at_k(params, setup: rollout_lib.Setup, problems: Sequence[base.Problem], *,
                        num_samples: int = 8, temperature: float = 1.0, top_p: float = 1.0,
                        max_new_tokens: int = 256, batch_size: int = 32,
-                       seed: int = 0) -> tuple[dict, list[dict]]:
+                       seed: int = 0, rules: sharding.Rules | None = None
+                       ) -> tuple[dict, list[dict]]:
   """Single-turn pass@k for k = 1, 2, 4, ... up to `num_samples`, sampled.
 
   Each problem's prompt is prefilled once and its cache copied to its `num_samples` rows
-  (`Sampler.generate_grouped`); `batch_size` counts sampled rows per call. Returns
-  (metrics, per-problem records with the number of correct samples).
+  (`Sampler.generate_grouped`); `batch_size` counts sampled rows per call, split over
+  the mesh the params live on as `evaluate` splits them. Returns (metrics, per-problem
+  records with the number of correct samples).
   """
   prompts = [setup.fmt.prompt_ids(p.prompt) for p in problems]
   replier = replies.Replier(setup, max(map(len, prompts)), max_new_tokens,
-                            max(batch_size // num_samples, 1) * num_samples)
+                            max(batch_size // num_samples, 1) * num_samples, rules=rules)
   sampling = sampler_lib.SamplingConfig(temperature=temperature, top_p=top_p)
   texts = [t.strip() for t in replier(params, prompts, sampling, jax.random.key(seed),
                                       group_size=num_samples)]
@@ -237,7 +239,7 @@ def run_protocol(params, setup: rollout_lib.Setup, problems: Sequence[base.Probl
     result, records = evaluate_pass_at_k(
         params, setup, problems, num_samples=protocol.samples,
         temperature=protocol.temperature, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, seed=seed)
+        batch_size=batch_size, seed=seed, rules=rules)
     ks = [int(k[5:]) for k in result if k.startswith("pass@")]
     return result, records, {f"pass@{k}": [pass_at_k(protocol.samples, r["num_correct"], k)
                                            for r in records] for k in ks}

@@ -218,6 +218,11 @@ def _batch_axes(rules) -> tuple[str, ...]:
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
+def _row_shards(b: Builder) -> int:
+  """How many pieces the mesh's batch axes split a sampler's rows into."""
+  return math.prod(b.mesh.shape[a] for a in _batch_axes(b.rules))
+
+
 _COMPILED: dict[str, tuple[float, float]] = {}
 
 
@@ -319,20 +324,15 @@ class Builder:
                           waiting=resident["optimizer"] + _bytes_per_device(trainable)))
     return phases, resident
 
-  def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float,
-                     shard_rows: bool = True) -> tuple[list, float]:
+  def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float
+                     ) -> tuple[list, float]:
     """The sampler's prefill and widest decode compiled: (phases, KV cache bytes). Rows
-    split over the batch axes as the online loop splits them, or (`shard_rows=False`,
-    the offline stages' samplers) whole on every device."""
-    rows_sharding, rules = self.rows, self.rules
-    if not shard_rows:  # Every row on every device: the cache's rows are not split.
-      rows_sharding = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
-      rules = tuple(r for r in self.rules if r[0] != "cache_batch")
-    if shard_rows and rows % math.prod(self.mesh.shape[a] for a in _batch_axes(self.rules)):
+    split over the batch axes, as every sampler of a run splits them."""
+    if rows % _row_shards(self):
       raise PlanError(f"{rows} sampler rows do not split over the mesh's batch axes "
                       f"({dict(self.mesh.shape)}): make the rows a multiple of them")
     smp = sampler_lib.Sampler(self.cfg, max_len=max_len, stop_ids=[0],
-                              batch_sharding=rows_sharding, rules=rules,
+                              batch_sharding=self.rows, rules=self.rules,
                               max_prompt_len=prompt_len, min_compact_rows=None)
     sh = smp.state_shardings
     tokens = jax.ShapeDtypeStruct((rows, max_len), jnp.int32, sharding=sh.tokens_BxT)
@@ -410,7 +410,7 @@ def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
     resident["reference"] = resident["weights"]
   if sampler_rows:
     sample, cache = b.sampler_phases(sampler_rows, sampler_len, prompt_len,
-                                     waiting=resident["optimizer"], shard_rows=False)
+                                     waiting=resident["optimizer"])
     resident["KV cache"] = cache
     phases += sample
   return Program(name, f"{objective_name}: {oc.batch_size} x {width} tokens", phases,
@@ -431,10 +431,13 @@ def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list
   if how == "online":
     return [_online_program(name, c, cfg, b, prompts)]
   if how == "self_training":  # Fine-tuned on its samples: the sampler's episodes.
-    turns = objectives.get(c.objective).turns
+    turns, group = objectives.get(c.objective).turns, c[c.objective].group_size
     width = p + turns * (new + 1) + (turns - 1) * prompts.message
-    return [_offline_program(name, c, cfg, b, c.objective, _rounded(width),
-                             c.evaluate.batch_size, sampler_lib.bucket(width, 64), p)]
+    # Each call's rows, padded (as `rollout.rollout` pads them) to whole rows per device.
+    rows = max(c.evaluate.batch_size // group, 1) * group
+    rows += rollout.row_padding(rows, group, _row_shards(b))
+    return [_offline_program(name, c, cfg, b, c.objective, _rounded(width), rows,
+                             sampler_lib.bucket(width, 64), p)]
   return [_offline_program(name, c, cfg, b, c.objective, _rounded(p + new + 1))]
 
 
@@ -448,12 +451,16 @@ def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
   if "train_sft" in c:  # configs/self_explore.py: its training stages and samplers.
     out = []
     longest = max(c.rationales.max_new_tokens, c.explore.max_new_tokens)
-    for stage, group, objective, rows, new in (
-        ("sft", "train_sft", "sft", c.rationales.batch_size, c.rationales.max_new_tokens),
-        ("rft", "train_rft", "sft", c.explore.batch_size, c.explore.max_new_tokens),
-        ("dpo", "train_dpo", "dpo", 0, 0)):
+    for stage, group, objective, sampling in (
+        ("sft", "train_sft", "sft", c.rationales),
+        ("rft", "train_rft", "sft", c.explore),
+        ("dpo", "train_dpo", "dpo", None)):
       sc = ml_collections.ConfigDict(c.to_dict())
       sc.offline, sc.optim = c[group].offline, c[group].optim
+      rows = new = 0
+      if sampling is not None:  # The Replier's rows, padded to whole rows per device.
+        rows, new = sampling.batch_size, sampling.max_new_tokens
+        rows += rollout.row_padding(rows, sampling.group_size, _row_shards(b))
       out.append(_offline_program(
           f"stage {stage}" + (" (+ its sampler)" if rows else ""), sc, cfg, b, objective,
           _rounded(p + longest + 1), rows, sampler_lib.bucket(p + new + 1, 64), p))

@@ -41,12 +41,19 @@ digest = float(sum(np.abs(sharding.to_host(x)).sum() for x in leaves))
 
 # Greedy evaluation of the trained params where they are (rows split over both hosts),
 # and a model loaded from its file straight onto the two hosts' mesh.
-metrics, records = evaluate.evaluate(state.params, setup, list(setup.task.problems("test"))[:6],
-                                     num_turns=2, max_new_tokens=4, batch_size=3,
-                                     rules=common.mesh_from_config(c)[1])
+problems = list(setup.task.problems("test"))[:6]
+rules = common.mesh_from_config(c)[1]
+metrics, records = evaluate.evaluate(state.params, setup, problems, num_turns=2,
+                                     max_new_tokens=4, batch_size=3, rules=rules)
+# pass@k's sampler (the Replier) too: 3 problems x 2 samples, one problem per call,
+# padded to two so that each call's 4 rows split over the 4 devices of both hosts.
+passk, passk_records = evaluate.evaluate_pass_at_k(
+    state.params, setup, problems[:3], num_samples=2, temperature=1.0, max_new_tokens=4,
+    batch_size=2, rules=rules)
 c.mesh.rules, c.mesh.data, c.mesh.fsdp = "fsdp", 1, -1
 _, _, loaded = rollout.from_config(c)
 assert all(not x.is_fully_addressable for x in jax.tree.leaves(loaded))
 print("RESULT", json.dumps({"process": jax.process_index(), "step": info["step"],
                             "digest": digest, "evaluation": [metrics, [
-                                (r["attempts"], r["rewards"]) for r in records]]}), flush=True)
+                                (r["attempts"], r["rewards"]) for r in records]],
+                            "pass@k": [passk, passk_records]}), flush=True)

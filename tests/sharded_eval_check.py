@@ -2,7 +2,9 @@
 
 A run's model loads straight onto its mesh, sharded as training shards it, and a greedy
 evaluation on that mesh splits each call's rows over the batch axes (the KV cache with
-them) and gives every problem the attempts and rewards one device gives it.
+them) and gives every problem the attempts and rewards one device gives it. So do the
+samplers of STaR's and pair-SFT's rounds and of pass@k (the Replier, which Self-Explore
+samples with): every real row samples what it samples on one device.
 """
 
 import pathlib
@@ -13,6 +15,7 @@ from test_checkpoint import _tiny_setup
 from jaxscore import evaluate as evaluate_lib
 from jaxscore import plan
 from jaxscore.infra import sharding
+from jaxscore.loops import self_training
 from jaxscore.sampling import rollout
 from jaxscore.sampling import sampler as sampler_lib
 
@@ -59,3 +62,31 @@ cache = smp.state_shardings.cache
 for kv in (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH):
   assert kv.spec[1] == ("dcn", "data", "fsdp"), kv
 print("OK evaluate")
+
+# Self-training rounds, sampled at temperature 1: 5 problems x 2 samples, 3 problems
+# (6 rows) per call, which the mesh pads to 8 rows with copies of the last problem.
+one = jax.device_put(tiny_params, jax.devices()[0])
+kw = dict(num_turns=2, group_size=2, temperature=1.0, max_new_tokens=6, batch_size=6,
+          seed=3, round_index=1)
+results = []
+for p in (one, sharded):
+  smp = self_training.make_sampler(tiny, problems, 2, 6, p, rules)
+  assert smp.row_shards == (8 if p is sharded else 1), smp.row_shards
+  results.append(self_training.sample(p, tiny, smp, problems[:5], **kw))
+(one_batches, one_used, one_tokens), (batches, used, tokens) = results
+assert (used, tokens) == (one_used, one_tokens) == (5, one_tokens), (used, tokens, one_tokens)
+for (ro, real), (one_ro, one_real) in zip(batches, one_batches, strict=True):
+  assert real == one_real
+  assert [t[:real] for t in ro.texts] == [t[:real] for t in one_ro.texts]
+  assert (ro.rewards_BxN[:real] == one_ro.rewards_BxN[:real]).all()
+assert len({t for ro, real in batches for t in ro.texts[0][:real]}) > 1  # Sampled.
+print("OK self-training")
+
+# pass@k: 5 problems x 2 samples in calls of 6 rows (3 prompts, padded to 4 on the mesh).
+kw = dict(num_samples=2, temperature=1.0, max_new_tokens=6, batch_size=6, seed=2)
+one_metrics, one_records = evaluate_lib.evaluate_pass_at_k(one, tiny, problems[:5], **kw)
+metrics, records = evaluate_lib.evaluate_pass_at_k(sharded, tiny, problems[:5], rules=rules,
+                                                   **kw)
+assert records == one_records, (records, one_records)
+assert metrics == one_metrics, (metrics, one_metrics)
+print("OK pass@k")

@@ -1,6 +1,7 @@
 """Two processes on 127.0.0.1 with jax.distributed, 2 CPU devices each: a short SCoRe run
 checkpoints, stops, resumes, and both processes end with the same params and the same
-evaluation of them (rows split over both hosts); a model loads onto both hosts' mesh."""
+evaluation of them (rows split over both hosts, greedy and pass@k); a model loads onto
+both hosts' mesh."""
 
 import json
 import os
@@ -41,6 +42,8 @@ def test_two_processes_train_checkpoint_resume_and_agree(tmp_path):
   # Each process scores its own rows; both end with every row's attempts and rewards.
   assert results[0]["evaluation"] == results[1]["evaluation"]
   assert len(results[0]["evaluation"][1]) == 6
+  assert results[0]["pass@k"] == results[1]["pass@k"]
+  assert [len(r["samples"]) for r in results[0]["pass@k"][1]] == [2, 2, 2]
   metrics = (tmp_path / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(m)["step"] for m in metrics] == [1, 2, 3]  # Written by process 0 only.
   steps = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())

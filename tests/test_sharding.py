@@ -32,10 +32,11 @@ def test_meshes_match_one_device_and_rules():
   assert stdout.count("OK error") == 3
 
 
-def test_a_run_loads_onto_its_mesh_and_evaluates_with_rows_split_over_it():
+def test_a_run_loads_onto_its_mesh_and_samples_with_rows_split_over_it():
   require_embedded()  # The load; the tiny model's evaluation uses its tokenizer.
   stdout = _run_on_8_devices("sharded_eval_check.py")
-  assert "OK load" in stdout and "OK evaluate" in stdout
+  for part in ("load", "evaluate", "self-training", "pass@k"):
+    assert f"OK {part}" in stdout
 
 
 def test_rules_map_logical_axes():

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxscore import objectives as objectives_lib
 from jaxscore import tasks
-from jaxscore.infra import files
+from jaxscore.infra import files, sharding
 from jaxscore.loops import offline, online
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
@@ -33,12 +33,16 @@ def make_objective(c, setup: rollout_lib.Setup):
                              objectives_lib.Context(model_cfg=setup.cfg))
 
 
-def make_sampler(setup: rollout_lib.Setup, problems, num_turns: int, max_new_tokens: int
-                 ) -> sampler_lib.Sampler:
-  """A sampler for `num_turns`-attempt episodes of any of `problems`."""
+def make_sampler(setup: rollout_lib.Setup, problems, num_turns: int, max_new_tokens: int,
+                 params=None, rules: sharding.Rules | None = None) -> sampler_lib.Sampler:
+  """A sampler for `num_turns`-attempt episodes of any of `problems`. With `params` on a
+  mesh, its rows (and KV cache) split over the mesh's batch axes by `rules`, as the
+  online loop's and the evaluation's do, instead of every device sampling every row."""
+  rows = None if params is None or rules is None else sharding.rows_sharding(params, rules)
   return rollout_lib.make_sampler(
       setup, rollout_lib.prompt_lens(setup, problems), num_turns, max_new_tokens,
-      message_len=rollout_lib.instruction_len(setup, rollout_lib.Feedback("instruction")))
+      message_len=rollout_lib.instruction_len(setup, rollout_lib.Feedback("instruction")),
+      batch_sharding=rows, rules=rules if rows else None)
 
 
 def sample(params, setup: rollout_lib.Setup, smp: sampler_lib.Sampler, problems, *,
@@ -47,9 +51,9 @@ def sample(params, setup: rollout_lib.Setup, smp: sampler_lib.Sampler, problems,
            token_budget: float | None = None):
   """`group_size` episodes per problem of `num_turns` attempts with the task's
   instruction between them, `batch_size // group_size` problems per sampler call (one
-  compiled shape: the last call repeats its last problem): (batches of (rollouts, real
-  rows), problems used, tokens sampled). With `token_budget`, sampling stops after the
-  call that reaches it."""
+  compiled shape: the last call repeats its last problem; on a mesh, copies of it pad
+  the rows to whole rows per device): (batches of (rollouts, real rows), problems used,
+  tokens sampled). With `token_budget`, sampling stops after the call that reaches it."""
   feedback = rollout_lib.Feedback("instruction")
   sampling = sampler_lib.SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
   per_call = max(batch_size // group_size, 1)
@@ -94,11 +98,16 @@ def train(c, setup: rollout_lib.Setup, params, workdir: str | os.PathLike, *,
   count = config.problems_per_round or len(problems)
   share = token_budget / objective.rounds if token_budget else None
   pair_rng = np.random.default_rng([c.seed, 1])
-  smp = make_sampler(setup, problems, objective.turns, c.sampler.max_new_tokens)
+  rules = sharding.RULES[c.mesh.rules]
   current, kept, log, offset = params, [], [], 0
   for r in range(objective.rounds):
+    sampling_params = current if objective.resamples else params
+    # Rows split over the mesh the sampled params live on (the same sampler every round
+    # once they live on the training mesh).
+    smp = make_sampler(setup, problems, objective.turns, c.sampler.max_new_tokens,
+                       sampling_params, rules)
     batches, used, tokens = sample(
-        current if objective.resamples else params, setup, smp,
+        sampling_params, setup, smp,
         online.seeded_problems(problems, offset, count, c.seed), num_turns=objective.turns,
         group_size=config.group_size, temperature=config.temperature,
         max_new_tokens=c.sampler.max_new_tokens, batch_size=c.evaluate.batch_size,

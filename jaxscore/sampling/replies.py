@@ -8,22 +8,38 @@ Self-Explore's rationales and its step continuations all sample with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 
+from jaxscore.infra import sharding
 from jaxscore.sampling import rollout as rollout_lib
 from jaxscore.sampling import sampler as sampler_lib
 
 
 class Replier:
-  """Samples replies to prompts (token ids): `batch_size` rows per sampler call."""
+  """Samples replies to prompts (token ids): `batch_size` rows per sampler call.
+
+  On a mesh (the one the params passed in live on) each call's rows split over its
+  batch axes by `rules` (default: data parallel), the KV cache with them; a call whose
+  prompts do not split is padded with copies of its last prompt, whose replies are
+  dropped. A row's random stream is its index in the call, so every real reply is the
+  one a single device samples.
+  """
 
   def __init__(self, setup: rollout_lib.Setup, max_prompt_len: int, max_new_tokens: int,
-               batch_size: int):
+               batch_size: int, rules: sharding.Rules | None = None):
     self.setup, self.batch_size, self.max_new_tokens = setup, batch_size, max_new_tokens
-    self.sampler = rollout_lib.make_sampler(setup, [max_prompt_len], 1, max_new_tokens,
-                                            message_len=0)
+    self.max_prompt_len = max_prompt_len
+    self.rules = rules or sharding.RULES["data_parallel"]
+
+  def sampler(self, params) -> sampler_lib.Sampler:
+    """The sampler for `params`' mesh (`Sampler.shared`: built once per mesh)."""
+    rows = sharding.rows_sharding(params, self.rules)
+    return rollout_lib.make_sampler(self.setup, [self.max_prompt_len], 1, self.max_new_tokens,
+                                    message_len=0, batch_sharding=rows,
+                                    rules=self.rules if rows else None)
 
   def __call__(self, params, prompts: Sequence[Sequence[int]],
                sampling: sampler_lib.SamplingConfig, rng, group_size: int = 1) -> list[str]:
@@ -37,11 +53,18 @@ class Replier:
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
         max_new_tokens=self.max_new_tokens)
     per_call = self.batch_size // group_size
-    smp, out = self.sampler, []
+    smp, out = self.sampler(params), []
+    # Prompts per call such that its rows split over the devices that hold rows.
+    unit = smp.row_shards // math.gcd(group_size, smp.row_shards)
     for start, padded, real in sampler_lib.padded_chunks(prompts, per_call):
-      state = smp.start(padded, jax.random.fold_in(rng, start))
-      state = smp.generate_grouped(params, state, sampling, group_size,
-                                   pending=smp.max_prompt_len)
+      padded = list(padded) + [padded[-1]] * (-len(padded) % unit)
+      rows = [p for p in padded for _ in range(group_size)]
+      if smp.batch_sharding is not None:  # Each process starts the rows it holds.
+        rows = rows[slice(*sharding.process_rows(len(rows)))]
+      state, group = rollout_lib.start_groups(smp, rows, jax.random.fold_in(rng, start),
+                                              group_size)
+      state = rollout_lib.first_turn(params, smp, state, sampling, group,
+                                     pending=smp.max_prompt_len)
       ids = smp.episode(state).response_ids(1)[:real * group_size]
       out += [self.setup.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
     return out

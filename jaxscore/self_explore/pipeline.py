@@ -139,6 +139,12 @@ class Pipeline:
     self.train_problems = tasks.train_problems(self.setup.task, c.task)
     self.by_id = {p.id: p for p in self.train_problems}
 
+  @property
+  def rules(self):
+    """The run's sharding rules: sampling and evaluation split their rows over the mesh
+    the params live on by them."""
+    return sharding.RULES[self.c.mesh.rules]
+
   # -- Stage bookkeeping. -------------------------------------------------------
 
   def _dir(self, stage: str):
@@ -204,7 +210,7 @@ class Pipeline:
     c, fmt, task = self.c.rationales, self.setup.fmt, self.setup.task
     prompts = [fmt.prompt_ids(p.prompt) for p in self.train_problems]
     replier = replies.Replier(self.setup, max(map(len, prompts)), c.max_new_tokens,
-                              c.batch_size)
+                              c.batch_size, rules=self.rules)
     rows = [i for i in range(len(prompts)) for _ in range(c.group_size)]
     texts = replier(sft_params, prompts, sampler.SamplingConfig(temperature=c.temperature),
                     jax.random.key(self.c.seed), group_size=c.group_size)
@@ -252,7 +258,7 @@ class Pipeline:
     fmt = self.setup.fmt
     longest = max((len(fmt.prompt_ids(self.by_id[r["id"]].prompt)) for r in pairs), default=1)
     replier = replies.Replier(self.setup, longest + self.c.rationales.max_new_tokens + 1,
-                              c.max_new_tokens, c.batch_size)
+                              c.max_new_tokens, c.batch_size, rules=self.rules)
     calls = [0]
 
     def continue_fn(queries, k):
@@ -316,7 +322,7 @@ class Pipeline:
       if fingerprint not in by_key:
         _, records, scores = evaluate_lib.run_protocol(
             params, self.setup, problems, protocol, max_new_tokens=c.max_new_tokens,
-            batch_size=c.batch_size, seed=self.c.seed)
+            batch_size=c.batch_size, seed=self.c.seed, rules=self.rules)
         by_key[fingerprint] = (records, scores["acc@t1"])
       records, acc = by_key[fingerprint]
       per_problem[name] = np.array(acc)
