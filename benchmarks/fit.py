@@ -67,9 +67,11 @@ def plan_cell(config: str, model: str, topology: str, mode: str, args) -> dict:
   program = found[5]
   start = next((i for i, l in enumerate(lines) if l.startswith(f"{program}  [")), None)
   resident = "" if start is None else lines[start + 1].strip()
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT).stdout.strip()
   return dict(status=found[1], peak_gib=float(found[2]), capacity_gib=float(found[3]),
               peak_phase=found[4], peak_program=program, resident=resident,
-              seconds=time.perf_counter() - t0)
+              seconds=time.perf_counter() - t0, commit=commit)
 
 
 def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
@@ -86,7 +88,11 @@ def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
            "512 tokens (the plan prints which). Devices as libtpu describes each "
            "topology: v5e-8, 8 chips of 16 GiB; v4-8, its 8 TensorCores as 8 devices of "
            "16 GiB (half a chip's 32 GiB each; a v4 VM's JAX joins each chip's two cores "
-           "into one 32 GiB device); v5p-8, 4 chips of 95 GiB.", ""]
+           "into one 32 GiB device); v5p-8, 4 chips of 95 GiB. † planned before the "
+           "KV cache took its (slots, kv heads, head dim) layout: the TPU compiler then "
+           "copied the whole cache into that layout and back in every decode call, so "
+           "these decode peaks overstate today's by up to the KV cache's size (rerun "
+           "the cell to refresh it).", ""]
   for config in args.configs:
     lines += [f"## {config}", "", "| model | slice | full | LoRA r16 | QLoRA r16 nf4 |",
               "|---|---|---|---|---|"]
@@ -100,7 +106,9 @@ def write_markdown(cells: dict, args, out: pathlib.Path) -> None:
           elif c["status"] in ("fits", "does not fit"):
             mark = "fits" if c["status"] == "fits" else "**no**"
             where = ", ".join(x for x in (c["peak_phase"], c.get("peak_program")) if x)
-            row.append(f"{mark} {c['peak_gib']:.1f}/{c['capacity_gib']:.0f} ({where})")
+            stale = "commit" not in c and c["peak_phase"] == "sampler decode"
+            row.append(f"{mark} {c['peak_gib']:.1f}/{c['capacity_gib']:.0f} ({where})"
+                       + (" †" if stale else ""))
           else:
             row.append(f"{c['status']}: {c.get('error', '')[:60]}")
         lines.append("| " + " | ".join(row) + " |")

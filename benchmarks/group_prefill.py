@@ -64,7 +64,7 @@ def main():
     (s1, l1), (s2, l2) = out["every"], out["grouped"]
     same = (np.array_equal(s1.tokens_BxT, s2.tokens_BxT)
             and np.allclose(l1, l2, atol=1e-4)
-            and np.allclose(s1.cache.k_LxBxKxSxH, s2.cache.k_LxBxKxSxH, atol=1e-4))
+            and np.allclose(s1.cache.k_LxBxSxKxH, s2.cache.k_LxBxSxKxH, atol=1e-4))
     row = dict(rows=b, group_size=g, prompts=len(unique), prompt_tokens=max(map(len, unique)),
                every_row_s=t_every, grouped_s=t_grouped, speedup=t_every / t_grouped,
                same_state=bool(same))

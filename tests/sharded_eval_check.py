@@ -59,7 +59,7 @@ smp = rollout.make_sampler(
 assert sampler_lib._shared.cache_info().hits == hits + 1
 assert smp.row_shards == 8
 cache = smp.state_shardings.cache
-for kv in (cache.k_LxBxKxSxH, cache.v_LxBxKxSxH):
+for kv in (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH):
   assert kv.spec[1] == ("dcn", "data", "fsdp"), kv
 print("OK evaluate")
 

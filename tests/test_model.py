@@ -97,7 +97,7 @@ def test_bfloat16_params_and_compute_track_float32(params):
   assert out.dtype == jnp.float32  # Logits are always float32.
   assert np.abs(np.asarray(out) - np.asarray(ref)).max() < 0.1 * np.abs(ref).max()
   cache = model_lib.init_cache(cfg16, 2, 8)
-  assert cache.k_LxBxKxSxH.dtype == jnp.bfloat16
+  assert cache.k_LxBxSxKxH.dtype == jnp.bfloat16
 
 
 def test_llama3_rope_scaling_matches_formula():

@@ -214,17 +214,17 @@ def test_prefill_reads_only_the_filled_window(tiny):
   assert filled <= window < smp.max_len
   whole_state, whole_logits = smp._prefill(params, jax.tree.map(jnp.copy, state), chunk=16,
                                            window=smp.max_len)
-  poison = lambda kv: kv.at[:, :, :, window:].set(jnp.nan)
+  poison = lambda kv: kv.at[:, :, window:].set(jnp.nan)
   poisoned = state.replace(cache=state.cache.replace(
-      k_LxBxKxSxH=poison(state.cache.k_LxBxKxSxH), v_LxBxKxSxH=poison(state.cache.v_LxBxKxSxH)))
+      k_LxBxSxKxH=poison(state.cache.k_LxBxSxKxH), v_LxBxSxKxH=poison(state.cache.v_LxBxSxKxH)))
   state, logits = smp.prefill(params, poisoned)
   assert np.isfinite(np.asarray(logits)).all()
   assert smp._prefill._cache_size() == 3  # Turn 1, the whole buffer, this window.
   np.testing.assert_allclose(logits, whole_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(state.cache.end_B, whole_state.cache.end_B)
   new = slice(filled - 8, int(state.cache.end_B.max()))  # Rows' newly written slots.
-  np.testing.assert_allclose(state.cache.k_LxBxKxSxH[:, :, :, new],
-                             whole_state.cache.k_LxBxKxSxH[:, :, :, new], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.cache.k_LxBxSxKxH[:, :, new],
+                             whole_state.cache.k_LxBxSxKxH[:, :, new], rtol=1e-5, atol=1e-6)
 
 
 def test_top_k_and_top_p_filters():

@@ -88,25 +88,25 @@ def attention(q_BxTxQxH: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Ar
               visible_BxTxR: jax.Array, scale: float,
               softcap: float | None = None) -> jax.Array:
   """Grouped-query attention over keys given in blocks along the sequence (`ks`, `vs`:
-  B x K x S_i x H each, e.g. the cache and the new chunk), without concatenating them:
+  B x S_i x K x H each, e.g. the cache and the new chunk), without concatenating them:
   one softmax, in float32, over all blocks; `visible_BxTxR` covers R = sum S_i."""
   b, t, n, h = q_BxTxQxH.shape
-  k = ks[0].shape[1]
+  k = ks[0].shape[2]
   g = n // k
   # Queries of a kv group side by side: one (T*G x S) matmul per (row, kv head).
   q_BxKxQxH = (q_BxTxQxH.reshape(b, t, k, g, h).transpose(0, 2, 1, 3, 4)
                .reshape(b, k, t * g, h))
   logits = jnp.concatenate(
-      [jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, kb, preferred_element_type=jnp.float32)
+      [jnp.einsum("bkqh,bskh->bkqs", q_BxKxQxH, kb, preferred_element_type=jnp.float32)
        for kb in ks], axis=-1) * scale
   if softcap is not None:
     logits = softcap * jnp.tanh(logits / softcap)
   visible_Bx1xQxR = jnp.repeat(visible_BxTxR, g, axis=1)[:, None]
   logits = jnp.where(visible_Bx1xQxR, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(vs[0].dtype)
-  sizes = [kb.shape[2] for kb in ks]
+  sizes = [kb.shape[1] for kb in ks]
   parts = jnp.split(probs, np.cumsum(sizes)[:-1], axis=-1) if len(ks) > 1 else [probs]
-  out_BxKxQxH = sum(jnp.einsum("bkqs,bksh->bkqh", p, vb) for p, vb in zip(parts, vs))
+  out_BxKxQxH = sum(jnp.einsum("bkqs,bskh->bkqh", p, vb) for p, vb in zip(parts, vs))
   return (out_BxKxQxH.reshape(b, k, t, g, h).transpose(0, 2, 1, 3, 4)
           .reshape(b, t, n, h))
 

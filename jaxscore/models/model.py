@@ -41,15 +41,17 @@ __all__ = ["ACT_EMBED", "ACT_MLP", "Cache", "LoraConfig", "ModelConfig", "Params
 class Cache:
   """Per-layer keys and values, and how many slots each row has filled."""
 
-  # kv heads before slots: attention is then a plain batched matmul over (B, K),
-  # which XLA runs much faster than with K between S and H.
-  k_LxBxKxSxH: jax.Array
-  v_LxBxKxSxH: jax.Array
+  # Slots before kv heads: a token's keys for every head are one (K, H) tile, the
+  # layout the TPU compiler gives the cache inside a decode loop; stored (K, S, H), it
+  # copied the whole cache into that layout and back at every decode call (twice the
+  # cache in temporaries).
+  k_LxBxSxKxH: jax.Array
+  v_LxBxSxKxH: jax.Array
   end_B: jax.Array  # int32
 
   @property
   def max_len(self) -> int:
-    return self.k_LxBxKxSxH.shape[3]
+    return self.k_LxBxSxKxH.shape[2]
 
 
 # Logical axis names. A sharding rules table maps them to mesh axes; see
@@ -66,8 +68,8 @@ def param_axes(cfg: ModelConfig) -> Params:
 
 
 def cache_axes() -> Cache:
-  kv = ("layers", "cache_batch", "cache_kv_heads", "cache_sequence", "head_dim")
-  return Cache(k_LxBxKxSxH=kv, v_LxBxKxSxH=kv, end_B=("cache_batch",))
+  kv = ("layers", "cache_batch", "cache_sequence", "cache_kv_heads", "head_dim")
+  return Cache(k_LxBxSxKxH=kv, v_LxBxSxKxH=kv, end_B=("cache_batch",))
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
@@ -115,10 +117,10 @@ def init_lora(cfg: ModelConfig, rng: jax.Array) -> dict:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> Cache:
-  shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
   return Cache(
-      k_LxBxKxSxH=jnp.zeros(shape, cfg.dtype),
-      v_LxBxKxSxH=jnp.zeros(shape, cfg.dtype),
+      k_LxBxSxKxH=jnp.zeros(shape, cfg.dtype),
+      v_LxBxSxKxH=jnp.zeros(shape, cfg.dtype),
       end_B=jnp.zeros((batch_size,), jnp.int32),
   )
 
@@ -270,8 +272,7 @@ def _apply_full(params, x_BxTxD, mask_BxT, positions_BxT, cfg):
     visible_BxTxT, inv_freq = stack.select(sliding)
 
     def attend(q, k, v):
-      return layers.attention(q, [k.transpose(0, 2, 1, 3)], [v.transpose(0, 2, 1, 3)],
-                              visible_BxTxT, scale, cfg.attn_softcap), None
+      return layers.attention(q, [k], [v], visible_BxTxT, scale, cfg.attn_softcap), None
 
     return block(x, lp, cfg, positions_BxT, inv_freq, attend)
 
@@ -308,34 +309,32 @@ def _apply_cached(params, x_BxTxD, mask_BxT, cfg, cache, attend_len=None):
   def layer(x, inputs):
     lp, i, sliding = inputs
     visible_BxTxR, inv_freq = stack.select(sliding)
-    k_cache, v_cache = read(cache.k_LxBxKxSxH, i), read(cache.v_LxBxKxSxH, i)
+    k_cache, v_cache = read(cache.k_LxBxSxKxH, i), read(cache.v_LxBxSxKxH, i)
 
-    def attend(q, k, v):
-      k_BxKxTxH, v_BxKxTxH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-      out = layers.attention(q, (k_cache, k_BxKxTxH), (v_cache, v_BxKxTxH), visible_BxTxR,
+    def attend(q, k_BxTxKxH, v_BxTxKxH):
+      out = layers.attention(q, (k_cache, k_BxTxKxH), (v_cache, v_BxTxKxH), visible_BxTxR,
                              scale, cfg.attn_softcap)
-      return out, (k_BxKxTxH, v_BxKxTxH)
+      return out, (k_BxTxKxH, v_BxTxKxH)
 
     return block(x, lp, cfg, slots_BxT, inv_freq, attend)
 
   # Layer i's first s slots, sliced in one piece inside the scan: slicing the window
   # of the whole stack first copies every layer's cache once more at every step.
-  def read(cache_LxBxKxSxH, i):
-    _, b_, k_, _, h_ = cache_LxBxKxSxH.shape
-    return jax.lax.dynamic_slice(cache_LxBxKxSxH, (i, 0, 0, 0, 0), (1, b_, k_, s, h_))[0]
+  def read(cache_LxBxSxKxH, i):
+    _, b_, _, k_, h_ = cache_LxBxSxKxH.shape
+    return jax.lax.dynamic_slice(cache_LxBxSxKxH, (i, 0, 0, 0, 0), (1, b_, s, k_, h_))[0]
 
-  x_BxTxD, (k_LxBxKxTxH, v_LxBxKxTxH) = jax.lax.scan(
+  x_BxTxD, (k_LxBxTxKxH, v_LxBxTxKxH) = jax.lax.scan(
       layer, x_BxTxD, (params["layers"], jnp.arange(cfg.num_layers), stack.xs()))
   rows_BxT = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
-  def write(cache_LxBxKxSxH, new_LxBxKxTxH):
-    # Indices split by slices put (B, T) first: the update block is (B, T, L, K, H).
-    update = new_LxBxKxTxH.transpose(1, 3, 0, 2, 4).astype(cache_LxBxKxSxH.dtype)
+  def write(cache_LxBxSxKxH, new_LxBxTxKxH):
     # Slots past the cache end are dropped; only padding can land there.
-    out = cache_LxBxKxSxH.at[:, rows_BxT, :, slots_BxT].set(update, mode="drop")
-    return nn.with_logical_constraint(out, cache_axes().k_LxBxKxSxH)
+    out = cache_LxBxSxKxH.at[:, rows_BxT, slots_BxT].set(
+        new_LxBxTxKxH.astype(cache_LxBxSxKxH.dtype), mode="drop")
+    return nn.with_logical_constraint(out, cache_axes().k_LxBxSxKxH)
 
-  new_cache = Cache(k_LxBxKxSxH=write(cache.k_LxBxKxSxH, k_LxBxKxTxH),
-                    v_LxBxKxSxH=write(cache.v_LxBxKxSxH, v_LxBxKxTxH),
+  new_cache = Cache(k_LxBxSxKxH=write(cache.k_LxBxSxKxH, k_LxBxTxKxH),
+                    v_LxBxSxKxH=write(cache.v_LxBxSxKxH, v_LxBxTxKxH),
                     end_B=end_B + jnp.sum(mask_BxT, axis=1, dtype=jnp.int32))
   return x_BxTxD, new_cache

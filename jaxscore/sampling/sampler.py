@@ -153,7 +153,7 @@ def _state_shardings(cfg: model_lib.ModelConfig, max_len: int,
   # Checks the cache's other dimensions (kv heads over `tensor`); rows are checked when
   # a batch arrives.
   b = math.prod(mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else rows or ()))
-  kv_shape = (cfg.num_layers, b, cfg.num_kv_heads, max_len, cfg.head_dim)
+  kv_shape = (cfg.num_layers, b, max_len, cfg.num_kv_heads, cfg.head_dim)
   sharding.check_divisible(model_lib.Cache(kv_shape, kv_shape, (b,)), axes, mesh, rules)
   state = SamplerState(
       tokens_BxT=at(rows, None), logp_BxT=at(rows, None), turn_BxT=at(rows, None),
@@ -419,8 +419,8 @@ class Sampler:
         tokens_BxT=fn(field("tokens_BxT"), 0), logp_BxT=fn(field("logp_BxT"), 0),
         turn_BxT=fn(field("turn_BxT"), 0), length_B=fn(field("length_B"), 0),
         done_B=fn(field("done_B"), 0), row_B=fn(field("row_B"), 0),
-        cache=model_lib.Cache(k_LxBxKxSxH=fn(cache("k_LxBxKxSxH"), 1),
-                              v_LxBxKxSxH=fn(cache("v_LxBxKxSxH"), 1),
+        cache=model_lib.Cache(k_LxBxSxKxH=fn(cache("k_LxBxSxKxH"), 1),
+                              v_LxBxSxKxH=fn(cache("v_LxBxSxKxH"), 1),
                               end_B=fn(cache("end_B"), 0)))
 
   def _expand_impl(self, state: SamplerState, logits_BxV, group_size: int):
