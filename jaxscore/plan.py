@@ -435,7 +435,7 @@ def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list
     width = p + turns * (new + 1) + (turns - 1) * prompts.message
     # Each call's rows, padded (as `rollout.rollout` pads them) to whole rows per device.
     rows = max(c.evaluate.batch_size // group, 1) * group
-    rows += rollout.row_padding(rows, group, _row_shards(b))
+    rows += rollout.whole_rows_padding(rows, group, _row_shards(b))
     return [_offline_program(name, c, cfg, b, c.objective, _rounded(width), rows,
                              sampler_lib.bucket(width, 64), p)]
   return [_offline_program(name, c, cfg, b, c.objective, _rounded(p + new + 1))]
@@ -460,7 +460,7 @@ def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
       rows = new = 0
       if sampling is not None:  # The Replier's rows, padded to whole rows per device.
         rows, new = sampling.batch_size, sampling.max_new_tokens
-        rows += rollout.row_padding(rows, sampling.group_size, _row_shards(b))
+        rows += rollout.whole_rows_padding(rows, sampling.group_size, _row_shards(b))
       out.append(_offline_program(
           f"stage {stage}" + (" (+ its sampler)" if rows else ""), sc, cfg, b, objective,
           _rounded(p + longest + 1), rows, sampler_lib.bucket(p + new + 1, 64), p))

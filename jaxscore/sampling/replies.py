@@ -8,7 +8,6 @@ Self-Explore's rationales and its step continuations all sample with.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -54,11 +53,10 @@ class Replier:
         max_new_tokens=self.max_new_tokens)
     per_call = self.batch_size // group_size
     smp, out = self.sampler(params), []
-    # Prompts per call such that its rows split over the devices that hold rows.
-    unit = smp.row_shards // math.gcd(group_size, smp.row_shards)
     for start, padded, real in sampler_lib.padded_chunks(prompts, per_call):
-      padded = list(padded) + [padded[-1]] * (-len(padded) % unit)
       rows = [p for p in padded for _ in range(group_size)]
+      rows += [rows[-1]] * rollout_lib.whole_rows_padding(len(rows), group_size,
+                                                          smp.row_shards)
       if smp.batch_sharding is not None:  # Each process starts the rows it holds.
         rows = rows[slice(*sharding.process_rows(len(rows)))]
       state, group = rollout_lib.start_groups(smp, rows, jax.random.fold_in(rng, start),

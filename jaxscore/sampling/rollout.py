@@ -226,15 +226,20 @@ def first_turn(params, smp: sampler_lib.Sampler, state, sampling, group_size: in
   return smp.generate(params, state, sampling, pending=pending)
 
 
-def row_padding(rows: int, group_size: int, shards: int, parts: int = 1) -> int:
+def whole_rows_padding(rows: int, group_size: int, shards: int, parts: int = 1) -> int:
   """Rows to add (whole groups, copies of the last problem) so that each of `parts`
   equal parts of `rows` splits over the `shards` devices that hold the sampler's rows:
-  e.g. 16 rows on 3 sampling devices sample as 18, and the 2 extra are dropped. One
-  process only; several keep their rows as given."""
-  if jax.process_count() > 1:
-    return 0
+  e.g. 16 rows on 3 sampling devices sample as 18, and the 2 extra are dropped."""
   unit = group_size * parts
   return (-(rows // unit) % (shards // math.gcd(group_size, shards))) * unit
+
+
+def row_padding(rows: int, group_size: int, shards: int, parts: int = 1) -> int:
+  """`whole_rows_padding` of a rollout's rows: one process only; several keep their rows
+  as given."""
+  if jax.process_count() > 1:
+    return 0
+  return whole_rows_padding(rows, group_size, shards, parts)
 
 
 def rollout(params, smp: sampler_lib.Sampler, setup: Setup,
