@@ -197,8 +197,10 @@ def test_a_finished_run_keeps_its_latest_and_best_params_without_the_optimizer(t
                                      best_mode="min")
   for step, loss in ((1, 0.5), (2, 0.9), (3, 0.7)):
     p = jax.tree.map(lambda x: x + step, params)
-    ckpt.save(step, train_lib.TrainState.create(p, optimizer), {"step": step},
-              metrics={"eval/loss": loss})
+    # Moments after a real update: zeros would compress to nothing on disk.
+    _, opt_state = optimizer.update(params, optimizer.init(p), p)
+    state = train_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=p, opt_state=opt_state)
+    ckpt.save(step, state, {"step": step}, metrics={"eval/loss": loss})
   ckpt.close()
   full_bytes = _disk_bytes(tmp_path / "checkpoints")
   # Reading parameters does not depend on the optimizer's state or its config.
@@ -206,7 +208,7 @@ def test_a_finished_run_keeps_its_latest_and_best_params_without_the_optimizer(t
   assert common.keep_params_only(c, tmp_path, CFG, params) == [1, 3]  # Best and latest.
   assert not (tmp_path / "checkpoints").exists()
   # No optimizer arrays are written (with Adam, two moments per parameter).
-  assert _disk_bytes(tmp_path / "params") < 0.7 * full_bytes
+  assert _disk_bytes(tmp_path / "params") < 0.5 * full_bytes
   for step in (1, 3):
     meta = json.loads((tmp_path / "params" / str(step) / "meta" / "metadata").read_text())
     assert meta["params_only"] and meta["step"] == step
