@@ -21,6 +21,7 @@ reference wait.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -36,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from jaxscore import config_checks, experiment, objectives, study, tasks
+from jaxscore import evaluate as evaluate_lib
 from jaxscore.infra import entry, sharding
 from jaxscore.loops import offline, online
 from jaxscore.loops import train as train_lib
@@ -164,6 +166,11 @@ class Prompts:
   prompt: int  # The longest first prompt.
   message: int  # The longest message between turns (instruction or feedback).
   source: str
+  eval_prompt: int = 0  # The longest evaluation prompt (0: as `prompt`).
+
+  @property
+  def evaluation(self) -> int:
+    return self.eval_prompt or self.prompt
 
 
 def prompt_lengths(c, model: str | None, default: int) -> Prompts:
@@ -171,11 +178,18 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
   them (the tokenizer of `model`, else of the config's model), or `default` tokens where
   the data or a tokenizer cannot be read here (hub sources offline)."""
   task = tasks.make_task(c.task.name, **c.task.kwargs.to_dict())  # A missing file: exit 2.
+  eval_task = (tasks.make_task(c.task.eval_name, **c.task.eval_kwargs.to_dict())
+               if c.task.get("eval_name") else task)
   try:
     problems = tasks.train_problems(task, c.task)
   except Exception as e:  # Hub data offline.
     return Prompts(default, default // 4, f"--prompt_len={default}, messages "
                    f"{default // 4} (data not read here: {type(e).__name__})")
+  try:
+    evals = tasks.eval_problems(eval_task, c.task, c.evaluate.get("num_problems", 0))
+  except Exception as e:  # Hub data offline.
+    evals, read = None, (f" prompts (evaluation prompts not read here, {type(e).__name__}: "
+                         f"{default} tokens)")
   setup, errors = None, []
   for name in dict.fromkeys(n for n in (model, c.model.name) if n):
     try:
@@ -190,9 +204,13 @@ def prompt_lengths(c, model: str | None, default: int) -> Prompts:
   feedbacks = [rollout.Feedback("instruction"), rollout.Feedback("unary")]
   if "rollout" in c:
     feedbacks.append(rollout.Feedback(c.rollout.feedback, c.rollout.feedback_template))
+  if evals is not None:
+    read = f" and {len(evals)} evaluation prompts"
+  eval_setup = dataclasses.replace(setup, task=eval_task)
   return Prompts(max(rollout.prompt_lens(setup, problems)),
                  max(rollout.instruction_len(setup, f) for f in feedbacks),
-                 f"the longest of {len(problems)} training prompts, {name}'s tokenizer")
+                 f"the longest of {len(problems)} training{read}, {name}'s tokenizer",
+                 max(rollout.prompt_lens(eval_setup, evals)) if evals else default)
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +294,21 @@ class Builder:
     self.replicated = sharding.NamedSharding(mesh, sharding.PartitionSpec())
     self.rows = sharding.NamedSharding(mesh, sharding.PartitionSpec(dict(rules)["batch"]))
 
+  @functools.cached_property
+  def merged(self):
+    """Plain params (no adapters, nothing quantized): a LoRA model with its adapters
+    merged into the weights, as Self-Explore passes each stage's model on."""
+    if self.cfg.lora_scale is None:
+      return self.params
+    plain = self.cfg.replace(lora=None)
+    return _abstract(jax.eval_shape(lambda: model_lib.init(plain, jax.random.key(0))),
+                     sharding.param_shardings(plain, self.mesh, self.rules))
+
+  @property
+  def base(self):
+    """The params without adapters (the frozen base, with LoRA)."""
+    return lora.split(self.params)[0] if self.cfg.lora_scale is not None else self.params
+
   def batch(self, concrete):
     """A host batch (numpy or jax arrays) as sharded abstract arrays."""
     specs = jax.tree.map(lambda x: sharding.NamedSharding(
@@ -324,10 +357,12 @@ class Builder:
                           waiting=resident["optimizer"] + _bytes_per_device(trainable)))
     return phases, resident
 
-  def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float
-                     ) -> tuple[list, float]:
+  def sampler_phases(self, rows: int, max_len: int, prompt_len: int, waiting: float,
+                     params=None) -> tuple[list, float]:
     """The sampler's prefill and widest decode compiled: (phases, KV cache bytes). Rows
-    split over the batch axes, as every sampler of a run splits them."""
+    split over the batch axes, as every sampler of a run splits them. `params`: the
+    sampled model (default: the run's)."""
+    params = self.params if params is None else params
     if rows % _row_shards(self):
       raise PlanError(f"{rows} sampler rows do not split over the mesh's batch axes "
                       f"({dict(self.mesh.shape)}): make the rows a multiple of them")
@@ -341,12 +376,12 @@ class Builder:
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.replicated)
     state = _abstract(jax.eval_shape(smp._init_impl, tokens, length, rng), sh)
     sampling = sampler_lib.SamplingConfig(temperature=1.0, max_new_tokens=0)
-    prefill = _lower(self, smp._prefill, self.params, state,
+    prefill = _lower(self, smp._prefill, params, state,
                      chunk=sampler_lib.bucket(prompt_len), window=max_len)
     logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32,
                                   sharding=sh.tokens_BxT)
     scalar = lambda: jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
-    decode = _lower(self, smp._decode, self.params, state, logits, scalar(), scalar(),
+    decode = _lower(self, smp._decode, params, state, logits, scalar(), scalar(),
                     scalar(), sampling=dataclasses.replace(sampling), window=max_len)
     phases = []
     for name, lowered in (("sampler prefill", prefill), ("sampler decode", decode)):
@@ -394,9 +429,12 @@ def _online_program(name, c, cfg, b: Builder, prompts: Prompts) -> Program:
 
 
 def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
-                     sampler_rows: int = 0, sampler_len: int = 0,
-                     prompt_len: int = 0) -> Program:
-
+                     sampler_rows: int = 0, sampler_len: int = 0, prompt_len: int = 0,
+                     held: dict[str, float] | None = None) -> Program:
+  """An offline objective's train step and, with `sampler_rows`, the sampler that makes
+  its data. `held`: weight copies the driver keeps meanwhile (default: the model it
+  started from, which is DPO's reference and what STaR restarts each round from; with
+  LoRA that is the frozen base the weights already count)."""
   objective = objectives.make(objective_name, c[objective_name], objectives.Context(cfg))
   oc = offline.OfflineConfig(**c.offline)
   width = oc.max_len or width
@@ -404,13 +442,16 @@ def _offline_program(name, c, cfg, b: Builder, objective_name: str, width: int,
   example = {"prompt": half, "completion": half, "chosen": half, "rejected": half,
              "ref_chosen": 0.0, "ref_rejected": 0.0}
   batch = objective.collate([example] * oc.batch_size, width)
-  uses_reference = objective_name == "dpo"  # Its reference log-probs are computed once.
+  # DPO's reference log-probs are computed once, before training: no reference program.
   phases, resident = b.train_phases(c, objective, b.batch(batch), uses_reference=False)
-  if uses_reference:
-    resident["reference"] = resident["weights"]
-  if sampler_rows:
+  if held is None:
+    initial = "reference" if objective_name == "dpo" else "initial weights"
+    held = {} if cfg.lora_scale is not None else {initial: resident["weights"]}
+  resident |= held
+  phases = [dataclasses.replace(p, waiting=p.waiting + sum(held.values())) for p in phases]
+  if sampler_rows:  # Sampling runs between trainings: no optimizer state then.
     sample, cache = b.sampler_phases(sampler_rows, sampler_len, prompt_len,
-                                     waiting=resident["optimizer"])
+                                     waiting=sum(held.values()))
     resident["KV cache"] = cache
     phases += sample
   return Program(name, f"{objective_name}: {oc.batch_size} x {width} tokens", phases,
@@ -421,9 +462,106 @@ def _rounded(tokens: int) -> int:
   return -(-tokens // 8) * 8
 
 
-def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
-  """The training program of an experiment config (configs/score.py, a study's arm), by
-  the kind of loop its objective trains with."""
+def sampler_program(name: str, b: Builder, rows: int, width: int, prompt_len: int,
+                    held: dict[str, float] | None = None, params=None) -> Program:
+  """A sampler of `rows` rows and episodes up to `width` tokens run on its own, outside
+  training: the sampled model (`params`, default the run's) resident, and `held`, the
+  copies its driver keeps meanwhile."""
+  held = held or {}
+  params = b.params if params is None else params
+  phases, cache = b.sampler_phases(rows, sampler_lib.bucket(width, minimum=64), prompt_len,
+                                   waiting=sum(held.values()), params=params)
+  return Program(name, f"{rows} rows x {width} tokens", phases,
+                 {"weights": _bytes_per_device(params), **held, "KV cache": cache})
+
+
+def evaluation_program(name: str, b: Builder, prompt_len: int, message_len: int,
+                       protocols: Sequence[evaluate_lib.Protocol], batch_size: int, new: int,
+                       held: dict[str, float] | None = None, params=None) -> Program:
+  """Evaluation's samplers for `protocols`: greedy dialogues of `batch_size` rows per
+  call (rounded up to whole rows per device, as `evaluate.evaluate` rounds them) as long
+  as the longest protocol's, and pass@k's (the Replier's rows). It runs before training
+  and after it, with no train state; `held`: copies the driver keeps meanwhile."""
+  turns = max(p.turns for p in protocols if not p.samples)
+  pass_k = max((p.samples for p in protocols), default=0)
+  shards = _row_shards(b)
+  rows = -(-batch_size // shards) * shards
+  width = rollout.episode_len_bound([prompt_len], turns, new, message_len)
+  program = sampler_program(name, b, rows, width, prompt_len, held, params)
+  program.shape = f"greedy: {program.shape}, {turns} turn(s)"
+  if pass_k:
+    k_rows = max(batch_size // pass_k, 1) * pass_k
+    k_rows += rollout.whole_rows_padding(k_rows, pass_k, shards)
+    k_width = rollout.episode_len_bound([prompt_len], 1, new, 0)
+    sampled = sampler_program(name, b, k_rows, k_width, prompt_len, held, params)
+    program.phases += [dataclasses.replace(p, name=p.name.replace("sampler", "pass@k sampler"))
+                       for p in sampled.phases]
+    program.resident["KV cache"] = max(program.resident["KV cache"],
+                                       sampled.resident["KV cache"])
+    program.shape += f"; pass@{pass_k}: {sampled.shape}"
+  return program
+
+
+def self_explore_programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
+  """Self-Explore's stages as `Pipeline.run` holds them: the base model throughout (the
+  frozen base, with LoRA); the SFT model while it samples rationales; the RFT model from
+  exploration on, through both DPO stages (their start and reference) and evaluation,
+  which reads one other model at a time. A stage's model is plain weights: with LoRA,
+  its adapters merged in."""
+  p, shards = prompts.prompt, _row_shards(b)
+  lora_run = cfg.lora_scale is not None
+  base = {"base": _bytes_per_device(b.base)}
+  model = _bytes_per_device(b.merged)
+  width = _rounded(p + max(c.rationales.max_new_tokens, c.explore.max_new_tokens) + 1)
+
+  def stage(name, group, objective, held):
+    sc = ml_collections.ConfigDict(c.to_dict())
+    sc.offline, sc.optim = c[group].offline, c[group].optim
+    return _offline_program(name, sc, cfg, b, objective, width, held=held)
+
+  def replier_rows(sampling):  # The Replier's rows, padded to whole rows per device.
+    return sampling.batch_size + rollout.whole_rows_padding(
+        sampling.batch_size, sampling.group_size, shards)
+
+  # With LoRA a stage trains adapters on the frozen base (the weights); without it, the
+  # train state is a copy and the base waits. DPO adapts the RFT model: with QLoRA its
+  # frozen base is the RFT model quantized, beside the merged one the pipeline holds.
+  trains_on_base = {} if lora_run else base
+  rft_held = base | ({"RFT model": model} if not lora_run or cfg.quantize != "none" else {})
+  # Explore's prompts continue a rationale's prefix.
+  explore_prompt = p + c.rationales.max_new_tokens + 1
+  return [
+      stage("stage sft", "train_sft", "sft", trains_on_base),
+      sampler_program("stage sample (the SFT model)", b, replier_rows(c.rationales),
+                      p + c.rationales.max_new_tokens + 1, p, base, b.merged),
+      stage("stage rft", "train_rft", "sft", trains_on_base),
+      sampler_program("stage explore (the RFT model)", b, replier_rows(c.explore),
+                      explore_prompt + c.explore.max_new_tokens + 1, explore_prompt, base,
+                      b.merged),
+      stage("stages dpo_step, dpo_outcome", "train_dpo", "dpo", rft_held),
+      evaluation_program("evaluation (each model in turn)", b, prompts.evaluation, 0,
+                         [evaluate_lib.Protocol("greedy", turns=1)], c.evaluate.batch_size,
+                         c.evaluate.max_new_tokens, base | {"RFT model": model}, b.merged),
+  ]
+
+
+def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts,
+                        protocols: Sequence[evaluate_lib.Protocol] | None = None,
+                        keeps_base: bool = False) -> list[Program]:
+  """The programs of an experiment config (configs/score.py, a study's arm): training,
+  by the kind of loop its objective trains with, then evaluation by `protocols`
+  (default `experiment.protocols`). `keeps_base`: the driver keeps the initial weights
+  while it evaluates the trained ones (a study, which trains every arm from them)."""
+  held = ({"initial weights": _bytes_per_device(b.params)}
+          if keeps_base and cfg.lora_scale is None else {})
+  evaluation = evaluation_program(
+      f"{name} evaluation" if name != "train" else "evaluation", b, prompts.evaluation,
+      prompts.message, protocols or experiment.protocols(c), c.evaluate.batch_size,
+      c.sampler.max_new_tokens, held)
+  return _training_programs(name, c, cfg, b, prompts) + [evaluation]
+
+
+def _training_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
   p, new = prompts.prompt, c.sampler.max_new_tokens
   how = experiment.kind(c)
   if how == experiment.NO_TRAINING:
@@ -442,29 +580,20 @@ def experiment_programs(name: str, c, cfg, b: Builder, prompts: Prompts) -> list
 
 
 def programs(c, cfg, b: Builder, prompts: Prompts) -> list[Program]:
-  """Every training program of config `c` (a main experiment, a study, Self-Explore)."""
-  p = prompts.prompt
-  if "arms" in c:  # configs/study.py: every arm.
-    return [program for name in study.arm_names(c)
-            for program in experiment_programs(f"arm {name}", study.arm_config(c, name), cfg,
-                                               b, prompts)]
-  if "train_sft" in c:  # configs/self_explore.py: its training stages and samplers.
-    out = []
-    longest = max(c.rationales.max_new_tokens, c.explore.max_new_tokens)
-    for stage, group, objective, sampling in (
-        ("sft", "train_sft", "sft", c.rationales),
-        ("rft", "train_rft", "sft", c.explore),
-        ("dpo", "train_dpo", "dpo", None)):
-      sc = ml_collections.ConfigDict(c.to_dict())
-      sc.offline, sc.optim = c[group].offline, c[group].optim
-      rows = new = 0
-      if sampling is not None:  # The Replier's rows, padded to whole rows per device.
-        rows, new = sampling.batch_size, sampling.max_new_tokens
-        rows += rollout.whole_rows_padding(rows, sampling.group_size, _row_shards(b))
-      out.append(_offline_program(
-          f"stage {stage}" + (" (+ its sampler)" if rows else ""), sc, cfg, b, objective,
-          _rounded(p + longest + 1), rows, sampler_lib.bucket(p + new + 1, 64), p))
-    return out
+  """Every program of config `c` (a main experiment, a study, Self-Explore)."""
+  if "arms" in c:  # configs/study.py: every arm, and each distinct evaluation once.
+    out, evaluations = [], {}
+    for name in study.arm_names(c):
+      ac = study.arm_config(c, name)
+      *train, evaluation = experiment_programs(f"arm {name}", ac, cfg, b, prompts,
+                                               study.protocols(c, ac), keeps_base=True)
+      out += train
+      evaluations.setdefault(evaluation.shape, (evaluation, []))[1].append(name)
+    return out + [dataclasses.replace(e, name="evaluation of arm" + "s" * (len(names) > 1)
+                                      + " " + ", ".join(names))
+                  for e, names in evaluations.values()]
+  if "train_sft" in c:  # configs/self_explore.py
+    return self_explore_programs(c, cfg, b, prompts)
   return experiment_programs("train", c, cfg, b, prompts)
 
 
@@ -518,7 +647,10 @@ class Plan:
     need = phase.peak / GIB
     out.append(f"more devices: the peak ({phase.name} of {program.name}) is {need:.1f} GiB "
                f"per device against {self.capacity_gib:.1f}")
-    if phase.name.startswith("sampler") and "rollout" in c:
+    if program.name.startswith("evaluation") or program.name.endswith(" evaluation"):
+      out.append(f"--config.evaluate.batch_size={max(c.evaluate.batch_size // 2, 1)} "
+                 "(evaluation's rows per sampler call)")
+    elif phase.name.startswith("sampler") and "rollout" in c:
       out.append(f"--config.rollout.sample_batches={2 * c.rollout.get('sample_batches', 1)} "
                  "(sample the step's rows in consecutive batches)")
     out.append("a smaller batch (rollout.prompts_per_step, offline.batch_size, "
@@ -537,7 +669,7 @@ class Plan:
     for p in self.programs:
       lines.append(f"{p.name}  [{p.shape}]")
       lines.append("  resident: " + ", ".join(f"{k} {v / GIB:.3g}" for k, v in
-                                              p.resident.items()) + " GiB")
+                                              p.resident.items() if v) + " GiB")
       for phase in p.phases:
         lines.append(f"  {phase.name:<20s} {phase.peak / GIB:8.2f} GiB per device "
                      f"(temporaries {phase.temp / GIB:.2f})")
@@ -597,7 +729,8 @@ def make_plan(c, config_name: str, *, topology: str | None = None,
   return Plan(config=config_name, target=target, capacity_gib=capacity,
               model=model or c.model.name, num_params=shapes.num_params(cfg),
               mesh=dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
-              prompt=f"{prompts.prompt} tokens, messages {prompts.message} ({prompts.source})",
+              prompt=f"{prompts.prompt} tokens (evaluation {prompts.evaluation}), messages "
+                     f"{prompts.message} ({prompts.source})",
               programs=progs)
 
 

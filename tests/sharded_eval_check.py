@@ -10,12 +10,14 @@ samples with): every real row samples what it samples on one device.
 import pathlib
 
 import jax
+import numpy as np
 from test_checkpoint import _tiny_setup
 
 from jaxscore import evaluate as evaluate_lib
 from jaxscore import plan
 from jaxscore.infra import sharding
 from jaxscore.loops import self_training
+from jaxscore.models import lora
 from jaxscore.sampling import rollout
 from jaxscore.sampling import sampler as sampler_lib
 
@@ -37,6 +39,25 @@ first = sum(s.data.nbytes for a in leaves(params) for s in a.addressable_shards
             if s.device == jax.devices()[0])
 assert first < 0.13 * total, (first, total)  # An eighth, and the norms whole.
 print("OK load")
+
+# QLoRA: the run holds the nf4 base alone, quantized where it lies: the same values as
+# quantizing the full-precision weights, in the shardings training gives them.
+c.model.lora.rank, c.model.lora.quantize = 4, "nf4"
+qsetup, _, qparams = rollout.from_config(c)
+want = lora.quantize_base(jax.device_get(params), qsetup.cfg)
+assert jax.tree.structure(qparams) == jax.tree.structure(want)
+for t in lora.TARGETS:
+  assert lora.is_quantized(qparams["layers"][t]), t
+for got, w, s in zip(leaves(qparams), leaves(want),
+                     leaves(lora.split(sharding.param_shardings(qsetup.cfg, mesh, rules))[0])):
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+  assert got.sharding == s, (got.sharding, s)
+# Projections at half a byte (plus a float32 scale per 64 inputs); embeddings, norms as
+# they were: a third of the float32 model.
+qtotal = sum(a.size * jax.dtypes.itemsize_bits(a.dtype) / 8 for a in leaves(qparams))
+assert qtotal < 0.33 * total, (qtotal, total)
+del qparams, want
+print("OK qlora load")
 
 # Greedy evaluation of a tiny model: params on one device against params fsdp-sharded
 # over the mesh (11 problems in calls of 5 rows, which the mesh rounds up to 8).

@@ -151,3 +151,53 @@ def test_sampling_in_consecutive_batches_divides_the_kv_cache(tmp_path):
     resident = next(l for l in out.stdout.splitlines() if "resident:" in l)
     cache[batches] = float(resident.split("KV cache ")[1].split()[0])
   assert cache[2] == pytest.approx(cache[1] / 2, rel=0.01), cache
+
+
+def test_evaluation_is_planned_and_its_rows_are_what_would_help(tmp_path):
+  """Evaluation samples outside training, with the weights alone resident: rows enough
+  to make it the peak are reported as evaluation's, with its batch as the remedy."""
+  tiny = _tiny(tmp_path)
+  out = _plan("--config=configs/score.py:cpu", "--hbm_gib=0.05", f"--model={tiny}",
+              "--prompt_len=32", "--config.evaluate.batch_size=4096")
+  assert out.returncode == 1, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  start = lines.index("evaluation  [greedy: 4096 rows x 107 tokens, 2 turn(s)]")
+  assert lines[start + 1].startswith("  resident: weights ")
+  assert "optimizer" not in lines[start + 1] and "KV cache" in lines[start + 1]
+  assert "(sampler prefill, evaluation)" in lines[-1] or \
+      "(sampler decode, evaluation)" in lines[-1], lines[-1]
+  assert "--config.evaluate.batch_size=2048" in lines[-1]
+
+
+def _resident(stdout: str, program: str) -> dict[str, float]:
+  lines = stdout.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith(program + "  ["))
+  items = lines[start + 1].split("resident: ")[1].removesuffix(" GiB").split(", ")
+  return {k: float(v) for k, v in (item.rsplit(" ", 1) for item in items)}
+
+
+def test_self_explore_stages_hold_the_models_the_pipeline_holds(tmp_path):
+  """Full fine-tuning: DPO's train state beside the base and the RFT model (its start
+  and reference); evaluation holds both and the model it evaluates. LoRA: DPO adapts the
+  RFT model as its frozen base (no other copy); QLoRA: that base quantized, the merged
+  RFT model and the quantized original beside it."""
+  tiny = _tiny(tmp_path)
+  args = ["--config=configs/self_explore.py:cpu", "--hbm_gib=1", f"--model={tiny}",
+          "--prompt_len=32"]
+  full = _plan(*args)
+  assert full.returncode == 0, full.stderr[-3000:]
+  dpo = _resident(full.stdout, "stages dpo_step, dpo_outcome")
+  assert dpo["base"] == dpo["RFT model"] == dpo["weights"]
+  evaluation = _resident(full.stdout, "evaluation (each model in turn)")
+  assert evaluation["base"] == evaluation["RFT model"] == evaluation["weights"] == dpo["weights"]
+  assert _resident(full.stdout, "stage sft")["base"] == dpo["weights"]
+  lora_run = _plan(*args, "--config.model.lora.rank=4")
+  assert lora_run.returncode == 0, lora_run.stderr[-3000:]
+  dpo = _resident(lora_run.stdout, "stages dpo_step, dpo_outcome")
+  assert "RFT model" not in dpo and dpo["base"] == dpo["weights"]
+  qlora = _plan(*args, "--config.model.lora.rank=4", "--config.model.lora.quantize=nf4",
+                "--config.model.lora.quant_block=8")
+  assert qlora.returncode == 0, qlora.stderr[-3000:]
+  dpo = _resident(qlora.stdout, "stages dpo_step, dpo_outcome")
+  merged = _resident(lora_run.stdout, "evaluation (each model in turn)")["weights"]
+  assert dpo["base"] == dpo["weights"] < merged and dpo["RFT model"] == merged

@@ -393,3 +393,7 @@ def test_a_rerun_evaluates_only_models_whose_parameters_or_settings_changed(tmp_
   c.evaluate.max_new_tokens += 1
   line.evaluate(models)  # Every model again, each distinct one once.
   assert calls == [1.0, 2.0, 3.0, 1.0, 2.0]
+  # A model given as a function is loaded when its turn comes, after those before it.
+  loaded = []
+  line.evaluate({"RFT": w(5.0), "Self-Explore": lambda: loaded.append(list(calls)) or w(6.0)})
+  assert calls[-2:] == [5.0, 6.0] and loaded == [calls[:-1]]

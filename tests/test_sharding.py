@@ -35,7 +35,7 @@ def test_meshes_match_one_device_and_rules():
 def test_a_run_loads_onto_its_mesh_and_samples_with_rows_split_over_it():
   require_embedded()  # The load; the tiny model's evaluation uses its tokenizer.
   stdout = _run_on_8_devices("sharded_eval_check.py")
-  for part in ("load", "evaluate", "self-training", "pass@k"):
+  for part in ("load", "qlora load", "evaluate", "self-training", "pass@k"):
     assert f"OK {part}" in stdout
 
 

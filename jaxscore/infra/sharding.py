@@ -197,6 +197,20 @@ def param_shardings(cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any
   return lora.quantized_shardings(shardings(axes, mesh, rules), shapes, cfg)
 
 
+def frozen_base(base: Any, cfg: model_lib.ModelConfig, mesh: Mesh, rules: Rules) -> Any:
+  """A LoRA model's frozen base (no adapters) in its shardings, its projections stored as
+  QLoRA says: quantized on the devices from full precision laid out the same way, so no
+  device ever holds more than its share of the full-precision base (a base already
+  quantized is only placed)."""
+  base_sh = lora.split(param_shardings(cfg, mesh, rules))[0]
+  if cfg.quantize == "none" or any(map(lora.is_quantized, base["layers"].values())):
+    return jax.device_put(base, base_sh)
+  full = cfg.replace(lora=dataclasses.replace(cfg.lora, quantize="none"))
+  full_sh = lora.split(param_shardings(full, mesh, rules))[0]
+  return jax.jit(functools.partial(lora.quantize_base, cfg=cfg),
+                 out_shardings=base_sh)(jax.device_put(base, full_sh))
+
+
 def init_sharded(cfg: model_lib.ModelConfig, rng: jax.Array, mesh: Mesh, rules: Rules,
                  stddev: float = 0.02) -> Any:
   """Random params created directly in their shardings (no full host copy)."""

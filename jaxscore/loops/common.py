@@ -141,7 +141,8 @@ class Run:
     reference), and the state holds fresh adapters. With `off_policy`, the state is an
     `OffPolicyState` whose behaviour parameters start as a copy of the parameters."""
     if self.lora:
-      ref_params = frozen_base(lora.split(params)[0], self.model_cfg, self.mesh, self.rules)
+      ref_params = sharding.frozen_base(lora.split(params)[0], self.model_cfg, self.mesh,
+                                        self.rules)
       params = model_lib.init_lora(self.model_cfg, jax.random.key(self.c.seed))
     else:
       ref_params = jax.device_put(ref_params, self.param_shardings)
@@ -257,19 +258,6 @@ class Run:
     # (pre-update) state has taken.
     self.ckpt.save(step, state, {"step": step, "phase": phase, "spent": self.spent,
                                  **self.meta}, metrics=best)
-
-
-def frozen_base(base, model_cfg: model_lib.ModelConfig, mesh, rules):
-  """A LoRA run's frozen base (no adapters) in its shardings, its projections stored as
-  QLoRA says: quantized on the devices, from full precision laid out the same way, so
-  no device ever holds more than its share of the full-precision base."""
-  base_sh = lora.split(sharding.param_shardings(model_cfg, mesh, rules))[0]
-  if model_cfg.quantize == "none" or any(map(lora.is_quantized, base["layers"].values())):
-    return jax.device_put(base, base_sh)
-  full = model_cfg.replace(lora=dataclasses.replace(model_cfg.lora, quantize="none"))
-  full_sh = lora.split(sharding.param_shardings(full, mesh, rules))[0]
-  return jax.jit(functools.partial(lora.quantize_base, cfg=model_cfg),
-                 out_shardings=base_sh)(jax.device_put(base, full_sh))
 
 
 def _abstract_params(c, model_cfg: model_lib.ModelConfig, params, mesh, rules):

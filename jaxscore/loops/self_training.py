@@ -120,12 +120,15 @@ def train(c, setup: rollout_lib.Setup, params, workdir: str | os.PathLike, *,
       print(f"[{objective.name}] {len(kept)} examples are fewer than one batch "
             f"(offline.batch_size={c.offline.batch_size}): the model is not trained")
       continue
-    # Every round fine-tunes the base model on everything kept so far.
+    # Every round fine-tunes the base model on everything kept so far; the last round's
+    # model is not held meanwhile, nor its optimizer state while the next round samples.
+    current = sampling_params = None
     state, info = offline.train(c, setup.cfg, objective, params, params, kept,
                                 workdir / f"train{r}")
     if info["preempted"]:
       return state.params, {"preempted": True, "rounds": log}
     current = state.params
+    del state
   return current, {"preempted": False, "rounds": log,
                    "episodes": sum(x["sampled"] for x in log),
                    "tokens": sum(x["tokens"] for x in log)}

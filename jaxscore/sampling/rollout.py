@@ -155,8 +155,11 @@ def from_config(c) -> tuple[Setup, Setup, Any]:
   # one device's memory never sits whole on the first device, and evaluation runs
   # where training does.
   mesh, rules = sharding.training_mesh(sharding.MeshConfig(**c.get("mesh", {})))
-  params = jax.device_put(model.params, sharding.param_shardings(
-      model.cfg.replace(lora=None), mesh, rules))
+  if model.cfg.quantize != "none":  # QLoRA: the run never holds the full-precision base.
+    params = sharding.frozen_base(model.params, model.cfg, mesh, rules)
+  else:
+    params = jax.device_put(model.params, sharding.param_shardings(
+        model.cfg.replace(lora=None), mesh, rules))
   fmt = formats.make_format(model.tokenizer, c.format)
   return (Setup(model.cfg, model.tokenizer, fmt, task, model.stop_ids),
           Setup(model.cfg, model.tokenizer, fmt, eval_task, model.stop_ids), params)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -175,6 +175,19 @@ class Pipeline:
       c.optim.warmup_steps = int(round(g.warmup_fraction * total))
     return c
 
+  def stage_model(self, stage: str, init_params):
+    """A finished training stage's model, read back from its checkpoint (its adapters
+    merged, with LoRA), or `init_params` for a stage that did not train (too few
+    examples)."""
+    if not self._done(stage):
+      return init_params
+    group = "train_dpo" if stage.startswith("dpo") else f"train_{stage}"
+    # Restoring reads the mesh and the checkpoint, not the schedule's length.
+    c = self._stage_config(group, self.c[group].offline.batch_size)
+    params, _ = common.restore_params(c, self._dir(stage), self.setup.cfg, init_params,
+                                      "latest")
+    return lora.merge(params, self.setup.cfg)
+
   def _train(self, stage: str, objective: str, group: str, examples, init_params,
              ref_params, stats: dict | None = None):
     """Trains (or resumes, or restores a finished) offline stage; returns its params.
@@ -183,8 +196,7 @@ class Pipeline:
     c = self._stage_config(group, len(examples))
     obj = objectives.make(objective, self.c[objective], objectives.Context(cfg))
     if self._done(stage):
-      params, _ = common.restore_params(c, self._dir(stage), cfg, init_params, "latest")
-      return lora.merge(params, cfg)
+      return self.stage_model(stage, init_params)
     state, info = offline.train(c, cfg, obj, init_params, ref_params, examples,
                                 self._dir(stage))
     if info["preempted"]:
@@ -236,7 +248,7 @@ class Pipeline:
                                    "rft": len(rft), "outcome_pairs": len(pairs),
                                    "problems_with_correct": len({r["id"] for r in rft})})
 
-  def rft(self, sft_params):
+  def rft(self):
     records = read_jsonl(self.workdir / "sample" / "rft.jsonl")
     if self.c.rft.include_gold:
       records += [{"id": p.id, "response": p.solution} for p in self.train_problems]
@@ -244,7 +256,7 @@ class Pipeline:
     if len(examples) < self.c.train_rft.offline.batch_size:
       print(f"[rft] {len(examples)} RFT examples are fewer than one batch: the SFT model "
             "stands in for the RFT model")
-      return sft_params
+      return self.stage_model("sft", self.base_params)
     return self._train("rft", "sft", "train_rft", examples, self.base_params, self.base_params)
 
   def explore(self, rft_params) -> dict:
@@ -301,14 +313,16 @@ class Pipeline:
     return self._train(stage, "dpo", "train_dpo", examples, rft_params, rft_params,
                        stats={"width": width, **dpo.truncation_counts(examples, width)})
 
-  def evaluate(self, models: dict[str, Any]) -> dict:
+  def evaluate(self, models: Mapping[str, Any]) -> dict:
     """Greedy single-turn accuracy on the test split; per model and against RFT and
-    outcome DPO, with 95% intervals over the test problems."""
+    outcome DPO, with 95% intervals over the test problems. A model given as a function
+    is loaded when its turn comes and dropped after it."""
     c = self.c.evaluate
     problems = tasks.eval_problems(self.setup.task, self.c.task, c.num_problems)
     protocol = evaluate_lib.Protocol("greedy", turns=1)
     per_problem, by_key = {}, {}
     for name, params in models.items():
+      params = params() if callable(params) else params
       stem = self._dir("eval") / name.replace(" ", "_")
       key = self._eval_key(params, problems)
       done = stem.with_suffix(".json")
@@ -370,16 +384,22 @@ class Pipeline:
   # -- Everything. ------------------------------------------------------------------
 
   def run(self) -> dict:
+    # A stage's model is held while a later stage uses it, and read back from its
+    # checkpoint for evaluation: besides the base, the RFT model (which both DPO stages
+    # start from) and one other model are held at a time (`jaxscore plan` counts them).
     sft_params = self.sft()
     self.sample(sft_params)
-    rft_params = self.rft(sft_params)
+    del sft_params
+    rft_params = self.rft()
     explored = self.explore(rft_params)
-    self_explore = self.dpo("dpo_step", read_jsonl(self.workdir / "explore" / "step_pairs.jsonl"),
-                            rft_params)
-    outcome = self.dpo("dpo_outcome",
-                       read_jsonl(self.workdir / "sample" / "outcome_pairs.jsonl"), rft_params)
-    models = {"base": self.base_params, "SFT": sft_params, "RFT": rft_params,
-              "outcome DPO": outcome, "Self-Explore": self_explore}
+    self.dpo("dpo_step", read_jsonl(self.workdir / "explore" / "step_pairs.jsonl"), rft_params)
+    self.dpo("dpo_outcome", read_jsonl(self.workdir / "sample" / "outcome_pairs.jsonl"),
+             rft_params)
+    models = {"base": self.base_params,
+              "SFT": lambda: self.stage_model("sft", self.base_params),
+              "RFT": rft_params,
+              "outcome DPO": lambda: self.stage_model("dpo_outcome", rft_params),
+              "Self-Explore": lambda: self.stage_model("dpo_step", rft_params)}
     results = self.evaluate(models)
     results["pits"] = explored
     results["sample"] = self._done("sample")
