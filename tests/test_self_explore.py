@@ -397,3 +397,29 @@ def test_a_rerun_evaluates_only_models_whose_parameters_or_settings_changed(tmp_
   loaded = []
   line.evaluate({"RFT": w(5.0), "Self-Explore": lambda: loaded.append(list(calls)) or w(6.0)})
   assert calls[-2:] == [5.0, 6.0] and loaded == [calls[:-1]]
+
+
+def test_a_finished_stage_is_read_back_and_one_that_did_not_train_is_its_start(tmp_path):
+  """What `Pipeline.run` holds instead of every stage's model: a finished stage's model
+  read back from its checkpoint equals the one training returned; a stage that did not
+  train (too few examples or pairs) stands for the model it would have started from."""
+  import importlib.util
+
+  from test_checkpoint import _tiny_setup
+
+  from jaxscore.self_explore import pipeline
+
+  spec = importlib.util.spec_from_file_location("se_config", ROOT / "configs" / "self_explore.py")
+  se_config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(se_config)
+  c = se_config.get_config("cpu,runlocal")
+  c.train_sft.offline.batch_size, c.train_sft.offline.num_epochs = 2, 1
+  setup, params = _tiny_setup()
+  line = pipeline.Pipeline.__new__(pipeline.Pipeline)
+  line.c, line.workdir, line.setup, line.base_params = c, tmp_path, setup, params
+  examples = [{"prompt": [1, 2, 3], "completion": [4 + i, 5]} for i in range(4)]
+  trained = line._train("sft", "sft", "train_sft", examples, params, params)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, trained, params)))
+  jax.tree.map(np.testing.assert_array_equal, line.stage_model("sft", params), trained)
+  assert line.stage_model("rft", params) is params
+  assert line.stage_model("dpo_step", trained) is trained
